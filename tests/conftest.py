@@ -1,0 +1,130 @@
+"""Shared fixtures: a real tiny model, real SQLite and a fresh real PostgreSQL database.
+
+PostgreSQL is required: without it these fixtures fail, they never skip. Point the tests at a
+server with TUNER_TEST_POSTGRES (a URL to an existing database the tests may create databases
+from); the default is the local server with trust auth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ADMIN_URL = os.environ.get(
+    "TUNER_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+# The installed console script, as a user runs it.
+TUNER = [str(Path(sys.executable).with_name("tuner"))]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model and data, built once per session (shorter pre-training than the CLI's)."""
+    from tuner.demo import prepare_demo
+
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    prepare_demo(root, pretrain_steps=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.fail(f"PostgreSQL is required for the tests and is not reachable: {e}")
+    finally:
+        engine.dispose()
+    return ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    import sqlalchemy
+
+    name = f"tuner_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def small_space(demo: Path, **overrides: object) -> dict:
+    """A quick space over the demo: 30 steps, evaluated every 10, a few seconds a trial."""
+    space = {
+        "name": "small",
+        "params": {
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True},
+            "lora_rank": {"type": "categorical", "choices": [2, 4, 8]},
+            "lora_alpha": {"type": "multiple", "of": "lora_rank", "factors": [1, 2]},
+        },
+        "fixed": {
+            "model_name_or_path": str(demo / "model"),
+            "dataset": {"path": str(demo / "data.jsonl"), "format": "alpaca"},
+            "cutoff_len": 96,
+            "val_size": 48,
+            "max_steps": 30,
+            "eval_steps": 10,
+            "logging_steps": 10,
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "per_device_eval_batch_size": 48,
+            "seed": 0,
+        },
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
+        "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+        "budget": {"n_trials": 4},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(space.get(key), dict):
+            space[key] = {**space[key], **value}
+        else:
+            space[key] = value
+    return space
+
+
+def write_space(path: Path, space: dict | str) -> Path:
+    text = space if isinstance(space, str) else yaml.safe_dump(space, sort_keys=False)
+    path.write_text(textwrap.dedent(text) if isinstance(space, str) else text)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TUNER, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def load_json(text: str) -> dict:
+    return json.loads(text)

@@ -1,0 +1,1 @@
+"""Trial workloads: what one trial runs. `sft`: a LoRA fine-tune with TRL."""

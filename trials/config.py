@@ -1,0 +1,115 @@
+"""What one trial needs: the fixed settings of a space plus the values suggested for its params.
+
+Field names are the HF Trainer's and LLaMA-Factory's where one exists, so that a space reads like
+the command line a person would otherwise type. Defaults are the hand-picked values of blog posts
+(learning rate 5e-5, rank 16, alpha 32, dropout 0.05, batch 1 x accumulation 8): a baseline that
+leaves a param out trains with these.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DatasetFormat = Literal["alpaca", "sharegpt"]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
+
+
+class DatasetSpec(BaseModel):
+    """A data set as users bring it: a JSON/JSONL file or a hub id, in alpaca or sharegpt form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="JSON or JSONL file, a local `datasets` directory, or a hub id.")
+    format: DatasetFormat = Field(default="alpaca", description="Record layout.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns to the format's names, e.g. {instruction: question}.",
+    )
+    split: str = Field(default="train", description="Split to read from a hub data set.")
+
+
+class TrialConfig(BaseModel):
+    """Everything one LoRA fine-tune reads; a space's `fixed` and `params` both fill it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # What to train.
+    workload: Literal["sft"] = "sft"
+    model_name_or_path: str
+    dataset: DatasetSpec
+    template: str = Field(
+        default="auto",
+        description="`auto`: the tokenizer's own chat template (ChatML if it has none); `chatml`.",
+    )
+    cutoff_len: int = Field(default=1024, gt=0, description="Tokens per example; longer are cut.")
+    val_size: float = Field(
+        default=0.1, gt=0, description="Validation share (< 1) or number of examples (>= 1)."
+    )
+    seed: int = 42
+
+    # How long and how often to evaluate.
+    max_steps: int = Field(default=-1, description="Optimizer steps; -1 trains num_train_epochs.")
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    eval_steps: int = Field(default=50, gt=0, description="Validate (and report) every N steps.")
+    logging_steps: int = Field(default=10, gt=0)
+
+    # Optimisation.
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    lr_scheduler_type: Scheduler = "cosine"
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    per_device_train_batch_size: int = Field(default=1, gt=0)
+    per_device_eval_batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation_steps: int = Field(default=8, gt=0)
+
+    # LoRA.
+    lora_rank: int = Field(default=16, gt=0)
+    lora_alpha: float = Field(default=32, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target: str | list[str] = Field(
+        default="all", description="`all` (every linear layer) or a list of module names."
+    )
+
+    # Precision and memory.
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    # Sampling settings recorded with the trial, for the generation objective and the export.
+    temperature: float = Field(default=0.6, gt=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_contradictions(self) -> TrialConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true")
+        if self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"val_size must be a share below 1 or a whole count (got {self.val_size})")
+        return self
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"dataset"})
+
+
+# Fields that can be searched: the numbers and choices of a run, not what the run is about.
+SEARCHABLE = frozenset(TrialConfig.model_fields) - {
+    "workload",
+    "model_name_or_path",
+    "dataset",
+    "template",
+    "trust_remote_code",
+}

@@ -1,0 +1,340 @@
+"""Data as users bring it → chat prompt/completion pairs → tokenised train and validation sets.
+
+alpaca: `instruction`, `input`, `output`, optional `system` and `history` ([[user, assistant], ...]).
+sharegpt: `conversations`, a list of `{from, value}` (human/gpt/system/function/observation) or
+`{role, content}` turns, optional `system`. `columns` in the space renames either.
+
+The last assistant turn is the completion; everything before it is the prompt, which is masked
+out of the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trials.config import DatasetSpec, TrialConfig
+
+logger = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML_TEMPLATE}
+TRUNCATION_WARNING = 0.30
+
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "function": "tool",
+    "observation": "tool",
+    "tool": "tool",
+}
+_FORMAT_COLUMNS = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": ("conversations", "system"),
+}
+
+
+class DataError(ValueError):
+    """The data set cannot be read as the space says; the message names the record."""
+
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[Message]
+    completion: list[Message]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_records(spec: DatasetSpec) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs; `where` names the line or index for error messages."""
+    path = Path(spec.path)
+    if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
+        yield from _read_json(path)
+        return
+    import datasets
+
+    if path.is_dir():
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            data = data[spec.split]
+    elif path.is_file():
+        kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path.name}: unsupported file type (use .json, .jsonl, .parquet, .csv)")
+        data = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        data = datasets.load_dataset(spec.path, split=spec.split)  # a hub id
+    for i, record in enumerate(data):
+        yield f"record {i + 1}", record
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: is not UTF-8 text (offset {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path.name}: is empty")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        for i, record in enumerate(records):
+            yield f"record {i + 1}", record
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name}: line {lineno} is not valid JSON ({e.msg})") from None
+
+
+# ----------------------------------------------------------------------------- converting
+
+
+def to_examples(spec: DatasetSpec) -> list[Example]:
+    """Read the data set and convert every record; a record that cannot be read is an error."""
+    name = Path(spec.path).name
+    allowed = _FORMAT_COLUMNS[spec.format]
+    for ours in spec.columns:
+        if ours not in allowed:
+            raise DataError(
+                f"{name}: columns.{ours} is not a {spec.format} column (allowed: {', '.join(allowed)})"
+            )
+    convert = _from_alpaca if spec.format == "alpaca" else _from_sharegpt
+    examples = []
+    for where, record in read_records(spec):
+        if not isinstance(record, dict):
+            raise DataError(f"{name}: {where} is not an object (got {type(record).__name__})")
+        try:
+            examples.append(convert(record, spec.columns))
+        except DataError as e:
+            raise DataError(f"{name}: {where}: {e}") from None
+    if not examples:
+        raise DataError(f"{name}: holds no records")
+    return examples
+
+
+def _column(record: dict[str, Any], columns: dict[str, str], ours: str, *, required: bool) -> Any:
+    theirs = columns.get(ours, ours)
+    if theirs not in record or record[theirs] is None:
+        if required:
+            raise DataError(
+                f"has no {theirs!r} field (fields: {', '.join(map(str, record)) or 'none'}); "
+                f"map yours with fixed.dataset.columns.{ours}"
+            )
+        return None
+    return record[theirs]
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float | bool):
+        return str(value)
+    raise DataError(f"{what} must be text (got {type(value).__name__})")
+
+
+def _from_alpaca(record: dict[str, Any], columns: dict[str, str]) -> Example:
+    instruction = _text(_column(record, columns, "instruction", required=True), "instruction")
+    extra = _column(record, columns, "input", required=False)
+    output = _text(_column(record, columns, "output", required=True), "output")
+    system = _column(record, columns, "system", required=False)
+    history = _column(record, columns, "history", required=False) or []
+
+    prompt: list[Message] = []
+    if system:
+        prompt.append({"role": "system", "content": _text(system, "system")})
+    if not isinstance(history, list):
+        raise DataError("history must be a list of [user, assistant] pairs")
+    for turn in history:
+        if not (isinstance(turn, list | tuple) and len(turn) == 2):
+            raise DataError("history must be a list of [user, assistant] pairs")
+        prompt.append({"role": "user", "content": _text(turn[0], "history")})
+        prompt.append({"role": "assistant", "content": _text(turn[1], "history")})
+    extra = _text(extra, "input") if extra is not None else ""
+    prompt.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    return Example(prompt, [{"role": "assistant", "content": output}])
+
+
+def _from_sharegpt(record: dict[str, Any], columns: dict[str, str]) -> Example:
+    turns = _column(record, columns, "conversations", required=False)
+    if turns is None and "conversations" not in columns:
+        turns = record.get("messages")  # OpenAI-style records read the same way
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            "has no conversation (a non-empty `conversations` or `messages` list); "
+            "map yours with fixed.dataset.columns.conversations"
+        )
+    messages = [_message(turn, i) for i, turn in enumerate(turns)]
+    system = _column(record, columns, "system", required=False)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": _text(system, "system")})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"the last turn is from {messages[-1]['role']}, not the assistant")
+    return Example(messages[:-1], messages[-1:])
+
+
+def _message(turn: Any, index: int) -> Message:
+    if not isinstance(turn, dict):
+        raise DataError(f"turn {index + 1} is not an object")
+    role = turn.get("from", turn.get("role"))
+    content = turn.get("value", turn.get("content"))
+    if role not in _ROLES:
+        raise DataError(f"turn {index + 1} has role {role!r} (allowed: {', '.join(_ROLES)})")
+    return {"role": _ROLES[role], "content": _text(content if content is not None else "", "content")}
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def split(examples: list[Example], *, val_size: float, seed: int) -> tuple[list, list]:
+    """A fixed-seed split, so every trial of a study validates on the same examples."""
+    n_val = int(val_size) if val_size >= 1 else max(1, round(len(examples) * val_size))
+    if n_val >= len(examples):
+        raise DataError(f"val_size {val_size:g} leaves no training examples (of {len(examples)})")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val = [examples[i] for i in sorted(order[:n_val])]
+    train = [examples[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class Tokenized:
+    train: Any  # datasets.Dataset with input_ids and labels
+    val: Any
+    truncation_ratio: float
+    train_tokens: int
+    dropped: int
+
+
+def chat_template(tokenizer: Any, template: str) -> str:
+    if template == "auto":
+        return tokenizer.chat_template or CHATML_TEMPLATE
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    raise DataError(f"unknown template {template!r} (allowed: auto, {', '.join(TEMPLATES)})")
+
+
+def tokenize(examples: Iterable[Example], tokenizer: Any, *, template: str, cutoff_len: int) -> tuple:
+    """Token ids with labels masked to the completion; (rows, truncated count, dropped count).
+
+    TRL would tokenise too, but it truncates silently; doing it here measures truncation and
+    lets a worker reuse the result across trials. The completion starts where the prompt alone
+    and prompt + completion first differ, as in TRL.
+    """
+    examples = list(examples)
+    template_text = chat_template(tokenizer, template)
+    prompts = tokenizer.apply_chat_template(
+        [e.prompt for e in examples], chat_template=template_text, add_generation_prompt=True,
+        tokenize=True, return_dict=True,
+    )["input_ids"]
+    fulls = tokenizer.apply_chat_template(
+        [e.prompt + e.completion for e in examples], chat_template=template_text,
+        tokenize=True, return_dict=True,
+    )["input_ids"]
+    rows: dict[str, list] = {"input_ids": [], "labels": []}
+    truncated = dropped = 0
+    for prompt_ids, ids in zip(prompts, fulls, strict=True):
+        start = _common_prefix(prompt_ids, ids)
+        labels = [-100] * start + list(ids[start:])
+        if len(ids) > cutoff_len:
+            truncated += 1
+            ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        if all(label == -100 for label in labels):
+            dropped += 1  # the prompt alone fills cutoff_len: nothing to learn from
+            continue
+        rows["input_ids"].append(list(ids))
+        rows["labels"].append(labels)
+    return rows, truncated, dropped
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+_CACHE: dict[tuple, Tokenized] = {}
+
+
+def prepare(config: TrialConfig, tokenizer: Any) -> Tokenized:
+    """Read, split and tokenise the data set once per worker process and reuse it: every trial
+    of a study trains on the same tokens, so only the first pays for them."""
+    key = (
+        config.dataset.model_dump_json(),
+        _mtime(config.dataset.path),
+        config.model_name_or_path,
+        config.template,
+        config.cutoff_len,
+        config.val_size,
+        config.seed,
+    )
+    if key in _CACHE:
+        return _CACHE[key]
+    import datasets
+
+    train, val = split(to_examples(config.dataset), val_size=config.val_size, seed=config.seed)
+    train_rows, train_cut, train_dropped = tokenize(
+        train, tokenizer, template=config.template, cutoff_len=config.cutoff_len
+    )
+    val_rows, val_cut, val_dropped = tokenize(
+        val, tokenizer, template=config.template, cutoff_len=config.cutoff_len
+    )
+    if not train_rows["input_ids"] or not val_rows["input_ids"]:
+        raise DataError(
+            f"cutoff_len {config.cutoff_len} leaves no example with an answer; raise cutoff_len"
+        )
+    ratio = (train_cut + val_cut) / (len(train) + len(val))
+    if ratio > TRUNCATION_WARNING:
+        logger.warning(
+            "%.0f%% of examples are longer than cutoff_len=%d and were cut; "
+            "raise cutoff_len if the answers matter", 100 * ratio, config.cutoff_len,
+        )
+    result = Tokenized(
+        train=datasets.Dataset.from_dict(train_rows),
+        val=datasets.Dataset.from_dict(val_rows),
+        truncation_ratio=ratio,
+        train_tokens=sum(len(ids) for ids in train_rows["input_ids"]),
+        dropped=train_dropped + val_dropped,
+    )
+    _CACHE.clear()  # one data set per worker at a time; a new study's replaces it
+    _CACHE[key] = result
+    return result
+
+
+def _mtime(path: str) -> float | None:
+    p = Path(path)
+    return p.stat().st_mtime if p.exists() else None

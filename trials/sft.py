@@ -1,0 +1,225 @@
+"""One trial: a LoRA fine-tune of a causal language model with TRL's SFTTrainer.
+
+`tuner` runs it once per trial with the values Optuna suggested. It also runs by hand, with
+fixed values, from a YAML of TrialConfig fields (the `fixed` section of a space plus values):
+
+    python -m trials.sft params.yaml --out runs/one
+
+Steps, in order: tokenizer (the data needs it) → base model → data → LoRA trainer → train,
+reporting each validation loss → final validation → adapter saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trials import data as data_mod
+from trials.config import TrialConfig
+from trials.evaluate import final_metrics, last_train_loss
+from trials.pruning import PruningCallback
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialResult:
+    """What a finished trial leaves: its metrics, the facts a person looks at later, timings."""
+
+    eval_loss: float
+    perplexity: float
+    train_loss: float | None
+    steps: int
+    tokens_seen: int
+    trainable_params: int
+    total_params: int
+    truncation_ratio: float
+    adapter_dir: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+def run(config: TrialConfig, *, output_dir: Path, trial: Any | None = None) -> TrialResult:
+    """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
+    run stops at once (raising `optuna.TrialPruned`) when the pruner says so."""
+    import transformers
+
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+
+    tokenizer = _setup_tokenizer(config)
+    model = _setup_model(config)
+    clock.lap("load_s")
+
+    data = data_mod.prepare(config, tokenizer)
+    clock.lap("data_s")
+
+    # Seed after loading and before the adapter is created: LoRA's initial weights and the data
+    # order then depend on the seed alone, not on what this process ran before.
+    transformers.set_seed(config.seed)
+    pruning = PruningCallback(trial, metric="eval_loss")
+    trainer = _setup_trainer(config, model, tokenizer, data, output_dir, pruning)
+    clock.lap("setup_s")
+
+    trainer.train()
+    metrics = final_metrics(trainer)
+    clock.lap("train_s")
+    timings["store_s"] = pruning.store_seconds
+
+    adapter_dir = output_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    clock.lap("save_s")
+
+    trainable, total = _count_params(trainer.model)
+    return TrialResult(
+        eval_loss=metrics["eval_loss"],
+        perplexity=metrics["perplexity"],
+        train_loss=last_train_loss(trainer),
+        steps=trainer.state.global_step,
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        trainable_params=trainable,
+        total_params=total,
+        truncation_ratio=data.truncation_ratio,
+        adapter_dir=str(adapter_dir),
+        timings=timings,
+    )
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _setup_tokenizer(config: TrialConfig) -> Any:
+    # The tokenizer is read-only during training, so a worker keeps it between trials.
+    from transformers import AutoTokenizer
+
+    key = config.model_name_or_path
+    if key not in _TOKENIZERS:
+        tokenizer = AutoTokenizer.from_pretrained(key, trust_remote_code=config.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
+
+
+def _setup_model(config: TrialConfig) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    return AutoModelForCausalLM.from_pretrained(
+        config.model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=True,
+    )
+
+
+def _setup_trainer(
+    config: TrialConfig,
+    model: Any,
+    tokenizer: Any,
+    data: data_mod.Tokenized,
+    output_dir: Path,
+    pruning: PruningCallback,
+) -> Any:
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if config.lora_target == "all" else config.lora_target,
+        task_type="CAUSAL_LM",
+    )
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_train_epochs,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float below 1 is a ratio
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name
+        dataloader_pin_memory=_has_cuda(),
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=config.cutoff_len,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        # A diverging run must show as NaN, not be averaged away.
+        logging_nan_inf_filter=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.val,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[pruning],
+    )
+    # With the progress bar off the Trainer prints every log dict; the store has them already.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _count_params(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def main(argv: list[str] | None = None) -> None:
+    import yaml
+
+    parser = argparse.ArgumentParser(description="Run one LoRA fine-tune with fixed values.")
+    parser.add_argument("params", type=Path, help="YAML of TrialConfig fields")
+    parser.add_argument("--out", type=Path, default=Path("runs/trial"), help="output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = TrialConfig.model_validate(yaml.safe_load(args.params.read_text()))
+    result = run(config, output_dir=args.out)
+    print(json.dumps(asdict(result), indent=2))
+
+
+if __name__ == "__main__":
+    main()

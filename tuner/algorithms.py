@@ -1,0 +1,110 @@
+"""Optuna samplers and pruners by the names a space uses.
+
+A space names one (`sampler: {name: tpe, n_startup_trials: 10}`); the options are the Optuna
+class's own keyword arguments, checked against its signature so a typo is caught when the space
+is loaded rather than when the first trial starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+
+from tuner.errors import SpaceError, did_you_mean
+
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "gp": optuna.samplers.GPSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "bruteforce": optuna.samplers.BruteForceSampler,
+}
+
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "patient": optuna.pruners.PatientPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
+    "wilcoxon": optuna.pruners.WilcoxonPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+# What a space gets when it names only the algorithm, or nothing at all. TPE starts modelling
+# after 10 random trials; the median pruner waits for 5 finished trials and 1 evaluation.
+DEFAULT_SAMPLER: dict[str, Any] = {"name": "tpe", "seed": 0, "n_startup_trials": 10}
+DEFAULT_PRUNER: dict[str, Any] = {
+    "name": "median",
+    "n_startup_trials": 5,
+    "n_warmup_steps": 0,
+    "interval_steps": 1,
+}
+
+
+def normalize(spec: Any, *, key: str, default: Mapping[str, Any]) -> dict[str, Any]:
+    """`tpe` or `{name: tpe, ...}` or nothing → a mapping with a name; defaults fill the rest
+    only when the same algorithm is named."""
+    if spec is None:
+        return dict(default)
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise SpaceError(f"{key} must be a name or a mapping with `name` (got {spec!r})")
+    spec = dict(spec)
+    name = spec.get("name", default["name"])
+    if not isinstance(name, str):
+        raise SpaceError(f"{key}.name must be a string (got {name!r})")
+    spec["name"] = name.lower()
+    if spec["name"] == default["name"]:
+        spec = {**default, **spec}
+    return spec
+
+
+def build_sampler(spec: Mapping[str, Any], *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """Make the sampler; workers pass distinct `seed_offset`s so their random draws differ."""
+    options = dict(spec)
+    name = options.pop("name")
+    if "seed" in options and options["seed"] is not None:
+        options["seed"] = int(options["seed"]) + seed_offset
+    return _build("sampler", SAMPLERS, name, options)
+
+
+def build_pruner(spec: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    options = dict(spec)
+    name = options.pop("name")
+    if name == "patient":
+        wrapped = options.pop("wrapped", None)
+        inner = normalize(wrapped, key="pruner.wrapped", default=DEFAULT_PRUNER)
+        options["wrapped_pruner"] = build_pruner(inner)
+        options.setdefault("patience", 1)
+    return _build("pruner", PRUNERS, name, options)
+
+
+def _build(kind: str, registry: Mapping[str, Callable[..., Any]], name: str, options: dict) -> Any:
+    if name not in registry:
+        raise SpaceError(
+            f"{kind}.name: unknown {kind} {name!r}{did_you_mean(name, registry)} "
+            f"(allowed: {', '.join(registry)})"
+        )
+    cls = registry[name]
+    allowed = [p for p in inspect.signature(cls).parameters if p != "wrapped_pruner"]
+    if name == "patient":
+        allowed.append("wrapped")  # the wrapped pruner, itself a pruner spec
+    for option in options:
+        if option not in allowed and option != "wrapped_pruner":
+            raise SpaceError(
+                f"{kind}.{option} is not an option of the {name} {kind}"
+                f"{did_you_mean(option, allowed)} (allowed: {', '.join(allowed) or 'none'})"
+            )
+    try:
+        return cls(**options)
+    except ImportError as e:
+        raise SpaceError(f"{kind}.name: the {name} {kind} needs a package: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SpaceError(f"{kind}: {name} rejected its options: {e}") from None
+

@@ -1,0 +1,32 @@
+"""The one extension point for where trials run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One `run_study` call, as a backend receives it."""
+
+    study_name: str
+    storage_url: str
+    n_trials: int | None  # trials to finish in this run; None: until timeout or interrupted
+    timeout: float | None  # seconds after which no new trial starts; running ones finish
+    jobs: int  # trials at once
+
+
+class Backend(Protocol):
+    """Runs the trials of a plan against the study store, and returns when they are done.
+
+    Contract:
+    - exactly `n_trials` trials are started (fewer only after `timeout` or an interrupt);
+    - every trial it started is finished in the store (COMPLETE, PRUNED or FAIL) when `run`
+      returns or raises, including on KeyboardInterrupt, which it re-raises after cleaning up;
+    - a worker that dies fails its running trial with the reason, and the run goes on.
+    """
+
+    name: str
+
+    def run(self, plan: RunPlan) -> None: ...

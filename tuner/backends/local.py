@@ -1,0 +1,188 @@
+"""Trials on this machine: `jobs` worker processes, each running Optuna's own optimize loop
+against the shared study store (which is what makes median pruning see every trial).
+
+Workers take trials from a shared counter, so a run finishes exactly the trials asked for.
+They live in their own process group: Ctrl-C reaches the driver only, which interrupts each
+worker once; the worker's trial ends FAIL ("interrupted") and nothing is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from typing import Any
+
+from tuner.backends.base import RunPlan
+from tuner.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+INTERRUPT_GRACE_S = 60.0
+MAX_RESTARTS_PER_JOB = 3
+
+
+class _Slots:
+    """A counter of trials left to start, shared by the worker processes."""
+
+    def __init__(self, ctx: Any, n_trials: int | None) -> None:
+        self.value = ctx.Value("i", -1 if n_trials is None else n_trials)
+
+    def take(self) -> bool:
+        with self.value.get_lock():
+            if self.value.value == 0:
+                return False
+            if self.value.value > 0:
+                self.value.value -= 1
+            return True
+
+    def give_back(self) -> None:
+        with self.value.get_lock():
+            if self.value.value >= 0:
+                self.value.value += 1
+
+    def left(self) -> bool:
+        return self.value.value != 0
+
+
+class LocalBackend:
+    name = "local"
+
+    def run(self, plan: RunPlan) -> None:
+        ctx = mp.get_context("spawn")  # fresh interpreters: no torch or DB state copied by fork
+        slots = _Slots(ctx, plan.n_trials)
+        running = ctx.Array("i", [-1] * plan.jobs)  # the trial id each worker is on
+        deadline = time.time() + plan.timeout if plan.timeout else None
+        threads = max(1, (os.cpu_count() or 1) // plan.jobs)
+        level = logging.getLogger("tuner").getEffectiveLevel()
+
+        def start(index: int) -> Any:
+            process = ctx.Process(
+                target=_worker,
+                args=(index, plan, slots, running, deadline, threads, level, os.getpid()),
+                name=f"tuner-worker-{index}",
+            )
+            process.start()
+            return process
+
+        workers = {i: start(i) for i in range(plan.jobs)}
+        restarts = 0
+        try:
+            while workers:
+                for index, process in list(workers.items()):
+                    process.join(timeout=0.2)
+                    if process.exitcode is None:
+                        continue
+                    del workers[index]
+                    if process.exitcode == 0:
+                        continue
+                    _fail_orphan(plan, running, index, f"worker process died (exit code "
+                                                       f"{process.exitcode})")
+                    expired = deadline is not None and time.time() > deadline
+                    if slots.left() and not expired:
+                        restarts += 1
+                        if restarts > MAX_RESTARTS_PER_JOB * plan.jobs:
+                            raise BackendError(
+                                f"worker processes keep dying (last exit code {process.exitcode});"
+                                " see the log above"
+                            )
+                        logger.warning("worker %d died (exit code %s); starting another",
+                                       index, process.exitcode)
+                        workers[index] = start(index)
+        except BaseException:
+            _stop(workers)
+            for index in range(plan.jobs):
+                _fail_orphan(plan, running, index, "interrupted (Ctrl-C or a stop signal)")
+            raise
+
+
+def _stop(workers: dict[int, Any]) -> None:
+    """Interrupt each worker once, give its trial time to be marked FAIL, then kill stragglers."""
+    for process in workers.values():
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + INTERRUPT_GRACE_S
+    for process in workers.values():
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _fail_orphan(plan: RunPlan, running: Any, index: int, reason: str) -> None:
+    """Fail the trial a dead worker left RUNNING, so that it does not wait for heartbeats."""
+    trial_id = running[index]
+    running[index] = -1
+    if trial_id < 0:
+        return
+    from optuna.trial import TrialState
+
+    from tuner.storage import open_storage
+
+    storage = open_storage(plan.storage_url)
+    if storage.get_trial(trial_id).state == TrialState.RUNNING:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        logger.warning("trial id %d failed: %s", trial_id, reason)
+
+
+def _worker(
+    index: int,
+    plan: RunPlan,
+    slots: _Slots,
+    running: Any,
+    deadline: float | None,
+    threads: int,
+    log_level: int,
+    driver_pid: int,
+) -> None:
+    os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
+    _quiet_libraries(log_level)
+    import torch
+
+    from tuner.objective import Objective
+    from tuner.storage import open_storage
+    from tuner.study import open_study
+
+    torch.set_num_threads(threads)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns in every worker
+    # Distinct seeds per worker and per run, so that no two draw the same random trials.
+    store = open_storage(plan.storage_url)
+    n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))
+    seed_offset = 7919 * index + n_existing
+    opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
+    objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
+    objective.on_trial_start = lambda trial_id: running.__setitem__(index, trial_id)
+    try:
+        while slots.take():
+            if (deadline is not None and time.time() > deadline) or os.getppid() != driver_pid:
+                slots.give_back()
+                break
+            opened.study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            running[index] = -1
+    except KeyboardInterrupt:
+        running[index] = -1  # Optuna has already marked the trial FAIL
+        raise SystemExit(130) from None
+
+
+def _quiet_libraries(level: int) -> None:
+    """The driver reports each finished trial; workers log only what needs attention."""
+    logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import datasets
+    import optuna
+    import transformers
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # Deprecation notices from inside transformers/peft/trl, once per trial per worker, and
+    # Optuna's note that heartbeats and artifacts are experimental.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -1,0 +1,325 @@
+"""`tuner`: a thin command line over the library (tuner.study, tuner.space, tuner.demo).
+
+Each command calls one library function and formats its result; only this module writes to
+stdout. A `TunerError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tuner.errors import TunerError
+
+app = typer.Typer(
+    help="Hyperparameter search for LoRA fine-tuning, on Optuna.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+study_app = typer.Typer(help="Create, run and inspect studies.", no_args_is_help=True)
+demo_app = typer.Typer(help="The offline demo: a tiny local model and data.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@app.callback()
+def _setup() -> None:
+    """Runs before any command (not for --help): Optuna's own INFO lines would repeat ours."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+app.add_typer(demo_app, name="demo")
+
+Storage = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Study store URL (sqlite:///FILE or postgresql://USER@HOST/DB). "
+        "Default: $TUNER_STORAGE, else sqlite:///tuner.db here.",
+        show_default=False,
+    ),
+]
+
+
+@study_app.command("create")
+def study_create(
+    space: Annotated[str, typer.Option("--space", help="Space YAML: a path, or a packaged name.")],
+    name: Annotated[str | None, typer.Option(help="Study name (default: the space's).")] = None,
+    storage: Storage = None,
+    load_if_exists: Annotated[
+        bool, typer.Option("--load-if-exists", help="Reuse a study of this name and space.")
+    ] = False,
+) -> None:
+    """Validate a search space and create its study; prints the study name."""
+    from tuner.study import create_study
+
+    typer.echo(create_study(space, name=name, storage=storage, load_if_exists=load_if_exists))
+
+
+@study_app.command("run")
+def study_run(
+    name: str,
+    storage: Storage = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
+    ] = None,
+    timeout: Annotated[
+        str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once.")] = 1,
+) -> None:
+    """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly."""
+    from tuner.space import parse_duration
+    from tuner.study import best_report, run_study
+
+    seconds = _duration(timeout, parse_duration)
+    with _ProgressBar() as bar:
+        try:
+            progress = run_study(
+                name, storage=storage, n_trials=n_trials, timeout=seconds, jobs=jobs,
+                on_progress=bar.update,
+            )
+        except KeyboardInterrupt:
+            bar.close()
+            typer.echo(f"interrupted; run `tuner study run {name}` again to continue", err=True)
+            raise typer.Exit(130) from None
+    typer.echo(
+        f"{_plural(progress.finished, 'trial')} finished: {progress.complete} complete, "
+        f"{progress.pruned} pruned, {progress.failed} failed"
+    )
+    try:
+        report = best_report(name, storage)
+    except TunerError:
+        return
+    typer.echo(_best_line(report))
+    storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
+    typer.echo(f"details: tuner study show {name}{storage_flag}")
+
+
+@study_app.command("list")
+def study_list(storage: Storage = None) -> None:
+    """Studies in the store, with trial counts and best values."""
+    from tuner.study import list_studies
+
+    rows = list_studies(storage)
+    if not rows:
+        typer.echo("no studies")
+        return
+    table = _table("study", "direction", "trials", "best", "started")
+    for row in rows:
+        counts = ", ".join(f"{n} {state}" for state, n in row.counts.items()) or "none"
+        table.add_row(row.name, row.direction, counts, _num(row.best_value), row.started or "")
+    _print(table)
+
+
+@study_app.command("show")
+def study_show(name: str, storage: Storage = None) -> None:
+    """Every trial: state, value, params, where it was pruned, how long it took."""
+    from tuner.study import trial_rows
+
+    table = _table("#", "state", "value", "params", "pruned at", "duration", "note")
+    for row in trial_rows(name, storage):
+        params = " ".join(f"{k}={_num(v)}" for k, v in row.params.items())
+        table.add_row(
+            str(row.number), row.state.lower(), _num(row.value), params,
+            "" if row.pruned_at_step is None else f"step {row.pruned_at_step}",
+            "" if row.duration_s is None else f"{row.duration_s:.1f}s", row.note,
+        )
+    _print(table)
+
+
+@study_app.command("best")
+def study_best(
+    name: str,
+    storage: Storage = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The best trial's params and value, and its margin over the baseline."""
+    from tuner.study import best_report
+
+    report = best_report(name, storage)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(_best_line(report))
+    for key, value in report["params"].items():
+        typer.echo(f"  {key}: {_num(value)}")
+
+
+@study_app.command("delete")
+def study_delete(
+    name: str,
+    storage: Storage = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a study, its trials and their adapters."""
+    from tuner.study import delete_study
+
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"delete study {name!r} and its adapters?", abort=True)
+    removed = delete_study(name, storage)
+    typer.echo(f"deleted study {name} ({removed} artifact files)")
+
+
+@app.command("spaces")
+def spaces() -> None:
+    """The search spaces that ship with tuner (usable by name with --space)."""
+    from tuner.space import packaged_spaces, read_yaml
+
+    for name, path in packaged_spaces().items():
+        data = read_yaml(path, display=name) or {}
+        description = str(data.get("description", "")).strip().splitlines()
+        typer.echo(f"{name:<20} {description[0] if description else ''}")
+
+
+@demo_app.command("prepare")
+def demo_prepare(
+    root: Annotated[Path, typer.Option("--dir", help="Where to write the demo.")] = Path("demo"),
+    force: Annotated[bool, typer.Option(help="Rebuild even if already there.")] = False,
+) -> None:
+    """Build the demo model, tokenizer and data (offline; about a minute on 2 cores)."""
+    from tuner.demo import prepare_demo
+
+    paths = prepare_demo(root, force=force)
+    typer.echo(f"demo model: {paths.model}\ndemo data:  {paths.data}")
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _best_line(report: dict[str, Any]) -> str:
+    line = f"best {report['metric']} {_num(report['value'])} (trial {report['trial']})"
+    base = report.get("baseline")
+    if base and base.get("improvement") is not None:
+        pct = base.get("improvement_pct")
+        line += (
+            f"; baseline {_num(base['value'])} (trial {base['trial']}): "
+            f"better by {_num(base['improvement'])}" + (f" ({pct:.1f}%)" if pct is not None else "")
+        )
+    elif base:
+        line += f"; baseline trial {base['trial']} is {base['state'].lower()}"
+    return line
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e5:
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _masked(url: str | None) -> str:
+    from tuner.storage import mask_url
+
+    return mask_url(url or "")
+
+
+def _duration(text: str | None, parse) -> float | None:  # noqa: ANN001
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise TunerError(f"--timeout {e}") from None
+
+
+def _table(*columns: str) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _print(renderable: Any) -> None:
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 200).print(renderable)
+
+
+class _ProgressBar:
+    """A tqdm bar of finished trials (complete/pruned/failed, best so far), plus one log line per
+    finished trial so that a non-terminal log (cron, CI) shows the run too."""
+
+    def __enter__(self) -> _ProgressBar:
+        self.bar: Any = None
+        return self
+
+    def update(self, progress: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=progress.target, unit="trial", file=sys.stderr, disable=None,
+                            dynamic_ncols=True)
+        for trial in progress.new:
+            self._log(trial, progress)
+        self.bar.set_postfix_str(
+            f"complete {progress.complete}, pruned {progress.pruned}, failed {progress.failed}, "
+            f"best {_num(progress.best_value)}"
+        )
+        self.bar.update(progress.finished - self.bar.n)
+
+    def _log(self, trial: Any, progress: Any) -> None:
+        from tqdm import tqdm
+
+        state = trial.state.name.lower()
+        value = f" {_num(trial.value)}" if trial.value is not None else ""
+        where = f" at step {trial.last_step}" if state == "pruned" else ""
+        reason = f": {trial.user_attrs['fail_reason']}" if "fail_reason" in trial.user_attrs else ""
+        params = " ".join(f"{k}={_num(v)}" for k, v in trial.user_attrs.get("hparams", {}).items())
+        best = f" | best {_num(progress.best_value)} (trial {progress.best_trial})"
+        tqdm.write(f"trial {trial.number} {state}{value}{where}{reason} [{params}]{best}",
+                   file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main() -> None:
+    import click
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = app(standalone_mode=False)
+    except TunerError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

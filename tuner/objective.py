@@ -1,0 +1,98 @@
+"""The Optuna objective: suggested values → a trial config → one fine-tune → the trial's state.
+
+Outcomes map to states as a person reading the study expects: a finite validation loss is
+COMPLETE; a pruned run is PRUNED; an error, an out-of-memory or a NaN/infinite loss is FAIL with
+the reason in the trial's user attrs (Optuna alone would store an infinite value as COMPLETE).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from tuner.space import Space
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class NonFiniteObjective(RuntimeError):
+    pass
+
+
+class Objective:
+    """Callable for `Study.optimize`; one instance per worker process."""
+
+    def __init__(self, space: Space, *, artifact_dir: Path) -> None:
+        self.space = space
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.artifact_store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+        self.on_trial_start: Any = None  # set by a backend that tracks its running trials
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if self.on_trial_start is not None:
+            self.on_trial_start(trial._trial_id)
+        values = self.space.suggest(trial)
+        trial.set_user_attr("hparams", values)
+        try:
+            return self._train(trial, values)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or a stop signal)")
+            raise
+        except Exception as e:
+            trial.set_user_attr("fail_reason", _one_line(e))
+            if _is_out_of_memory(e):
+                trial.set_user_attr("oom", True)
+            raise
+
+    def _train(self, trial: optuna.Trial, values: dict[str, Any]) -> float:
+        from trials import sft
+
+        started = time.perf_counter()
+        config = self.space.trial_config(values)
+        with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
+            result = sft.run(config, output_dir=Path(tmp), trial=trial)
+            value = result.metric(self.space.objective.metric)
+            if not math.isfinite(value):
+                raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
+            upload_started = time.perf_counter()
+            adapter = self._upload_adapter(trial, Path(result.adapter_dir))
+            result.timings["upload_s"] = time.perf_counter() - upload_started
+        facts = asdict(result)
+        facts.pop("adapter_dir")
+        facts["timings"]["objective_s"] = time.perf_counter() - started
+        for key, fact in facts.items():
+            trial.set_user_attr(key, fact)
+        trial.set_user_attr("adapter", adapter)
+        return value
+
+    def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
+        """Store the adapter's files in the study's artifact store, linked from the trial, so an
+        export finds them from the study alone. Returns file name → artifact id."""
+        return {
+            name: optuna.artifacts.upload_artifact(
+                artifact_store=self.artifact_store,
+                file_path=str(adapter_dir / name),
+                study_or_trial=trial,
+            )
+            for name in ADAPTER_FILES
+        }
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:500]}" if text else type(error).__name__
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()

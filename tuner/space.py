@@ -1,0 +1,641 @@
+"""Search spaces: a YAML file → validated models → values suggested into an Optuna trial.
+
+A space is plain data under a schema. Every error names the file, the key, what was wrong and
+what is allowed, in one line, before anything touches a study store.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trials.config import SEARCHABLE, TrialConfig
+from tuner import algorithms
+from tuner.errors import SpaceError, did_you_mean
+
+Scalar = None | bool | int | float | str
+
+
+# ----------------------------------------------------------------------------- params
+
+
+class _Param(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FloatParam(_Param):
+    """A real number in [low, high], optionally on a log scale or a grid of `step`."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+    def candidates(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def contains(self, value: Any) -> bool:
+        return _in_range(value, self.low, self.high, self.step)
+
+    def describe(self) -> str:
+        return f"in [{self.low:g}, {self.high:g}]" + (" (log scale)" if self.log else "")
+
+
+class IntParam(_Param):
+    """A whole number in [low, high], optionally on a log scale or every `step`."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log, None if self.step == 1 else self.step)
+        return self
+
+    def candidates(self) -> list[Any]:
+        return [self.low, self.high]
+
+    def contains(self, value: Any) -> bool:
+        return float(value).is_integer() and _in_range(value, self.low, self.high, self.step)
+
+    def describe(self) -> str:
+        return f"in [{self.low}, {self.high}]" + (" (log scale)" if self.log else "")
+
+
+class CategoricalParam(_Param):
+    """One of a list of plain values."""
+
+    type: Literal["categorical"]
+    choices: list[Scalar] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, choices: list[Scalar]) -> list[Scalar]:
+        seen = [c for i, c in enumerate(choices) if c in choices[:i]]
+        if seen:
+            raise ValueError(f"must not repeat a value (got {seen[0]!r} twice)")
+        return choices
+
+    def candidates(self) -> list[Any]:
+        return list(self.choices)
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return f"one of {self.choices}"
+
+
+class MultipleParam(_Param):
+    """A param searched as a multiple of another, e.g. LoRA alpha = rank × {1, 2, 4}.
+
+    The trial records the resolved value; Optuna sees the factor, as `<name>/<of>`.
+    """
+
+    type: Literal["multiple"]
+    of: str
+    factors: list[float] = Field(min_length=1)
+
+    @field_validator("factors")
+    @classmethod
+    def _positive(cls, factors: list[float]) -> list[float]:
+        bad = [f for f in factors if not f > 0]
+        if bad:
+            raise ValueError(f"must all be > 0 (got {bad[0]:g})")
+        return [int(f) if float(f).is_integer() else f for f in factors]
+
+    def optuna_name(self, name: str) -> str:
+        return f"{name}/{self.of}"
+
+    def describe(self) -> str:
+        return f"{self.of} × one of {self.factors}"
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam | MultipleParam, Field(discriminator="type")]
+PARAM_TYPES: dict[str, type[_Param]] = {
+    "float": FloatParam,
+    "int": IntParam,
+    "categorical": CategoricalParam,
+    "multiple": MultipleParam,
+}
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low must be <= high (got low={low:g}, high={high:g})")
+    if log and low <= 0:
+        raise ValueError(f"low must be > 0 on a log scale (got {low:g})")
+    if log and step is not None:
+        raise ValueError("step and log cannot be used together")
+
+
+def _in_range(value: Any, low: float, high: float, step: float | None) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not low - 1e-12 <= value <= high + 1e-12:
+        return False
+    if step is None:
+        return True
+    k = (value - low) / step
+    return math.isclose(k, round(k), abs_tol=1e-8)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["eval_loss", "perplexity"] = "eval_loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_trials: int | None = Field(default=None, gt=0, description="Finished trials the study aims at.")
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds (or 30m, 2h, 1h30m) after which no trial starts."
+    )
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?"
+                       r"\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `2h`, `1h30m`, `1d` → seconds."""
+    match = _DURATION.match(text)
+    if not text.strip() or not match or not any(match.groups()):
+        raise ValueError(f"must be seconds or a duration such as 30m, 2h, 1h30m (got {text!r})")
+    days, hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+class Space(BaseModel):
+    """A validated search space. `fixed` holds plain values; paths in it are absolute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=500)
+    description: str = ""
+    params: dict[str, Param]
+    fixed: dict[str, Any]
+    objective: Objective = Objective()
+    sampler: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_SAMPLER))
+    pruner: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_PRUNER))
+    budget: Budget = Budget()
+    baseline: dict[str, Any] | None = None
+
+    # -- suggesting
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Suggest every param into `trial`; returns the resolved values (multiples multiplied)."""
+        values: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if isinstance(p, FloatParam):
+                values[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+            elif isinstance(p, IntParam):
+                values[name] = trial.suggest_int(name, p.low, p.high, log=p.log, step=p.step)
+            elif isinstance(p, CategoricalParam):
+                values[name] = trial.suggest_categorical(name, p.choices)
+        for name, p in self.params.items():
+            if isinstance(p, MultipleParam):
+                factor = trial.suggest_categorical(p.optuna_name(name), p.factors)
+                values[name] = _multiply(self._value_of(p.of, values), factor)
+        return {name: values[name] for name in self.params}
+
+    def trial_config(self, values: Mapping[str, Any]) -> TrialConfig:
+        return TrialConfig.model_validate({**self.fixed, **values})
+
+    def _value_of(self, name: str, values: Mapping[str, Any]) -> Any:
+        if name in values:
+            return values[name]
+        if name in self.fixed:
+            return self.fixed[name]
+        return TrialConfig.model_fields[name].default
+
+    # -- the baseline
+
+    def baseline_values(self) -> dict[str, Any] | None:
+        """The baseline point, resolved: given values, else the trainer defaults."""
+        if self.baseline is None:
+            return None
+        values: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if not isinstance(p, MultipleParam):
+                values[name] = self.baseline.get(name, TrialConfig.model_fields[name].default)
+        for name, p in self.params.items():
+            if isinstance(p, MultipleParam):
+                values[name] = self.baseline.get(name, TrialConfig.model_fields[name].default)
+        return values
+
+    def optuna_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Resolved values → the params Optuna stores (the factor for a multiple)."""
+        out: dict[str, Any] = {}
+        for name, p in self.params.items():
+            if isinstance(p, MultipleParam):
+                out[p.optuna_name(name)] = _factor(values[name], self._value_of(p.of, values))
+            else:
+                out[name] = values[name]
+        return out
+
+    # -- storing in a study
+
+    def to_stored(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any], *, source: str) -> Space:
+        return parse_space(dict(data), source=source, resolve_paths=False)
+
+
+def _multiply(base: Any, factor: float) -> Any:
+    value = base * factor
+    return int(value) if float(value).is_integer() else value
+
+
+def _factor(value: Any, base: Any) -> Any:
+    factor = value / base
+    return int(factor) if float(factor).is_integer() else factor
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-5` as a number (YAML 1.1 wants `1.0e-5`) and refuses
+    repeated keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpaceLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path, *, display: str) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpaceError(f"{display}: no such file") from None
+    except IsADirectoryError:
+        raise SpaceError(f"{display}: is a directory, not a YAML file") from None
+    except OSError as e:
+        raise SpaceError(f"{display}: cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpaceError(
+            f"{display}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as e:
+        where = _mark(e.problem_mark)
+        if e.problem and "constructor for the tag" in e.problem:
+            tag = e.problem.split("tag", 1)[1].strip().strip("'")
+            raise SpaceError(
+                f"{display}:{where} YAML tag {tag} is not allowed (a space is plain data)"
+            ) from None
+        raise SpaceError(f"{display}:{where} {e.problem}") from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpaceError(
+            f"{display}:{_mark(getattr(e, 'problem_mark', None))} invalid YAML: {problem}"
+        ) from None
+
+
+def _mark(mark: Any) -> str:
+    return f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def packaged_spaces_dir() -> Path:
+    """The spaces that ship with tuner: inside the wheel, or beside the package in a checkout."""
+    bundled = Path(str(resources.files("tuner"))) / "search_spaces"
+    if bundled.is_dir():
+        return bundled
+    return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def packaged_spaces() -> dict[str, Path]:
+    folder = packaged_spaces_dir()
+    return {p.name: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_space_file(space: str | Path) -> Path:
+    """A path as given, else a bare name among the packaged spaces (`.yaml` may be left out)."""
+    path = Path(space).expanduser()
+    if path.exists() or path.parent != Path("."):
+        return path
+    packaged = packaged_spaces()
+    for name in (path.name, f"{path.name}.yaml"):
+        if name in packaged:
+            return packaged[name]
+    return path
+
+
+def load_space(space: str | Path, *, base_dir: Path | None = None) -> Space:
+    """Read and validate a space file. Relative paths inside it are read from `base_dir`
+    (the working directory by default) and stored absolute."""
+    path = find_space_file(space)
+    display = str(space)
+    data = read_yaml(path, display=display)
+    if data is None:
+        raise SpaceError(f"{display}: is empty; a space needs at least `params` and `fixed`")
+    if not isinstance(data, dict):
+        raise SpaceError(f"{display}: must be a mapping of sections (got {type(data).__name__})")
+    data.setdefault("name", path.stem)
+    try:
+        return parse_space(data, source=display, base_dir=base_dir or Path.cwd())
+    except SpaceError as e:
+        raise SpaceError(f"{display}: {e}") from None
+
+
+_SECTIONS = list(Space.model_fields)
+
+
+def parse_space(
+    data: dict[str, Any], *, source: str, base_dir: Path | None = None, resolve_paths: bool = True
+) -> Space:
+    """Validate a space's data; raises SpaceError with `KEY message` (the caller adds the file)."""
+    for key in data:
+        if key not in _SECTIONS:
+            raise SpaceError(
+                f"{key} is not a known section{did_you_mean(key, _SECTIONS)} "
+                f"(allowed: {', '.join(_SECTIONS)})"
+            )
+    for section in ("params", "fixed"):
+        if not isinstance(data.get(section), dict) or not data[section]:
+            if section not in data or data[section] is None:
+                raise SpaceError(f"{section} is required")
+            raise SpaceError(f"{section} must be a non-empty mapping (got {data[section]!r})")
+
+    params = {name: _parse_param(name, spec) for name, spec in data["params"].items()}
+    fixed = dict(data["fixed"])
+    _check_fixed_keys(fixed, params)
+    sampler = algorithms.normalize(data.get("sampler"), key="sampler",
+                                   default=algorithms.DEFAULT_SAMPLER)
+    pruner = algorithms.normalize(data.get("pruner"), key="pruner",
+                                  default=algorithms.DEFAULT_PRUNER)
+    algorithms.build_sampler(sampler)
+    algorithms.build_pruner(pruner)
+
+    try:
+        space = Space.model_validate(
+            {**data, "params": params, "fixed": fixed, "sampler": sampler, "pruner": pruner}
+        )
+    except ValidationError as e:
+        raise SpaceError(_explain(e, Space)) from None
+
+    _check_against_trial_config(space)
+    if space.baseline is not None:
+        _check_baseline(space)
+    if resolve_paths:
+        _resolve_paths(space.fixed, base_dir or Path.cwd())
+    return space
+
+
+def _parse_param(name: Any, spec: Any) -> Param:
+    where = f"params.{name}"
+    if not isinstance(name, str) or name not in SEARCHABLE:
+        raise SpaceError(
+            f"{where} is not a searchable option{did_you_mean(name, SEARCHABLE)} "
+            f"(searchable: {', '.join(sorted(SEARCHABLE))})"
+        )
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where} must be a mapping with a `type` (got {spec!r})")
+    kind = spec.get("type")
+    if kind is None:
+        raise SpaceError(f"{where}.type is required (one of {', '.join(PARAM_TYPES)})")
+    if kind not in PARAM_TYPES:
+        raise SpaceError(
+            f"{where}.type: unknown type {kind!r}{did_you_mean(kind, PARAM_TYPES)} "
+            f"(allowed: {', '.join(PARAM_TYPES)})"
+        )
+    cls = PARAM_TYPES[kind]
+    try:
+        return cls.model_validate(spec)
+    except ValidationError as e:
+        raise SpaceError(_explain(e, cls, prefix=where)) from None
+
+
+def _check_fixed_keys(fixed: dict[str, Any], params: Mapping[str, Param]) -> None:
+    fields = list(TrialConfig.model_fields)
+    for key in fixed:
+        if key not in fields:
+            raise SpaceError(f"fixed.{key} is not a known option{did_you_mean(key, fields)}")
+        if key in params:
+            raise SpaceError(f"fixed.{key} is also searched in params.{key}; keep one of the two")
+    if "dataset" in fixed and isinstance(fixed["dataset"], str):
+        # `dataset: data.jsonl` is what people write first; it means an alpaca file.
+        fixed["dataset"] = {"path": fixed["dataset"]}
+
+
+def _check_against_trial_config(space: Space) -> None:
+    """Every param's range must produce values the trial accepts, and `fixed` must be complete."""
+    defaults = {n: TrialConfig.model_fields[n].default for n in space.params}
+    try:
+        TrialConfig.model_validate({**space.fixed, **defaults})
+    except ValidationError as e:
+        raise SpaceError(_explain(e, TrialConfig, prefix="fixed")) from None
+
+    for name, p in space.params.items():
+        annotation = TrialConfig.model_fields[name].annotation
+        if isinstance(p, FloatParam) and annotation is int:
+            raise SpaceError(f"params.{name}: {name} takes whole numbers; use type: int")
+        if isinstance(p, IntParam | FloatParam) and annotation not in (int, float):
+            raise SpaceError(f"params.{name}: {name} is not a number; use type: categorical")
+        if isinstance(p, MultipleParam):
+            _check_multiple(space, name, p)
+            continue
+        for value in p.candidates():
+            try:
+                TrialConfig.model_validate({**space.fixed, **defaults, name: value})
+            except ValidationError as e:
+                raise SpaceError(_explain(e, TrialConfig, prefix=f"params.{name}")) from None
+
+
+def _check_multiple(space: Space, name: str, p: MultipleParam) -> None:
+    where = f"params.{name}"
+    if p.of == name or p.of not in TrialConfig.model_fields:
+        raise SpaceError(f"{where}.of must name another option (got {p.of!r})")
+    of = space.params.get(p.of)
+    if isinstance(of, MultipleParam):
+        raise SpaceError(f"{where}.of names {p.of}, itself a multiple; chain them through fixed")
+    if TrialConfig.model_fields[p.of].annotation not in (int, float):
+        raise SpaceError(f"{where}.of names {p.of}, which is not a number")
+    bases = of.candidates() if of is not None else [space._value_of(p.of, {})]
+    for base in bases:
+        for factor in p.factors:
+            values = {n: TrialConfig.model_fields[n].default for n in space.params}
+            try:
+                TrialConfig.model_validate({**space.fixed, **values, name: _multiply(base, factor)})
+            except ValidationError as e:
+                raise SpaceError(_explain(e, TrialConfig, prefix=where)) from None
+
+
+def _check_baseline(space: Space) -> None:
+    assert space.baseline is not None
+    for key in space.baseline:
+        if key not in space.params:
+            raise SpaceError(
+                f"baseline.{key} is not a searched param{did_you_mean(key, space.params)} "
+                f"(params: {', '.join(space.params)})"
+            )
+    values = space.baseline_values()
+    assert values is not None
+    for name, p in space.params.items():
+        value = values[name]
+        given = name in space.baseline
+        origin = "" if given else f" (not given; the default is {value!r})"
+        if isinstance(p, MultipleParam):
+            base = space._value_of(p.of, values)
+            ok = isinstance(value, int | float) and any(
+                math.isclose(value, base * f) for f in p.factors
+            )
+            if not ok:
+                raise SpaceError(
+                    f"baseline.{name} must be {p.of} ({base}) × one of {p.factors} "
+                    f"(got {value!r}){origin}"
+                )
+        elif not p.contains(value):
+            raise SpaceError(f"baseline.{name} must be {p.describe()} (got {value!r}){origin}")
+
+
+def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
+    """Make local paths absolute, so that any worker on this machine reads the same files, and
+    fail now on a local path that does not exist. Anything else is taken as a hub id."""
+    dataset = fixed["dataset"]
+    data_path = dataset["path"]
+    if _looks_local(data_path, base_dir, data_file=True):
+        resolved = (base_dir / Path(data_path).expanduser()).resolve()
+        if not resolved.exists():
+            raise SpaceError(f"fixed.dataset.path: no such file or directory {str(resolved)!r}")
+        dataset["path"] = str(resolved)
+    model = fixed["model_name_or_path"]
+    if _looks_local(model, base_dir, data_file=False):
+        resolved = (base_dir / Path(model).expanduser()).resolve()
+        if not resolved.is_dir():
+            raise SpaceError(
+                f"fixed.model_name_or_path: no such model directory {str(resolved)!r}"
+            )
+        fixed["model_name_or_path"] = str(resolved)
+
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def _looks_local(value: str, base_dir: Path, *, data_file: bool) -> bool:
+    if value.startswith(("/", "./", "../", "~")) or (base_dir / value).exists():
+        return True
+    return data_file and value.lower().endswith(_DATA_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "too_short": "must not be empty",
+    "finite_number": "must be a finite number",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+           "less_than_equal": "<="}
+
+
+def _explain(error: ValidationError, model: type[BaseModel], *, prefix: str = "") -> str:
+    """The first pydantic error as `key message (got value)`."""
+    err = error.errors()[0]
+    loc = [part for part in err["loc"] if isinstance(part, int) or not _is_type_tag(part)]
+    key = ".".join([prefix] * bool(prefix) + [str(p) if isinstance(p, str) else f"[{p}]"
+                                              for p in loc]).replace(".[", "[")
+    kind = err["type"]
+    got = f" (got {err['input']!r})" if kind != "missing" else ""
+    if kind == "extra_forbidden":
+        fields = _fields_at(model, loc[:-1])
+        return f"{key} is not a known key{did_you_mean(loc[-1], fields)} (allowed: {', '.join(fields)})"
+    if kind == "literal_error":
+        return f"{key} must be {err['ctx']['expected']}{got}"
+    if kind in _BOUNDS:
+        (bound,) = err["ctx"].values()
+        bound = f"{bound:g}" if isinstance(bound, int | float) else bound
+        return f"{key} must be {_BOUNDS[kind]} {bound}{got}"
+    if kind in _MESSAGES:
+        return f"{key} {_MESSAGES[kind]}{got}"
+    message = err["msg"].removeprefix("Value error, ")
+    first = message.split(" ", 1)[0]
+    if first == "must":
+        return f"{key} {message}"
+    if not loc and first in model.model_fields:  # a check across fields names the field first
+        return f"{key}.{message}"
+    return f"{key}: {message}"
+
+
+def _is_type_tag(part: str) -> bool:
+    # pydantic names the union member it tried (`str`, `list[str]`, `function-after[...]`).
+    return part in {"str", "int", "float", "bool", "none", "list", "dict"} or "[" in part
+
+
+def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return list(model.model_fields)

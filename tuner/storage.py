@@ -1,0 +1,131 @@
+"""Study stores: an embedded SQLite file by default, PostgreSQL for teams and clusters.
+
+Both are Optuna's own RDB storage, so `optuna.load_study` and the `optuna` CLI open them too.
+URLs are masked wherever they are shown: a password never reaches a log or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuner.errors import StorageError
+from tuner.settings import DEFAULT_ARTIFACT_DIR, DEFAULT_SQLITE_FILE, Settings, get_settings
+
+if TYPE_CHECKING:
+    import optuna
+
+logger = logging.getLogger(__name__)
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)@")
+
+
+def resolve_url(url: str | None = None, settings: Settings | None = None) -> str:
+    """The URL to use: the one given, else `TUNER_STORAGE`, else `tuner.db` here.
+
+    `postgres://` (Heroku, many dashboards) and `postgresql://` are read as psycopg2 URLs;
+    relative SQLite paths are made absolute so that worker processes agree on the file.
+    """
+    settings = settings or get_settings()
+    url = url or settings.storage or f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    if url.startswith("postgres://"):
+        url = "postgresql+psycopg2://" + url.removeprefix("postgres://")
+    elif url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    elif url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            url = f"sqlite:///{Path(path).resolve()}"
+    elif "://" not in url:
+        raise StorageError(f"storage URL must look like sqlite:///FILE or postgresql://... "
+                           f"(got {mask_url(url)!r})")
+    return url
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", url)
+
+
+def mask_text(text: str, url: str) -> str:
+    """Remove the URL's password from any text (a driver's error message, say)."""
+    text = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", text)
+    password = _password(url)
+    return text.replace(password, "***") if password else text
+
+
+def _password(url: str) -> str | None:
+    match = _PASSWORD_IN_URL.search(url)
+    return match["password"] if match and match["password"] else None
+
+
+def default_artifact_dir(url: str, settings: Settings | None = None) -> Path:
+    """Adapters go beside an SQLite store, else under the working directory."""
+    settings = settings or get_settings()
+    if settings.artifacts is not None:
+        return settings.artifacts.resolve()
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACT_DIR
+    return Path(DEFAULT_ARTIFACT_DIR).resolve()
+
+
+def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
+    """Open (and create the tables of) the store at `url`; unreachable → StorageError.
+
+    With `heartbeat`, running trials beat every `TUNER_HEARTBEAT_INTERVAL` seconds and a trial
+    silent for `TUNER_GRACE_PERIOD` is failed by the next worker that starts a trial: that is how
+    a crashed worker's trials stop being RUNNING forever.
+    """
+    import optuna
+    import sqlalchemy.exc
+
+    settings = get_settings()
+    url = resolve_url(url, settings)
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        # Several worker processes share the file: wait for the lock rather than fail.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+        _prepare_sqlite(url)
+    else:
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["pool_size"] = 2
+        engine_kwargs["max_overflow"] = 4
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=settings.heartbeat_interval if heartbeat else None,
+                grace_period=settings.grace_period if heartbeat else None,
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # Several processes making the tables of a new database at once: one wins, the
+            # others find the tables there on the next try.
+            if attempt == 2:
+                raise _cannot_open(url, e) from None
+            time.sleep(0.5 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            raise _cannot_open(url, e) from None
+    raise AssertionError("unreachable")
+
+
+def _cannot_open(url: str, error: Exception) -> StorageError:
+    reason = mask_text(str(getattr(error, "orig", None) or error), url).strip().splitlines()
+    first = reason[0] if reason else type(error).__name__
+    return StorageError(f"cannot open the study store {mask_url(url)}: {first}")
+
+
+def _prepare_sqlite(url: str) -> None:
+    path = Path(url.removeprefix("sqlite:///"))
+    if str(path) == ":memory:":
+        return
+    if not path.parent.is_dir():
+        raise StorageError(f"cannot open the study store {url}: folder {path.parent} does not exist")
+    if not path.exists():
+        # WAL lets the dashboard and `study show` read while workers write; it stays set in the file.
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,398 @@
+"""Create, run and summarise studies: the API the CLI and the tests call.
+
+A study holds its own space (user attr `space`), so any machine with the storage URL can run more
+of its trials with no YAML file at hand, and `optuna.load_study` opens it like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from trials.data import DataError, to_examples
+from trials.config import DatasetSpec
+from tuner.backends.base import RunPlan
+from tuner.errors import SpaceError, StorageError
+from tuner.space import Space, load_space
+from tuner.storage import default_artifact_dir, mask_url, open_storage, resolve_url
+
+logger = logging.getLogger(__name__)
+
+SPACE_ATTR = "space"
+SPACE_FILE_ATTR = "space_file"
+ARTIFACTS_ATTR = "artifact_dir"
+BASELINE_ATTR = "baseline"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# ----------------------------------------------------------------------------- create / open
+
+
+def create_study(
+    space: str | Path,
+    *,
+    name: str | None = None,
+    storage: str | None = None,
+    load_if_exists: bool = False,
+) -> str:
+    """Validate the space (and its local data), then create the study; returns its name.
+
+    Nothing is written unless the space is valid. If writing the study's attributes fails
+    midway, the study is deleted again, so no half-made study is left behind.
+    """
+    parsed = load_space(space)
+    _check_local_data(parsed, display=str(space))
+    name = name or parsed.name
+    url = resolve_url(storage)
+    store = open_storage(url)
+    try:
+        study = optuna.create_study(
+            storage=store, study_name=name, direction=parsed.objective.direction
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        if not load_if_exists:
+            raise StorageError(
+                f"study {name!r} already exists in {mask_url(url)}; pass --load-if-exists to "
+                "reuse it, or choose another --name"
+            ) from None
+        _check_same_space(store, name, parsed)
+        return name
+
+    try:
+        study.set_user_attr(ARTIFACTS_ATTR, str(default_artifact_dir(url)))
+        study.set_user_attr(SPACE_FILE_ATTR, str(space))
+        baseline = parsed.baseline_values()
+        if baseline is not None:
+            study.enqueue_trial(parsed.optuna_params(baseline), user_attrs={BASELINE_ATTR: True})
+        # Written last: a study with a space is complete, and readers wait for it.
+        study.set_user_attr(SPACE_ATTR, parsed.to_stored())
+    except BaseException:
+        optuna.delete_study(study_name=name, storage=store)
+        raise
+    logger.info("created study %s in %s", name, mask_url(url))
+    return name
+
+
+def _check_local_data(space: Space, *, display: str) -> None:
+    """Read the whole local data set now, so a bad record fails `create`, not every trial."""
+    spec = DatasetSpec.model_validate(space.fixed["dataset"])
+    if not Path(spec.path).exists():
+        return  # a hub id: read when the first trial runs
+    try:
+        to_examples(spec)
+    except DataError as e:
+        raise SpaceError(f"{display}: fixed.dataset: {e}") from None
+
+
+def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
+    stored = _wait_for_space(store, name)
+    if stored != space.to_stored():
+        raise StorageError(
+            f"study {name!r} exists with a different space; use another --name, or "
+            f"`tuner study delete {name}` first"
+        )
+
+
+def _wait_for_space(store: optuna.storages.BaseStorage, name: str, wait_s: float = 10) -> dict:
+    # A study created a moment ago by another process may not have its space written yet.
+    deadline = time.monotonic() + wait_s
+    while True:
+        study_id = store.get_study_id_from_name(name)
+        attrs = store.get_study_user_attrs(study_id)
+        if SPACE_ATTR in attrs or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if SPACE_ATTR not in attrs:
+        raise StorageError(
+            f"study {name!r} was not made by `tuner study create` (it has no stored space)"
+        )
+    return attrs[SPACE_ATTR]
+
+
+@dataclass
+class OpenStudy:
+    study: optuna.Study
+    space: Space
+    artifact_dir: Path
+    url: str
+
+
+def open_study(
+    name: str,
+    storage: str | None = None,
+    *,
+    heartbeat: bool = False,
+    seed_offset: int = 0,
+) -> OpenStudy:
+    """Load a tuner study with its sampler and pruner built from the stored space."""
+    url = resolve_url(storage)
+    store = open_storage(url, heartbeat=heartbeat)
+    try:
+        attrs = store.get_study_user_attrs(store.get_study_id_from_name(name))
+    except KeyError:
+        raise StorageError(
+            f"no study {name!r} in {mask_url(url)} (see `tuner study list`)"
+        ) from None
+    if SPACE_ATTR not in attrs:
+        attrs = {**attrs, SPACE_ATTR: _wait_for_space(store, name)}
+    space = Space.from_stored(attrs[SPACE_ATTR], source=f"study {name}")
+
+    from tuner import algorithms
+
+    study = optuna.load_study(
+        study_name=name,
+        storage=store,
+        sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
+        pruner=algorithms.build_pruner(space.pruner),
+    )
+    return OpenStudy(study, space, Path(attrs[ARTIFACTS_ATTR]), url)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Progress:
+    """What the run has done so far, for a progress bar."""
+
+    target: int | None
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    best_value: float | None = None
+    best_trial: int | None = None
+    new: list[FrozenTrial] = field(default_factory=list)  # finished since the last report
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+
+def run_study(
+    name: str,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    jobs: int = 1,
+    on_progress: Callable[[Progress], None] | None = None,
+    poll_s: float = 1.0,
+) -> Progress:
+    """Run `n_trials` more trials (default: until the space's budget), `jobs` at a time.
+
+    `timeout` (default: the budget's) stops new trials from starting after that many seconds;
+    running ones finish. Returns what this run did.
+    """
+    from tuner.backends.local import LocalBackend
+
+    if jobs < 1:
+        raise SpaceError(f"--jobs must be >= 1 (got {jobs})")
+    opened = open_study(name, storage)
+    study, space = opened.study, opened.space
+    if n_trials is None and space.budget.n_trials is not None:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        n_trials = max(0, space.budget.n_trials - done)
+        logger.info("budget: %d of %d trials done, %d to go", done, space.budget.n_trials, n_trials)
+    timeout = timeout if timeout is not None else space.budget.timeout
+    plan = RunPlan(name, opened.url, n_trials, timeout, jobs)
+
+    monitor = _Monitor(study, target=n_trials, on_progress=on_progress, poll_s=poll_s)
+    monitor.start()
+    try:
+        if n_trials != 0:
+            LocalBackend().run(plan)
+    finally:
+        monitor.stop()
+    return monitor.progress
+
+
+class _Monitor(threading.Thread):
+    """Polls the store and reports what finished: the workers may be other processes."""
+
+    def __init__(self, study: optuna.Study, *, target: int | None, on_progress, poll_s: float):
+        super().__init__(daemon=True, name="tuner-monitor")
+        self.study = study
+        self.on_progress = on_progress
+        self.poll_s = poll_s
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+        self.progress = Progress(target=target)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.poll_s):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.poll()
+
+    def poll(self) -> None:
+        try:
+            trials = self.study.get_trials(deepcopy=False, states=FINISHED)
+        except Exception as e:  # a store hiccup must not end the run; the next poll retries
+            logger.debug("progress poll failed: %s", e)
+            return
+        new = sorted((t for t in trials if t.number not in self.seen), key=lambda t: t.number)
+        if not new:
+            return
+        p = self.progress
+        for t in new:
+            self.seen.add(t.number)
+            p.complete += t.state == TrialState.COMPLETE
+            p.pruned += t.state == TrialState.PRUNED
+            p.failed += t.state == TrialState.FAIL
+        best = best_trial(self.study)
+        p.best_value, p.best_trial = (best.value, best.number) if best else (None, None)
+        p.new = new
+        if self.on_progress is not None:
+            self.on_progress(p)
+        p.new = []
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best COMPLETE trial with a finite value, or None."""
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
+    if not complete:
+        return None
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    return pick(complete, key=lambda t: t.value)
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(BASELINE_ATTR):
+            return t
+    return None
+
+
+def best_report(name: str, storage: str | None = None) -> dict[str, Any]:
+    """The best trial, its resolved params, and how far it beat the baseline."""
+    opened = open_study(name, storage)
+    study = opened.study
+    best = best_trial(study)
+    if best is None:
+        raise StorageError(f"study {name!r} has no completed trial yet")
+    report: dict[str, Any] = {
+        "study": name,
+        "metric": opened.space.objective.metric,
+        "direction": study.direction.name.lower(),
+        "trial": best.number,
+        "value": best.value,
+        "params": best.user_attrs.get("hparams", best.params),
+        "n_trials": _counts(study),
+        "baseline": None,
+    }
+    base = baseline_trial(study)
+    if base is not None:
+        report["baseline"] = {"trial": base.number, "state": base.state.name, "value": base.value}
+        if base.state == TrialState.COMPLETE and base.value is not None:
+            sign = 1 if report["direction"] == "minimize" else -1
+            gain = sign * (base.value - best.value)
+            report["baseline"]["improvement"] = gain
+            report["baseline"]["improvement_pct"] = (
+                100 * gain / abs(base.value) if base.value else None
+            )
+    return report
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+@dataclass
+class TrialRow:
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None
+    pruned_at_step: int | None
+    duration_s: float | None
+    note: str
+
+
+def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
+    study = open_study(name, storage).study
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = t.duration.total_seconds() if t.duration else None
+        note = t.user_attrs.get("fail_reason", "")
+        if t.user_attrs.get(BASELINE_ATTR):
+            note = ("baseline " + note).strip()
+        rows.append(
+            TrialRow(
+                number=t.number,
+                state=t.state.name,
+                params=t.user_attrs.get("hparams", t.params),
+                value=t.value,
+                pruned_at_step=t.last_step if t.state == TrialState.PRUNED else None,
+                duration_s=duration,
+                note=note,
+            )
+        )
+    return rows
+
+
+@dataclass
+class StudyRow:
+    name: str
+    direction: str
+    counts: dict[str, int]
+    best_value: float | None
+    started: str | None
+
+
+def list_studies(storage: str | None = None) -> list[StudyRow]:
+    store = open_storage(storage)
+    rows = []
+    for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=store)
+        best = best_trial(study)
+        rows.append(
+            StudyRow(
+                name=summary.study_name,
+                direction=summary.direction.name.lower(),
+                counts=_counts(study),
+                best_value=best.value if best else None,
+                started=summary.datetime_start.isoformat(timespec="seconds")
+                if summary.datetime_start else None,
+            )
+        )
+    return rows
+
+
+def delete_study(name: str, storage: str | None = None) -> int:
+    """Delete the study and its trials' artifacts; returns how many artifacts were removed."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    opened = open_study(name, storage)
+    store = optuna.artifacts.FileSystemArtifactStore(str(opened.artifact_dir))
+    removed = 0
+    if opened.artifact_dir.is_dir():
+        for t in opened.study.get_trials(deepcopy=False):
+            for meta in get_all_artifact_meta(t, storage=opened.study._storage):
+                try:
+                    store.remove(meta.artifact_id)
+                    removed += 1
+                except Exception as e:
+                    logger.warning("could not remove artifact %s: %s", meta.artifact_id, e)
+    optuna.delete_study(study_name=name, storage=opened.study._storage)
+    return removed
