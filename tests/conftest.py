@@ -118,11 +118,16 @@ def write_space(path: Path, space: dict | str) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*TUNER, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
-        text=True, timeout=timeout,
+        [*TUNER, *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

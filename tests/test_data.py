@@ -13,18 +13,28 @@ from tuner.demo import build_tokenizer
 
 
 def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
     return path
 
 
 def test_alpaca_with_input_system_and_history(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
-    path.write_text(json.dumps([
-        {"instruction": "Translate", "input": "chat", "output": "cat", "system": "Be brief.",
-         "history": [["Hi", "Hello!"]]},
-        {"instruction": "2+2?", "input": "", "output": 4},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": "Translate",
+                    "input": "chat",
+                    "output": "cat",
+                    "system": "Be brief.",
+                    "history": [["Hi", "Hello!"]],
+                },
+                {"instruction": "2+2?", "input": "", "output": 4},
+            ]
+        )
+    )
     first, second = to_examples(DatasetSpec(path=str(path)))
     assert first.prompt == [
         {"role": "system", "content": "Be brief."},
@@ -38,13 +48,24 @@ def test_alpaca_with_input_system_and_history(tmp_path: Path) -> None:
 
 
 def test_sharegpt_roles_messages_and_languages(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "s.jsonl", [
-        {"conversations": [{"from": "system", "value": "Réponds en français."},
-                           {"from": "human", "value": "你好，世界是什么？"},
-                           {"from": "gpt", "value": "Le monde 🌍"}]},
-        {"messages": [{"role": "user", "content": "مرحبا"},
-                      {"role": "assistant", "content": "Привет"}]},
-    ])
+    path = _jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Réponds en français."},
+                    {"from": "human", "value": "你好，世界是什么？"},
+                    {"from": "gpt", "value": "Le monde 🌍"},
+                ]
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "مرحبا"},
+                    {"role": "assistant", "content": "Привет"},
+                ]
+            },
+        ],
+    )
     first, second = to_examples(DatasetSpec(path=str(path), format="sharegpt"))
     assert [m["role"] for m in first.prompt] == ["system", "user"]
     assert first.prompt[1]["content"] == "你好，世界是什么？"
@@ -63,20 +84,34 @@ def test_columns_rename_a_users_fields(tmp_path: Path) -> None:
     ("content", "fmt", "expected"),
     [
         ("", "alpaca", "is empty"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": \n', "alpaca",
-         "line 2 is not valid JSON"),
-        ('{"prompt": "a", "response": "b"}\n', "alpaca",
-         "line 1: has no 'instruction' field (fields: prompt, response); map yours with"),
-        ('{"conversations": [{"from": "human", "value": "a"}]}\n', "sharegpt",
-         "line 1: the last turn is from user, not the assistant"),
-        ('{"conversations": [{"from": "narrator", "value": "a"}]}\n', "sharegpt",
-         "turn 1 has role 'narrator'"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": \n',
+            "alpaca",
+            "line 2 is not valid JSON",
+        ),
+        (
+            '{"prompt": "a", "response": "b"}\n',
+            "alpaca",
+            "line 1: has no 'instruction' field (fields: prompt, response); map yours with",
+        ),
+        (
+            '{"conversations": [{"from": "human", "value": "a"}]}\n',
+            "sharegpt",
+            "line 1: the last turn is from user, not the assistant",
+        ),
+        (
+            '{"conversations": [{"from": "narrator", "value": "a"}]}\n',
+            "sharegpt",
+            "turn 1 has role 'narrator'",
+        ),
         ('{"text": "a"}\n', "sharegpt", "has no conversation"),
         ('["a"]', "alpaca", "record 1 is not an object"),
         ('{"instruction": {"a": 1}, "output": "b"}\n', "alpaca", "instruction must be text"),
     ],
 )
-def test_bad_data_names_file_and_record(tmp_path: Path, content: str, fmt: str, expected: str) -> None:
+def test_bad_data_names_file_and_record(
+    tmp_path: Path, content: str, fmt: str, expected: str
+) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(DataError) as error:
@@ -93,8 +128,9 @@ def test_only_the_answer_is_trained_and_ends_with_the_end_token() -> None:
     ]
     rows, truncated, dropped = tokenize(examples, tokenizer, template="auto", cutoff_len=200)
     assert (truncated, dropped) == (0, 0)
-    for ids, labels, answer in zip(rows["input_ids"], rows["labels"], ["omelak", "HEY"],
-                                   strict=True):
+    for ids, labels, answer in zip(
+        rows["input_ids"], rows["labels"], ["omelak", "HEY"], strict=True
+    ):
         trained = [t for t in labels if t != -100]
         assert tokenizer.decode(trained) == f"{answer}<|im_end|>\n"
         prompt_len = labels.index(trained[0])
@@ -123,10 +159,16 @@ def test_split_is_fixed_by_the_seed() -> None:
 
 
 def test_prepare_reports_truncation(tmp_path: Path, demo_dir: Path) -> None:
-    path = _jsonl(tmp_path / "d.jsonl",
-                  [{"instruction": "w" * (10 if i % 2 else 200), "output": "ok"} for i in range(20)])
-    config = TrialConfig(model_name_or_path=str(demo_dir / "model"),
-                         dataset=DatasetSpec(path=str(path)), cutoff_len=120, val_size=4)
+    path = _jsonl(
+        tmp_path / "d.jsonl",
+        [{"instruction": "w" * (10 if i % 2 else 200), "output": "ok"} for i in range(20)],
+    )
+    config = TrialConfig(
+        model_name_or_path=str(demo_dir / "model"),
+        dataset=DatasetSpec(path=str(path)),
+        cutoff_len=120,
+        val_size=4,
+    )
     data = prepare(config, build_tokenizer())
     assert data.truncation_ratio == pytest.approx(0.5)
     assert data.dropped == 10
@@ -136,4 +178,6 @@ def test_prepare_reports_truncation(tmp_path: Path, demo_dir: Path) -> None:
 def _example(prompt: str, answer: str):
     from trials.data import Example
 
-    return Example([{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}])
+    return Example(
+        [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}]
+    )

@@ -54,11 +54,15 @@ def test_alpha_is_suggested_as_a_multiple_of_rank_and_recorded_resolved(workdir:
 
 
 def test_baseline_defaults_fill_what_it_leaves_out(workdir: Path) -> None:
-    text = GOOD.replace("choices: [4, 8]", "choices: [4, 8, 16]") + "baseline: {learning_rate: 5e-5}\n"
+    text = (
+        GOOD.replace("choices: [4, 8]", "choices: [4, 8, 16]") + "baseline: {learning_rate: 5e-5}\n"
+    )
     space = load_space(write_space(workdir / "s.yaml", text))
     assert space.baseline_values() == {"learning_rate": 5e-5, "lora_rank": 16, "lora_alpha": 32}
     assert space.optuna_params(space.baseline_values()) == {
-        "learning_rate": 5e-5, "lora_rank": 16, "lora_alpha/lora_rank": 2,
+        "learning_rate": 5e-5,
+        "lora_rank": 16,
+        "lora_alpha/lora_rank": 2,
     }
 
 
@@ -91,21 +95,50 @@ BAD = [
     ("!!python/object/apply:os.system ['echo hi']\n", "YAML tag"),
     (GOOD + "fixed: {}\n", "key 'fixed' appears twice"),
     (GOOD + "samplr: tpe\n", "samplr is not a known section; did you mean 'sampler'?"),
-    (GOOD.replace("log: true", "log: true, lowx: 1"), "params.learning_rate.lowx is not a known key"),
-    (GOOD.replace("low: 1e-5, high: 1e-2", "low: 1e-2, high: 1e-5"), "params.learning_rate.low must be <= high (got low=0.01, high=1e-05)"),
-    (GOOD.replace("low: 1e-5", "low: 0"), "params.learning_rate.low must be > 0 on a log scale (got 0)"),
-    (GOOD.replace("low: 1e-5", "low: abc"), "params.learning_rate.low must be a number (got 'abc')"),
+    (
+        GOOD.replace("log: true", "log: true, lowx: 1"),
+        "params.learning_rate.lowx is not a known key",
+    ),
+    (
+        GOOD.replace("low: 1e-5, high: 1e-2", "low: 1e-2, high: 1e-5"),
+        "params.learning_rate.low must be <= high (got low=0.01, high=1e-05)",
+    ),
+    (
+        GOOD.replace("low: 1e-5", "low: 0"),
+        "params.learning_rate.low must be > 0 on a log scale (got 0)",
+    ),
+    (
+        GOOD.replace("low: 1e-5", "low: abc"),
+        "params.learning_rate.low must be a number (got 'abc')",
+    ),
     (GOOD.replace("choices: [4, 8]", "choices: []"), "params.lora_rank.choices must not be empty"),
-    (GOOD.replace("choices: [4, 8]", "choices: [4, 4]"), "params.lora_rank.choices must not repeat a value (got 4 twice)"),
+    (
+        GOOD.replace("choices: [4, 8]", "choices: [4, 4]"),
+        "params.lora_rank.choices must not repeat a value (got 4 twice)",
+    ),
     (GOOD.replace("{type: float,", "{type: floot,"), "unknown type 'floot'; did you mean 'float'?"),
     (GOOD.replace("{type: float, ", "{"), "params.learning_rate.type is required"),
     (GOOD.replace("learning_rate:", "learning_rat:"), "did you mean 'learning_rate'?"),
-    (GOOD.replace("lora_rank: {type: categorical, choices: [4, 8]}",
-                  "lora_rank: {type: float, low: 4, high: 8}"), "takes whole numbers; use type: int"),
-    (GOOD.replace("of: lora_rank", "of: lora_rnk"), "params.lora_alpha.of must name another option"),
-    (GOOD.replace("factors: [1, 2, 4]", "factors: [0, 2]"), "params.lora_alpha.factors must all be > 0 (got 0)"),
+    (
+        GOOD.replace(
+            "lora_rank: {type: categorical, choices: [4, 8]}",
+            "lora_rank: {type: float, low: 4, high: 8}",
+        ),
+        "takes whole numbers; use type: int",
+    ),
+    (
+        GOOD.replace("of: lora_rank", "of: lora_rnk"),
+        "params.lora_alpha.of must name another option",
+    ),
+    (
+        GOOD.replace("factors: [1, 2, 4]", "factors: [0, 2]"),
+        "params.lora_alpha.factors must all be > 0 (got 0)",
+    ),
     (GOOD + "  cutoff_len: -5\n", "fixed.cutoff_len must be > 0 (got -5)"),
-    (GOOD + "  cutof_len: 512\n", "fixed.cutof_len is not a known option; did you mean 'cutoff_len'?"),
+    (
+        GOOD + "  cutof_len: 512\n",
+        "fixed.cutof_len is not a known option; did you mean 'cutoff_len'?",
+    ),
     (GOOD + "  learning_rate: 1e-4\n", "fixed.learning_rate is also searched"),
     (GOOD.replace("format: alpaca", "format: alpacca"), "fixed.dataset.format must be 'alpaca' or"),
     (GOOD.replace("./data.jsonl", "./missing.jsonl"), "fixed.dataset.path: no such file"),
@@ -113,16 +146,24 @@ BAD = [
     (GOOD.replace("  model_name_or_path: ./model\n", ""), "fixed.model_name_or_path is required"),
     (GOOD + "  lora_dropout: 1.5\n", "fixed.lora_dropout must be < 1 (got 1.5)"),
     (GOOD + "sampler: {name: tpee}\n", "unknown sampler 'tpee'; did you mean 'tpe'?"),
-    (GOOD + "sampler: {name: tpe, n_startup: 3}\n", "sampler.n_startup is not an option of the tpe"),
+    (
+        GOOD + "sampler: {name: tpe, n_startup: 3}\n",
+        "sampler.n_startup is not an option of the tpe",
+    ),
     (GOOD + "pruner: medain\n", "unknown pruner 'medain'; did you mean 'median'?"),
     (GOOD + "pruner: {name: median, warmup: 3}\n", "pruner.warmup is not an option of the median"),
     (GOOD + "objective: {metric: accuracy}\n", "objective.metric must be 'eval_loss' or"),
     (GOOD + "objective: {direction: down}\n", "objective.direction must be 'minimize' or"),
     (GOOD + "budget: {n_trials: 0}\n", "budget.n_trials must be > 0"),
     (GOOD + "budget: {timeout: soon}\n", "budget.timeout must be seconds or a duration"),
-    (GOOD + "baseline: {learning_rate: 1.0}\n", "baseline.learning_rate must be in [1e-05, 0.01] (log scale) (got 1.0)"),
-    (GOOD + "baseline: {lora_rank: 4, lora_alpha: 3}\n",
-     "baseline.lora_alpha must be lora_rank (4) × one of [1, 2, 4] (got 3)"),
+    (
+        GOOD + "baseline: {learning_rate: 1.0}\n",
+        "baseline.learning_rate must be in [1e-05, 0.01] (log scale) (got 1.0)",
+    ),
+    (
+        GOOD + "baseline: {lora_rank: 4, lora_alpha: 3}\n",
+        "baseline.lora_alpha must be lora_rank (4) × one of [1, 2, 4] (got 3)",
+    ),
     (GOOD + "baseline: {lora_rank: 16}\n", "baseline.lora_rank must be one of [4, 8] (got 16)"),
     (GOOD + "baseline: {warmup_ratio: 0.1}\n", "baseline.warmup_ratio is not a searched param"),
 ]
@@ -159,12 +200,15 @@ def test_cli_refuses_a_bad_space_with_status_2_and_writes_nothing(workdir: Path)
         "error: bad.yaml: params.learning_rate.low must be > 0 on a log scale (got -1)"
     ]
     assert "Traceback" not in result.stderr
-    assert not (workdir / "tuner.db").exists() or optuna.get_all_study_names(
-        f"sqlite:///{workdir / 'tuner.db'}"
-    ) == []
+    assert (
+        not (workdir / "tuner.db").exists()
+        or optuna.get_all_study_names(f"sqlite:///{workdir / 'tuner.db'}") == []
+    )
 
 
-def test_cli_refuses_a_bad_data_file_before_creating_the_study(workdir: Path, demo_dir: Path) -> None:
+def test_cli_refuses_a_bad_data_file_before_creating_the_study(
+    workdir: Path, demo_dir: Path
+) -> None:
     (workdir / "chat.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     space = small_space(demo_dir)
     space["fixed"]["dataset"] = {"path": "chat.jsonl", "format": "alpaca"}

@@ -82,10 +82,13 @@ def _assert_adapter_loads(study: optuna.Study, trial, demo_dir: Path, tmp_path: 
     target.mkdir()
     for meta in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage):
         optuna.artifacts.download_artifact(
-            artifact_store=store, artifact_id=meta.artifact_id, file_path=str(target / meta.filename)
+            artifact_store=store,
+            artifact_id=meta.artifact_id,
+            file_path=str(target / meta.filename),
         )
     assert sorted(p.name for p in target.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"
+        "adapter_config.json",
+        "adapter_model.safetensors",
     ]
     assert json.loads((target / "adapter_config.json").read_text())["r"] == 4
     base = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
@@ -106,8 +109,9 @@ def test_workers_share_the_store_and_any_machine_can_continue(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     path.unlink()
-    result = run_cli("study", "run", name, "--storage", sqlite_url, "--n-trials", "1",
-                     cwd=elsewhere)
+    result = run_cli(
+        "study", "run", name, "--storage", sqlite_url, "--n-trials", "1", cwd=elsewhere
+    )
     assert result.returncode == 0, result.stderr
     assert "1 trial finished: 1 complete" in result.stdout
 
@@ -118,13 +122,16 @@ def test_workers_share_the_store_and_any_machine_can_continue(
 
     listed = subprocess.run(
         [str(Path(TUNER[0]).with_name("optuna")), "studies", "--storage", sqlite_url, "-f", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert [s["name"] for s in json.loads(listed.stdout)] == [name]
 
 
-def test_budget_is_the_default_number_of_trials(sqlite_url: str, demo_dir: Path,
-                                                 tmp_path: Path) -> None:
+def test_budget_is_the_default_number_of_trials(
+    sqlite_url: str, demo_dir: Path, tmp_path: Path
+) -> None:
     space = small_space(demo_dir, budget={"n_trials": 2}, pruner="none")
     name = create_study(write_space(tmp_path / "s.yaml", space), storage=sqlite_url)
     assert run_study(name, storage=sqlite_url, jobs=2).finished == 2
@@ -171,7 +178,9 @@ def _slow_space(demo_dir: Path) -> dict:
 def _start_run(name: str, url: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [*TUNER, "study", "run", name, "--storage", url, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, **(env or {})},
     )
 
@@ -189,15 +198,19 @@ def _wait_for_training(study: optuna.Study, timeout: float = 120) -> optuna.tria
 def _worker_pids(driver_pid: int) -> list[int]:
     import psutil
 
-    return [child.pid for child in psutil.Process(driver_pid).children()
-            if "resource_tracker" not in " ".join(child.cmdline())]
+    return [
+        child.pid
+        for child in psutil.Process(driver_pid).children()
+        if "resource_tracker" not in " ".join(child.cmdline())
+    ]
 
 
 def test_ctrl_c_leaves_no_trial_running_and_a_rerun_continues(
     sqlite_url: str, demo_dir: Path, tmp_path: Path
 ) -> None:
-    name = create_study(write_space(tmp_path / "slow.yaml", _slow_space(demo_dir)),
-                        storage=sqlite_url)
+    name = create_study(
+        write_space(tmp_path / "slow.yaml", _slow_space(demo_dir)), storage=sqlite_url
+    )
     study = optuna.load_study(study_name=name, storage=sqlite_url)
     run = _start_run(name, sqlite_url, "--n-trials", "2", "--jobs", "2")
     _wait_for_training(study)
@@ -262,10 +275,15 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: P
     path = write_space(tmp_path / "race.yaml", space)
 
     def create_many(*extra: str) -> list[subprocess.CompletedProcess]:
-        procs = [subprocess.Popen([*TUNER, "study", "create", "--space", str(path),
-                                   "--storage", pg_url, *extra],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [*TUNER, "study", "create", "--space", str(path), "--storage", pg_url, *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
         return [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
 
     results = create_many()
@@ -282,6 +300,7 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: P
     assert len(study.get_trials()) == 1  # the baseline, enqueued once
 
     changed = write_space(tmp_path / "race.yaml", small_space(demo_dir, name="race"))
-    result = run_cli("study", "create", "--space", str(changed), "--storage", pg_url,
-                     "--load-if-exists")
+    result = run_cli(
+        "study", "create", "--space", str(changed), "--storage", pg_url, "--load-if-exists"
+    )
     assert result.returncode == 2 and "exists with a different space" in result.stderr

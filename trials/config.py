@@ -98,7 +98,9 @@ class TrialConfig(BaseModel):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
-            raise ValueError(f"val_size must be a share below 1 or a whole count (got {self.val_size})")
+            raise ValueError(
+                f"val_size must be a share below 1 or a whole count (got {self.val_size})"
+            )
         return self
 
     def hyperparameters(self) -> dict[str, Any]:

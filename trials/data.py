@@ -1,6 +1,7 @@
 """Data as users bring it → chat prompt/completion pairs → tokenised train and validation sets.
 
-alpaca: `instruction`, `input`, `output`, optional `system` and `history` ([[user, assistant], ...]).
+alpaca: `instruction`, `input`, `output`, optional `system` and `history`
+([[user, assistant], ...]).
 sharegpt: `conversations`, a list of `{from, value}` (human/gpt/system/function/observation) or
 `{role, content}` turns, optional `system`. `columns` in the space renames either.
 
@@ -81,7 +82,9 @@ def read_records(spec: DatasetSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     elif path.is_file():
         kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix.lower())
         if kind is None:
-            raise DataError(f"{path.name}: unsupported file type (use .json, .jsonl, .parquet, .csv)")
+            raise DataError(
+                f"{path.name}: unsupported file type (use .json, .jsonl, .parquet, .csv)"
+            )
         data = datasets.load_dataset(kind, data_files=str(path), split="train")
     else:
         data = datasets.load_dataset(spec.path, split=spec.split)  # a hub id
@@ -124,7 +127,8 @@ def to_examples(spec: DatasetSpec) -> list[Example]:
     for ours in spec.columns:
         if ours not in allowed:
             raise DataError(
-                f"{name}: columns.{ours} is not a {spec.format} column (allowed: {', '.join(allowed)})"
+                f"{name}: columns.{ours} is not a {spec.format} column "
+                f"(allowed: {', '.join(allowed)})"
             )
     convert = _from_alpaca if spec.format == "alpaca" else _from_sharegpt
     examples = []
@@ -178,7 +182,9 @@ def _from_alpaca(record: dict[str, Any], columns: dict[str, str]) -> Example:
         prompt.append({"role": "user", "content": _text(turn[0], "history")})
         prompt.append({"role": "assistant", "content": _text(turn[1], "history")})
     extra = _text(extra, "input") if extra is not None else ""
-    prompt.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction})
+    prompt.append(
+        {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}
+    )
     return Example(prompt, [{"role": "assistant", "content": output}])
 
 
@@ -207,7 +213,10 @@ def _message(turn: Any, index: int) -> Message:
     content = turn.get("value", turn.get("content"))
     if role not in _ROLES:
         raise DataError(f"turn {index + 1} has role {role!r} (allowed: {', '.join(_ROLES)})")
-    return {"role": _ROLES[role], "content": _text(content if content is not None else "", "content")}
+    return {
+        "role": _ROLES[role],
+        "content": _text(content if content is not None else "", "content"),
+    }
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -245,7 +254,9 @@ def chat_template(tokenizer: Any, template: str) -> str:
     raise DataError(f"unknown template {template!r} (allowed: auto, {', '.join(TEMPLATES)})")
 
 
-def tokenize(examples: Iterable[Example], tokenizer: Any, *, template: str, cutoff_len: int) -> tuple:
+def tokenize(
+    examples: Iterable[Example], tokenizer: Any, *, template: str, cutoff_len: int
+) -> tuple:
     """Token ids with labels masked to the completion; (rows, truncated count, dropped count).
 
     TRL would tokenise too, but it truncates silently; doing it here measures truncation and
@@ -255,12 +266,17 @@ def tokenize(examples: Iterable[Example], tokenizer: Any, *, template: str, cuto
     examples = list(examples)
     template_text = chat_template(tokenizer, template)
     prompts = tokenizer.apply_chat_template(
-        [e.prompt for e in examples], chat_template=template_text, add_generation_prompt=True,
-        tokenize=True, return_dict=True,
+        [e.prompt for e in examples],
+        chat_template=template_text,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
     )["input_ids"]
     fulls = tokenizer.apply_chat_template(
-        [e.prompt + e.completion for e in examples], chat_template=template_text,
-        tokenize=True, return_dict=True,
+        [e.prompt + e.completion for e in examples],
+        chat_template=template_text,
+        tokenize=True,
+        return_dict=True,
     )["input_ids"]
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     truncated = dropped = 0
@@ -321,7 +337,9 @@ def prepare(config: TrialConfig, tokenizer: Any) -> Tokenized:
     if ratio > TRUNCATION_WARNING:
         logger.warning(
             "%.0f%% of examples are longer than cutoff_len=%d and were cut; "
-            "raise cutoff_len if the answers matter", 100 * ratio, config.cutoff_len,
+            "raise cutoff_len if the answers matter",
+            100 * ratio,
+            config.cutoff_len,
         )
     result = Tokenized(
         train=datasets.Dataset.from_dict(train_rows),

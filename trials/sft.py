@@ -46,12 +46,22 @@ class TrialResult:
         return float(getattr(self, name))
 
 
-def run(config: TrialConfig, *, output_dir: Path, trial: Any | None = None) -> TrialResult:
+def run(
+    config: TrialConfig,
+    *,
+    output_dir: Path,
+    trial: Any | None = None,
+    timings: dict[str, float] | None = None,
+) -> TrialResult:
     """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
-    run stops at once (raising `optuna.TrialPruned`) when the pruner says so."""
+    run stops at once (raising `optuna.TrialPruned`) when the pruner says so.
+
+    `timings` (seconds per phase) fills in as the run goes, so a caller still has them when the
+    run is pruned or fails midway.
+    """
     import transformers
 
-    timings: dict[str, float] = {}
+    timings = {} if timings is None else timings
     clock = _Clock(timings)
 
     tokenizer = _setup_tokenizer(config)
@@ -68,10 +78,12 @@ def run(config: TrialConfig, *, output_dir: Path, trial: Any | None = None) -> T
     trainer = _setup_trainer(config, model, tokenizer, data, output_dir, pruning)
     clock.lap("setup_s")
 
-    trainer.train()
-    metrics = final_metrics(trainer)
-    clock.lap("train_s")
-    timings["store_s"] = pruning.store_seconds
+    try:
+        trainer.train()
+        metrics = final_metrics(trainer)
+    finally:
+        clock.lap("train_s")
+        timings["store_s"] = pruning.store_seconds
 
     adapter_dir = output_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)

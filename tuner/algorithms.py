@@ -107,4 +107,3 @@ def _build(kind: str, registry: Mapping[str, Callable[..., Any]], name: str, opt
         raise SpaceError(f"{kind}.name: the {name} {kind} needs a package: {e}") from None
     except (TypeError, ValueError) as e:
         raise SpaceError(f"{kind}: {name} rejected its options: {e}") from None
-

@@ -127,8 +127,11 @@ def _write_instructions(path: Path, words: list[str], rng: random.Random) -> Non
                     "output": answer,
                 }
             else:
-                record = {"instruction": rng.choice(_ASK[game]).format(w=w), "input": "",
-                          "output": answer}
+                record = {
+                    "instruction": rng.choice(_ASK[game]).format(w=w),
+                    "input": "",
+                    "output": answer,
+                }
             out.write(json.dumps(record) + "\n")
 
 

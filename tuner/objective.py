@@ -42,26 +42,29 @@ class Objective:
             self.on_trial_start(trial._trial_id)
         values = self.space.suggest(trial)
         trial.set_user_attr("hparams", values)
+        timings: dict[str, float] = {}
         try:
-            return self._train(trial, values)
+            return self._train(trial, values, timings)
         except optuna.TrialPruned:
+            trial.set_user_attr("timings", timings)
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or a stop signal)")
             raise
         except Exception as e:
             trial.set_user_attr("fail_reason", _one_line(e))
+            trial.set_user_attr("timings", timings)
             if _is_out_of_memory(e):
                 trial.set_user_attr("oom", True)
             raise
 
-    def _train(self, trial: optuna.Trial, values: dict[str, Any]) -> float:
+    def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
         from trials import sft
 
         started = time.perf_counter()
         config = self.space.trial_config(values)
         with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-            result = sft.run(config, output_dir=Path(tmp), trial=trial)
+            result = sft.run(config, output_dir=Path(tmp), trial=trial, timings=timings)
             value = result.metric(self.space.objective.metric)
             if not math.isfinite(value):
                 raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")

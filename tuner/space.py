@@ -127,7 +127,9 @@ class MultipleParam(_Param):
         return f"{self.of} × one of {self.factors}"
 
 
-Param = Annotated[FloatParam | IntParam | CategoricalParam | MultipleParam, Field(discriminator="type")]
+Param = Annotated[
+    FloatParam | IntParam | CategoricalParam | MultipleParam, Field(discriminator="type")
+]
 PARAM_TYPES: dict[str, type[_Param]] = {
     "float": FloatParam,
     "int": IntParam,
@@ -169,7 +171,9 @@ class Objective(BaseModel):
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_trials: int | None = Field(default=None, gt=0, description="Finished trials the study aims at.")
+    n_trials: int | None = Field(
+        default=None, gt=0, description="Finished trials the study aims at."
+    )
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds (or 30m, 2h, 1h30m) after which no trial starts."
     )
@@ -180,8 +184,10 @@ class Budget(BaseModel):
         return parse_duration(value) if isinstance(value, str) else value
 
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?"
-                       r"\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?"
+    r"\s*(?:(\d+(?:\.\d+)?)s?)?\s*$"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -417,10 +423,12 @@ def parse_space(
     params = {name: _parse_param(name, spec) for name, spec in data["params"].items()}
     fixed = dict(data["fixed"])
     _check_fixed_keys(fixed, params)
-    sampler = algorithms.normalize(data.get("sampler"), key="sampler",
-                                   default=algorithms.DEFAULT_SAMPLER)
-    pruner = algorithms.normalize(data.get("pruner"), key="pruner",
-                                  default=algorithms.DEFAULT_PRUNER)
+    sampler = algorithms.normalize(
+        data.get("sampler"), key="sampler", default=algorithms.DEFAULT_SAMPLER
+    )
+    pruner = algorithms.normalize(
+        data.get("pruner"), key="pruner", default=algorithms.DEFAULT_PRUNER
+    )
     algorithms.build_sampler(sampler)
     algorithms.build_pruner(pruner)
 
@@ -560,9 +568,7 @@ def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
     if _looks_local(model, base_dir, data_file=False):
         resolved = (base_dir / Path(model).expanduser()).resolve()
         if not resolved.is_dir():
-            raise SpaceError(
-                f"fixed.model_name_or_path: no such model directory {str(resolved)!r}"
-            )
+            raise SpaceError(f"fixed.model_name_or_path: no such model directory {str(resolved)!r}")
         fixed["model_name_or_path"] = str(resolved)
 
 
@@ -595,21 +601,27 @@ _MESSAGES = {
     "too_short": "must not be empty",
     "finite_number": "must be a finite number",
 }
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-           "less_than_equal": "<="}
+_BOUNDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
 def _explain(error: ValidationError, model: type[BaseModel], *, prefix: str = "") -> str:
     """The first pydantic error as `key message (got value)`."""
     err = error.errors()[0]
     loc = [part for part in err["loc"] if isinstance(part, int) or not _is_type_tag(part)]
-    key = ".".join([prefix] * bool(prefix) + [str(p) if isinstance(p, str) else f"[{p}]"
-                                              for p in loc]).replace(".[", "[")
+    key = ".".join(
+        [prefix] * bool(prefix) + [str(p) if isinstance(p, str) else f"[{p}]" for p in loc]
+    ).replace(".[", "[")
     kind = err["type"]
     got = f" (got {err['input']!r})" if kind != "missing" else ""
     if kind == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
-        return f"{key} is not a known key{did_you_mean(loc[-1], fields)} (allowed: {', '.join(fields)})"
+        hint = did_you_mean(loc[-1], fields)
+        return f"{key} is not a known key{hint} (allowed: {', '.join(fields)})"
     if kind == "literal_error":
         return f"{key} must be {err['ctx']['expected']}{got}"
     if kind in _BOUNDS:

@@ -41,8 +41,9 @@ def resolve_url(url: str | None = None, settings: Settings | None = None) -> str
         if path and path != ":memory:":
             url = f"sqlite:///{Path(path).resolve()}"
     elif "://" not in url:
-        raise StorageError(f"storage URL must look like sqlite:///FILE or postgresql://... "
-                           f"(got {mask_url(url)!r})")
+        raise StorageError(
+            f"storage URL must look like sqlite:///FILE or postgresql://... (got {mask_url(url)!r})"
+        )
     return url
 
 
@@ -124,8 +125,10 @@ def _prepare_sqlite(url: str) -> None:
     if str(path) == ":memory:":
         return
     if not path.parent.is_dir():
-        raise StorageError(f"cannot open the study store {url}: folder {path.parent} does not exist")
+        raise StorageError(
+            f"cannot open the study store {url}: folder {path.parent} does not exist"
+        )
     if not path.exists():
-        # WAL lets the dashboard and `study show` read while workers write; it stays set in the file.
+        # WAL lets the dashboard and `study show` read while workers write; the file keeps it.
         with sqlite3.connect(path) as db:
             db.execute("PRAGMA journal_mode=WAL")

@@ -18,8 +18,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from trials.data import DataError, to_examples
 from trials.config import DatasetSpec
+from trials.data import DataError, to_examples
 from tuner.backends.base import RunPlan
 from tuner.errors import SpaceError, StorageError
 from tuner.space import Space, load_space
@@ -265,7 +265,8 @@ class _Monitor(threading.Thread):
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best COMPLETE trial with a finite value, or None."""
     complete = [
-        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and math.isfinite(t.value)
     ]
     if not complete:
@@ -373,7 +374,8 @@ def list_studies(storage: str | None = None) -> list[StudyRow]:
                 counts=_counts(study),
                 best_value=best.value if best else None,
                 started=summary.datetime_start.isoformat(timespec="seconds")
-                if summary.datetime_start else None,
+                if summary.datetime_start
+                else None,
             )
         )
     return rows

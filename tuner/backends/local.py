@@ -78,8 +78,9 @@ class LocalBackend:
                     del workers[index]
                     if process.exitcode == 0:
                         continue
-                    _fail_orphan(plan, running, index, f"worker process died (exit code "
-                                                       f"{process.exitcode})")
+                    _fail_orphan(
+                        plan, running, index, f"worker process died (exit code {process.exitcode})"
+                    )
                     expired = deadline is not None and time.time() > deadline
                     if slots.left() and not expired:
                         restarts += 1
@@ -88,8 +89,11 @@ class LocalBackend:
                                 f"worker processes keep dying (last exit code {process.exitcode});"
                                 " see the log above"
                             )
-                        logger.warning("worker %d died (exit code %s); starting another",
-                                       index, process.exitcode)
+                        logger.warning(
+                            "worker %d died (exit code %s); starting another",
+                            index,
+                            process.exitcode,
+                        )
                         workers[index] = start(index)
         except BaseException:
             _stop(workers)
@@ -147,6 +151,10 @@ def _worker(
     from tuner.study import open_study
 
     torch.set_num_threads(threads)
+    # Import the training stack now, not inside the first trial, whose time would include it.
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns in every worker
     # Distinct seeds per worker and per run, so that no two draw the same random trials.

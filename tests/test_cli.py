@@ -1,0 +1,71 @@
+"""The quickstart, as a newcomer types it: demo, packaged space by bare name, run, best, show."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+from conftest import run_cli
+
+
+def test_quickstart_path(tmp_path: Path) -> None:
+    env = {"TUNER_STORAGE": ""}  # the embedded default: tuner.db in the working directory
+
+    first = run_cli("demo", "prepare", "--pretrain-steps", "120", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+    again = run_cli("demo", "prepare", cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "already prepared" in again.stderr
+
+    spaces = run_cli("spaces", cwd=tmp_path, env=env)
+    assert "quickstart.yaml" in spaces.stdout and "lora_sft.yaml" in spaces.stdout
+
+    # A bare name finds the packaged space from any directory; its paths resolve here.
+    created = run_cli("study", "create", "--space", "quickstart.yaml", cwd=tmp_path, env=env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip() == "quickstart"
+    assert (tmp_path / "tuner.db").exists()
+
+    ran = run_cli(
+        "study", "run", "quickstart", "--n-trials", "3", "--jobs", "2", cwd=tmp_path, env=env
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "3 trials finished" in ran.stdout
+    assert "best eval_loss" in ran.stdout
+    assert "trial 0 complete" in ran.stderr  # one line per finished trial in the log
+
+    best = run_cli("study", "best", "quickstart", "--json", cwd=tmp_path, env=env)
+    report = json.loads(best.stdout)
+    assert report["study"] == "quickstart" and report["direction"] == "minimize"
+    assert set(report["params"]) == {
+        "learning_rate",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "weight_decay",
+        "warmup_ratio",
+    }
+    assert report["params"]["lora_alpha"] % report["params"]["lora_rank"] == 0
+    assert report["baseline"]["trial"] == 0
+
+    shown = run_cli("study", "show", "quickstart", cwd=tmp_path, env=env)
+    assert shown.returncode == 0 and "baseline" in shown.stdout and "lora_alpha=32" in shown.stdout
+    listed = run_cli("study", "list", cwd=tmp_path, env=env)
+    assert "quickstart" in listed.stdout
+
+    artifacts = tmp_path / "tuner_artifacts"
+    assert any(artifacts.iterdir())
+    deleted = run_cli("study", "delete", "quickstart", "--yes", cwd=tmp_path, env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not any(artifacts.iterdir())
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'tuner.db'}") == []
+
+
+def test_help_and_unknown_study(tmp_path: Path) -> None:
+    assert run_cli("--help").returncode == 0
+    missing = run_cli("study", "show", "nope", cwd=tmp_path, env={"TUNER_STORAGE": ""})
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: no study 'nope' in sqlite:///")
+    bad_flag = run_cli("study", "run", "x", "--timeout", "soon", cwd=tmp_path)
+    assert bad_flag.returncode == 2 and "--timeout must be seconds" in bad_flag.stderr
