@@ -69,3 +69,19 @@ def test_help_and_unknown_study(tmp_path: Path) -> None:
     assert missing.stderr.strip().startswith("error: no study 'nope' in sqlite:///")
     bad_flag = run_cli("study", "run", "x", "--timeout", "soon", cwd=tmp_path)
     assert bad_flag.returncode == 2 and "--timeout must be seconds" in bad_flag.stderr
+
+
+def test_run_refuses_a_study_whose_data_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "s.yaml").write_text(
+        "params: {learning_rate: {type: float, low: 1e-5, high: 1e-3}}\n"
+        "fixed: {model_name_or_path: ./model, dataset: data.jsonl}\n"
+    )
+    env = {"TUNER_STORAGE": ""}
+    assert run_cli("study", "create", "--space", "s.yaml", cwd=tmp_path, env=env).returncode == 0
+    data.unlink()
+    result = run_cli("study", "run", "s", "--n-trials", "1", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert f"fixed.dataset.path '{data}' does not exist on this machine" in result.stderr

@@ -106,6 +106,11 @@ def test_columns_rename_a_users_fields(tmp_path: Path) -> None:
         ),
         ('{"text": "a"}\n', "sharegpt", "has no conversation"),
         ('["a"]', "alpaca", "record 1 is not an object"),
+        (
+            '{\n "data": [{"instruction": "a", "output": "b"}]\n}\n',
+            "alpaca",
+            "is one JSON object; expected a list of records or JSON lines",
+        ),
         ('{"instruction": {"a": 1}, "output": "b"}\n', "alpaca", "instruction must be text"),
     ],
 )

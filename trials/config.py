@@ -8,7 +8,7 @@ leaves a param out trains with these.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,9 +102,6 @@ class TrialConfig(BaseModel):
                 f"val_size must be a share below 1 or a whole count (got {self.val_size})"
             )
         return self
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"dataset"})
 
 
 # Fields that can be searched: the numbers and choices of a run, not what the run is about.

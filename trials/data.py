@@ -114,7 +114,18 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             yield f"line {lineno}", json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == 1 and _is_one_object(text):
+                raise DataError(
+                    f"{path.name}: is one JSON object; expected a list of records or JSON lines"
+                ) from None
             raise DataError(f"{path.name}: line {lineno} is not valid JSON ({e.msg})") from None
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 # ----------------------------------------------------------------------------- converting

@@ -81,6 +81,7 @@ def study_run(
     from tuner.study import best_report, run_study
 
     seconds = _duration(timeout, parse_duration)
+    _stop_on_sigterm()
     with _ProgressBar() as bar:
         try:
             progress = run_study(
@@ -245,6 +246,16 @@ def _duration(text: str | None, parse) -> float | None:  # noqa: ANN001
         return parse(text)
     except ValueError as e:
         raise TunerError(f"--timeout {e}") from None
+
+
+def _stop_on_sigterm() -> None:
+    """`kill`, systemd and job schedulers stop with SIGTERM: clean up as for Ctrl-C."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _table(*columns: str) -> Any:

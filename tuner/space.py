@@ -248,14 +248,10 @@ class Space(BaseModel):
         """The baseline point, resolved: given values, else the trainer defaults."""
         if self.baseline is None:
             return None
-        values: dict[str, Any] = {}
-        for name, p in self.params.items():
-            if not isinstance(p, MultipleParam):
-                values[name] = self.baseline.get(name, TrialConfig.model_fields[name].default)
-        for name, p in self.params.items():
-            if isinstance(p, MultipleParam):
-                values[name] = self.baseline.get(name, TrialConfig.model_fields[name].default)
-        return values
+        return {
+            name: self.baseline.get(name, TrialConfig.model_fields[name].default)
+            for name in self.params
+        }
 
     def optuna_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Resolved values → the params Optuna stores (the factor for a multiple)."""
@@ -273,8 +269,8 @@ class Space(BaseModel):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_stored(cls, data: Mapping[str, Any], *, source: str) -> Space:
-        return parse_space(dict(data), source=source, resolve_paths=False)
+    def from_stored(cls, data: Mapping[str, Any]) -> Space:
+        return parse_space(dict(data), resolve_paths=False)
 
 
 def _multiply(base: Any, factor: float) -> Any:
@@ -396,7 +392,7 @@ def load_space(space: str | Path, *, base_dir: Path | None = None) -> Space:
         raise SpaceError(f"{display}: must be a mapping of sections (got {type(data).__name__})")
     data.setdefault("name", path.stem)
     try:
-        return parse_space(data, source=display, base_dir=base_dir or Path.cwd())
+        return parse_space(data, base_dir=base_dir or Path.cwd())
     except SpaceError as e:
         raise SpaceError(f"{display}: {e}") from None
 
@@ -405,7 +401,7 @@ _SECTIONS = list(Space.model_fields)
 
 
 def parse_space(
-    data: dict[str, Any], *, source: str, base_dir: Path | None = None, resolve_paths: bool = True
+    data: dict[str, Any], *, base_dir: Path | None = None, resolve_paths: bool = True
 ) -> Space:
     """Validate a space's data; raises SpaceError with `KEY message` (the caller adds the file)."""
     for key in data:

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from trials.config import DatasetSpec
 from trials.data import DataError, to_examples
 from tuner.backends.base import RunPlan
-from tuner.errors import SpaceError, StorageError
+from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.storage import default_artifact_dir, mask_url, open_storage, resolve_url
 
@@ -144,7 +144,7 @@ def open_study(
         ) from None
     if SPACE_ATTR not in attrs:
         attrs = {**attrs, SPACE_ATTR: _wait_for_space(store, name)}
-    space = Space.from_stored(attrs[SPACE_ATTR], source=f"study {name}")
+    space = Space.from_stored(attrs[SPACE_ATTR])
 
     from tuner import algorithms
 
@@ -195,14 +195,17 @@ def run_study(
     from tuner.backends.local import LocalBackend
 
     if jobs < 1:
-        raise SpaceError(f"--jobs must be >= 1 (got {jobs})")
+        raise TunerError(f"--jobs must be >= 1 (got {jobs})")
     opened = open_study(name, storage)
     study, space = opened.study, opened.space
+    _check_paths_here(name, space)
     if n_trials is None and space.budget.n_trials is not None:
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         n_trials = max(0, space.budget.n_trials - done)
         logger.info("budget: %d of %d trials done, %d to go", done, space.budget.n_trials, n_trials)
     timeout = timeout if timeout is not None else space.budget.timeout
+    if n_trials is not None:
+        jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
     plan = RunPlan(name, opened.url, n_trials, timeout, jobs)
 
     monitor = _Monitor(study, target=n_trials, on_progress=on_progress, poll_s=poll_s)
@@ -213,6 +216,17 @@ def run_study(
     finally:
         monitor.stop()
     return monitor.progress
+
+
+def _check_paths_here(name: str, space: Space) -> None:
+    """Local paths were made absolute at create; on this machine they must still be there, or
+    every trial would fail the same way."""
+    for key, value in (
+        ("fixed.model_name_or_path", space.fixed["model_name_or_path"]),
+        ("fixed.dataset.path", space.fixed["dataset"]["path"]),
+    ):
+        if Path(value).is_absolute() and not Path(value).exists():
+            raise StorageError(f"study {name!r}: {key} {value!r} does not exist on this machine")
 
 
 class _Monitor(threading.Thread):
