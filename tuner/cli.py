@@ -292,8 +292,8 @@ class _ProgressBar:
                 disable=None,
                 dynamic_ncols=True,
             )
-        for trial in progress.new:
-            self._log(trial, progress)
+        if progress.last is not None:
+            self._log(progress.last, progress)
         self.bar.set_postfix_str(
             f"complete {progress.complete}, pruned {progress.pruned}, failed {progress.failed}, "
             f"best {_num(progress.best_value)}"

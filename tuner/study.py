@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +168,9 @@ class Progress:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
-    best_value: float | None = None
+    best_value: float | None = None  # the study's best so far, trials before this run included
     best_trial: int | None = None
-    new: list[FrozenTrial] = field(default_factory=list)  # finished since the last report
+    last: FrozenTrial | None = None  # the trial whose finishing this report is about
 
     @property
     def finished(self) -> int:
@@ -239,9 +239,14 @@ class _Monitor(threading.Thread):
         self.poll_s = poll_s
         self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
         self.progress = Progress(target=target)
+        best = best_trial(study)
+        if best is not None:
+            self.progress.best_value, self.progress.best_trial = best.value, best.number
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.progress)  # an empty bar at once, not after the first trial
         while not self._stop_event.wait(self.poll_s):
             self.poll()
 
@@ -256,21 +261,21 @@ class _Monitor(threading.Thread):
         except Exception as e:  # a store hiccup must not end the run; the next poll retries
             logger.debug("progress poll failed: %s", e)
             return
-        new = sorted((t for t in trials if t.number not in self.seen), key=lambda t: t.number)
-        if not new:
-            return
+        new = [t for t in trials if t.number not in self.seen]
         p = self.progress
-        for t in new:
+        for t in sorted(new, key=lambda t: (t.datetime_complete or t.datetime_start, t.number)):
             self.seen.add(t.number)
             p.complete += t.state == TrialState.COMPLETE
             p.pruned += t.state == TrialState.PRUNED
             p.failed += t.state == TrialState.FAIL
-        best = best_trial(self.study)
-        p.best_value, p.best_trial = (best.value, best.number) if best else (None, None)
-        p.new = new
-        if self.on_progress is not None:
-            self.on_progress(p)
-        p.new = []
+            if _counts_as_best(t) and (
+                p.best_value is None or _better(t.value, p.best_value, self.study.direction)
+            ):
+                p.best_value, p.best_trial = t.value, t.number
+            p.last = t
+            if self.on_progress is not None:
+                self.on_progress(p)
+        p.last = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -278,15 +283,25 @@ class _Monitor(threading.Thread):
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best COMPLETE trial with a finite value, or None."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
-    if not complete:
-        return None
-    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-    return pick(complete, key=lambda t: t.value)
+    best = None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if _counts_as_best(t) and (best is None or _better(t.value, best.value, study.direction)):
+            best = t
+    return best
+
+
+def _counts_as_best(trial: FrozenTrial) -> bool:
+    return (
+        trial.state == TrialState.COMPLETE
+        and trial.value is not None
+        and math.isfinite(trial.value)
+    )
+
+
+def _better(value: float, than: float, direction: optuna.study.StudyDirection) -> bool:
+    if direction == optuna.study.StudyDirection.MINIMIZE:
+        return value < than
+    return value > than
 
 
 def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
