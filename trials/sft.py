@@ -3,7 +3,7 @@
 `tuner` runs it once per trial with the values Optuna suggested. It also runs by hand, with
 fixed values, from a YAML of TrialConfig fields (the `fixed` section of a space plus values):
 
-    python -m trials.sft params.yaml --out runs/one
+    python -m trials.sft params.yaml --out runs/one     # adapter/ and result.json in runs/one
 
 Steps, in order: tokenizer (the data needs it) → base model → data → LoRA trainer → train,
 reporting each validation loss → final validation → adapter saved as safetensors.
@@ -208,6 +208,14 @@ def _setup_trainer(
     return trainer
 
 
+def set_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed there is no GPU when there is none; else it warns on every import."""
+    import os
+
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -228,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/trial"), help="output folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    set_deepspeed_accelerator()
     config = TrialConfig.model_validate(yaml.safe_load(args.params.read_text()))
     result = run(config, output_dir=args.out)
-    print(json.dumps(asdict(result), indent=2))
+    summary = json.dumps(asdict(result), indent=2)
+    (args.out / "result.json").write_text(summary + "\n")
+    print(summary)
 
 
 if __name__ == "__main__":

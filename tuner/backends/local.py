@@ -146,17 +146,17 @@ def _worker(
     _quiet_libraries(log_level)
     import torch
 
+    from trials.sft import set_deepspeed_accelerator
     from tuner.objective import Objective
     from tuner.storage import open_storage
     from tuner.study import open_study
 
     torch.set_num_threads(threads)
+    set_deepspeed_accelerator()
     # Import the training stack now, not inside the first trial, whose time would include it.
     import peft  # noqa: F401
     import trl  # noqa: F401
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns in every worker
     # Distinct seeds per worker and per run, so that no two draw the same random trials.
     store = open_storage(plan.storage_url)
     n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))

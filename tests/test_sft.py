@@ -1,0 +1,50 @@
+"""One trial on its own: the standalone command, and results that depend only on the inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import small_space
+
+from trials import data as data_mod
+from trials import sft
+from trials.config import TrialConfig
+
+
+def _config(demo_dir: Path, **values: object) -> TrialConfig:
+    fixed = small_space(demo_dir)["fixed"]
+    return TrialConfig.model_validate({**fixed, "learning_rate": 1e-2, **values})
+
+
+def test_a_warm_worker_gives_the_same_result_as_a_cold_one(demo_dir: Path, tmp_path: Path) -> None:
+    """A worker keeps the tokenizer and the tokenised data between trials; nothing else may
+    carry over: the same params and seed give the same validation loss after other trials."""
+    data_mod._CACHE.clear()
+    sft._TOKENIZERS.clear()
+    cold = sft.run(_config(demo_dir), output_dir=tmp_path / "cold")
+    sft.run(_config(demo_dir, learning_rate=3e-3, lora_rank=8, seed=5), output_dir=tmp_path / "x")
+    warm = sft.run(_config(demo_dir), output_dir=tmp_path / "warm")
+    assert warm.timings["data_s"] < cold.timings["data_s"]  # the cache was used
+    assert warm.eval_loss == cold.eval_loss
+    assert warm.train_loss == cold.train_loss
+
+
+def test_standalone_command_trains_from_a_fixed_params_yaml(demo_dir: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(_config(demo_dir).model_dump()))
+    result = subprocess.run(
+        [sys.executable, "-m", "trials.sft", str(params), "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert out["steps"] == 30 and out["eval_loss"] < 4
+    adapter = Path(out["adapter_dir"])
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "adapter_config.json").exists()
