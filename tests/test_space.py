@@ -120,6 +120,14 @@ BAD = [
     (GOOD.replace("{type: float, ", "{"), "params.learning_rate.type is required"),
     (GOOD.replace("learning_rate:", "learning_rat:"), "did you mean 'learning_rate'?"),
     (
+        GOOD.replace("learning_rate:", "lr:"),
+        "params.lr is not a searchable option; did you mean 'learning_rate'?",
+    ),
+    (
+        GOOD + "  max_seq_length: 512\n",
+        "fixed.max_seq_length is not a known option; did you mean 'cutoff_len'?",
+    ),
+    (
         GOOD.replace(
             "lora_rank: {type: categorical, choices: [4, 8]}",
             "lora_rank: {type: float, low: 4, high: 8}",

@@ -17,9 +17,13 @@ class BackendError(TunerError):
     """Trials could not be started or kept running where they were asked to run."""
 
 
-def did_you_mean(word: str, candidates: object) -> str:
-    """`; did you mean 'x'?` for the nearest candidate, or nothing when none is near."""
+def did_you_mean(word: object, candidates: object, aliases: dict[str, str] | None = None) -> str:
+    """`; did you mean 'x'?` for a known alias or the nearest candidate; nothing if none is near."""
     import difflib
 
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    names = [str(c) for c in candidates]  # type: ignore[attr-defined]
+    alias = (aliases or {}).get(str(word).lower())
+    if alias in names:
+        return f"; did you mean {alias!r}?"
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""

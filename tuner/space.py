@@ -399,6 +399,24 @@ def load_space(space: str | Path, *, base_dir: Path | None = None) -> Space:
 
 _SECTIONS = list(Space.model_fields)
 
+# What people write for the trial's options, from other tools and blog posts.
+ALIASES = {
+    "lr": "learning_rate",
+    "r": "lora_rank",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target_modules": "lora_target",
+    "max_seq_length": "cutoff_len",
+    "max_length": "cutoff_len",
+    "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps",
+    "epochs": "num_train_epochs",
+    "model": "model_name_or_path",
+    "model_name": "model_name_or_path",
+    "scheduler": "lr_scheduler_type",
+}
+
 
 def parse_space(
     data: dict[str, Any], *, base_dir: Path | None = None, resolve_paths: bool = True
@@ -447,7 +465,7 @@ def _parse_param(name: Any, spec: Any) -> Param:
     where = f"params.{name}"
     if not isinstance(name, str) or name not in SEARCHABLE:
         raise SpaceError(
-            f"{where} is not a searchable option{did_you_mean(name, SEARCHABLE)} "
+            f"{where} is not a searchable option{did_you_mean(name, SEARCHABLE, ALIASES)} "
             f"(searchable: {', '.join(sorted(SEARCHABLE))})"
         )
     if not isinstance(spec, dict):
@@ -471,7 +489,9 @@ def _check_fixed_keys(fixed: dict[str, Any], params: Mapping[str, Param]) -> Non
     fields = list(TrialConfig.model_fields)
     for key in fixed:
         if key not in fields:
-            raise SpaceError(f"fixed.{key} is not a known option{did_you_mean(key, fields)}")
+            raise SpaceError(
+                f"fixed.{key} is not a known option{did_you_mean(key, fields, ALIASES)}"
+            )
         if key in params:
             raise SpaceError(f"fixed.{key} is also searched in params.{key}; keep one of the two")
     if "dataset" in fixed and isinstance(fixed["dataset"], str):

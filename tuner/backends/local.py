@@ -57,11 +57,22 @@ class LocalBackend:
         deadline = time.time() + plan.timeout if plan.timeout else None
         threads = max(1, (os.cpu_count() or 1) // plan.jobs)
         level = logging.getLogger("tuner").getEffectiveLevel()
+        gpus = assign_gpus(plan.jobs, visible_gpus())
 
         def start(index: int) -> Any:
             process = ctx.Process(
                 target=_worker,
-                args=(index, plan, slots, running, deadline, threads, level, os.getpid()),
+                args=(
+                    index,
+                    plan,
+                    slots,
+                    running,
+                    deadline,
+                    threads,
+                    level,
+                    os.getpid(),
+                    gpus[index],
+                ),
                 name=f"tuner-worker-{index}",
             )
             process.start()
@@ -100,6 +111,25 @@ class LocalBackend:
             for index in range(plan.jobs):
                 _fail_orphan(plan, running, index, "interrupted (Ctrl-C or a stop signal)")
             raise
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else every device torch sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def assign_gpus(jobs: int, gpus: list[str]) -> list[str | None]:
+    """Worker i trains on GPU i mod n (None: no GPU). More jobs than GPUs share them."""
+    if not gpus:
+        return [None] * jobs
+    if jobs > len(gpus):
+        logger.warning("%d jobs share %d GPUs; expect them to compete for memory", jobs, len(gpus))
+    return [gpus[i % len(gpus)] for i in range(jobs)]
 
 
 def _stop(workers: dict[int, Any]) -> None:
@@ -141,8 +171,11 @@ def _worker(
     threads: int,
     log_level: int,
     driver_pid: int,
+    gpu: str | None,
 ) -> None:
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
     _quiet_libraries(log_level)
     import torch
 
