@@ -45,10 +45,10 @@ class TrialConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # What to train.
-    workload: Literal["sft"] = "sft"
-    model_name_or_path: str
-    dataset: DatasetSpec
+    # What to train. `simulated` trains nothing (see trials/simulated.py); it needs no model.
+    workload: Literal["sft", "simulated"] = "sft"
+    model_name_or_path: str | None = None
+    dataset: DatasetSpec | None = None
     template: str = Field(
         default="auto",
         description="`auto`: the tokenizer's own chat template (ChatML if it has none); `chatml`.",
@@ -93,8 +93,16 @@ class TrialConfig(BaseModel):
     temperature: float = Field(default=0.6, gt=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
 
+    # The simulated workload: reported steps and the sleep of each.
+    steps: int = Field(default=10, gt=0)
+    step_seconds: float = Field(default=0.3, ge=0)
+
     @model_validator(mode="after")
     def _check_contradictions(self) -> TrialConfig:
+        if self.workload == "sft":
+            for name in ("model_name_or_path", "dataset"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is required for the sft workload")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
         if self.val_size >= 1 and self.val_size != int(self.val_size):

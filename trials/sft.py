@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +23,9 @@ from trials import data as data_mod
 from trials.config import TrialConfig
 from trials.evaluate import final_metrics, last_train_loss
 from trials.pruning import PruningCallback
+from trials.report import TrialResult
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrialResult:
-    """What a finished trial leaves: its metrics, the facts a person looks at later, timings."""
-
-    eval_loss: float
-    perplexity: float
-    train_loss: float | None
-    steps: int
-    tokens_seen: int
-    trainable_params: int
-    total_params: int
-    truncation_ratio: float
-    adapter_dir: str
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def metric(self, name: str) -> float:
-        return float(getattr(self, name))
 
 
 def run(

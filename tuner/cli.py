@@ -74,7 +74,13 @@ def study_run(
     timeout: Annotated[
         str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
     ] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
+    backend: Annotated[
+        str, typer.Option(help="local: worker processes here; ray: a Ray cluster.")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001.")
+    ] = None,
 ) -> None:
     """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly."""
     from tuner.space import parse_duration
@@ -90,6 +96,8 @@ def study_run(
                 n_trials=n_trials,
                 timeout=seconds,
                 jobs=jobs,
+                backend=backend,
+                address=address,
                 on_progress=bar.update,
             )
         except KeyboardInterrupt:

@@ -37,9 +37,20 @@ class Objective:
         self.artifact_store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
 
+    def warm_up(self) -> None:
+        """Import the workload's training stack now, so that the first trial's time (and its
+        heartbeat) does not include it."""
+        if self.space.fixed.get("workload", "sft") == "simulated":
+            from trials import simulated  # noqa: F401
+        else:
+            import peft  # noqa: F401
+            import trl  # noqa: F401
+
+            from trials import sft  # noqa: F401
+
     def __call__(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
-            self.on_trial_start(trial._trial_id)
+            self.on_trial_start(trial)
         values = self.space.suggest(trial)
         trial.set_user_attr("hparams", values)
         timings: dict[str, float] = {}
@@ -59,24 +70,31 @@ class Objective:
             raise
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
-        from trials import sft
-
         started = time.perf_counter()
         config = self.space.trial_config(values)
         with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-            result = sft.run(config, output_dir=Path(tmp), trial=trial, timings=timings)
+            if config.workload == "simulated":
+                from trials import simulated
+
+                result = simulated.run(config, trial=trial, timings=timings)
+            else:
+                from trials import sft
+
+                result = sft.run(config, output_dir=Path(tmp), trial=trial, timings=timings)
             value = result.metric(self.space.objective.metric)
             if not math.isfinite(value):
                 raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
-            upload_started = time.perf_counter()
-            adapter = self._upload_adapter(trial, Path(result.adapter_dir))
-            result.timings["upload_s"] = time.perf_counter() - upload_started
+            if result.adapter_dir:
+                upload_started = time.perf_counter()
+                trial.set_user_attr(
+                    "adapter", self._upload_adapter(trial, Path(result.adapter_dir))
+                )
+                result.timings["upload_s"] = time.perf_counter() - upload_started
         facts = asdict(result)
         facts.pop("adapter_dir")
         facts["timings"]["objective_s"] = time.perf_counter() - started
         for key, fact in facts.items():
             trial.set_user_attr(key, fact)
-        trial.set_user_attr("adapter", adapter)
         return value
 
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:

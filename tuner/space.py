@@ -199,6 +199,18 @@ def parse_duration(text: str) -> float:
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
+class Resources(BaseModel):
+    """What one trial asks of a cluster (the Ray backend places trials by these)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus_per_trial: float = Field(default=1, ge=0)
+    cpus_per_trial: float = Field(default=1, gt=0)
+    max_retries: int = Field(
+        default=2, ge=0, description="Retries of a trial whose worker died (not of its own error)."
+    )
+
+
 class Space(BaseModel):
     """A validated search space. `fixed` holds plain values; paths in it are absolute."""
 
@@ -212,6 +224,7 @@ class Space(BaseModel):
     sampler: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_SAMPLER))
     pruner: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_PRUNER))
     budget: Budget = Budget()
+    resources: Resources = Resources()
     baseline: dict[str, Any] | None = None
 
     # -- suggesting
@@ -573,6 +586,8 @@ def _check_baseline(space: Space) -> None:
 def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
     """Make local paths absolute, so that any worker on this machine reads the same files, and
     fail now on a local path that does not exist. Anything else is taken as a hub id."""
+    if fixed.get("workload", "sft") != "sft":
+        return
     dataset = fixed["dataset"]
     data_path = dataset["path"]
     if _looks_local(data_path, base_dir, data_file=True):

@@ -52,6 +52,11 @@ def mask_url(url: str) -> str:
     return _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", url)
 
 
+def strip_password(url: str) -> str:
+    """The URL without its password, for processes that read it from PGPASSWORD or ~/.pgpass."""
+    return _PASSWORD_IN_URL.sub(lambda m: f"{m['head'][:-1]}@", url)
+
+
 def mask_text(text: str, url: str) -> str:
     """Remove the URL's password from any text (a driver's error message, say)."""
     text = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", text)

@@ -84,6 +84,8 @@ def create_study(
 
 def _check_local_data(space: Space, *, display: str) -> None:
     """Read the whole local data set now, so a bad record fails `create`, not every trial."""
+    if space.fixed.get("dataset") is None:
+        return  # a workload without data
     spec = DatasetSpec.model_validate(space.fixed["dataset"])
     if not Path(spec.path).exists():
         return  # a hub id: read when the first trial runs
@@ -184,21 +186,25 @@ def run_study(
     n_trials: int | None = None,
     timeout: float | None = None,
     jobs: int = 1,
+    backend: str = "local",
+    address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     poll_s: float = 1.0,
 ) -> Progress:
-    """Run `n_trials` more trials (default: until the space's budget), `jobs` at a time.
+    """Run `n_trials` more trials (default: until the space's budget).
 
-    `timeout` (default: the budget's) stops new trials from starting after that many seconds;
-    running ones finish. Returns what this run did.
+    `local`: `jobs` worker processes on this machine. `ray`: as many at once as the Ray cluster
+    at `address` holds, by the space's `resources`. `timeout` (default: the budget's) stops new
+    trials from starting after that many seconds; running ones finish. Returns what this run did.
     """
-    from tuner.backends.local import LocalBackend
-
+    if backend not in ("local", "ray"):
+        raise TunerError(f"--backend must be local or ray (got {backend!r})")
     if jobs < 1:
         raise TunerError(f"--jobs must be >= 1 (got {jobs})")
     opened = open_study(name, storage)
     study, space = opened.study, opened.space
-    _check_paths_here(name, space)
+    if backend == "local":
+        _check_paths_here(name, space)
     if n_trials is None and space.budget.n_trials is not None:
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         n_trials = max(0, space.budget.n_trials - done)
@@ -206,13 +212,30 @@ def run_study(
     timeout = timeout if timeout is not None else space.budget.timeout
     if n_trials is not None:
         jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
-    plan = RunPlan(name, opened.url, n_trials, timeout, jobs)
+    plan = RunPlan(
+        name,
+        opened.url,
+        n_trials,
+        timeout,
+        jobs,
+        gpus_per_trial=space.resources.gpus_per_trial,
+        cpus_per_trial=space.resources.cpus_per_trial,
+        max_retries=space.resources.max_retries,
+    )
+    if backend == "ray":
+        from tuner.backends.ray import RayBackend
+
+        runner = RayBackend(address)
+    else:
+        from tuner.backends.local import LocalBackend
+
+        runner = LocalBackend()
 
     monitor = _Monitor(study, target=n_trials, on_progress=on_progress, poll_s=poll_s)
     monitor.start()
     try:
         if n_trials != 0:
-            LocalBackend().run(plan)
+            runner.run(plan)
     finally:
         monitor.stop()
     return monitor.progress
@@ -222,10 +245,10 @@ def _check_paths_here(name: str, space: Space) -> None:
     """Local paths were made absolute at create; on this machine they must still be there, or
     every trial would fail the same way."""
     for key, value in (
-        ("fixed.model_name_or_path", space.fixed["model_name_or_path"]),
-        ("fixed.dataset.path", space.fixed["dataset"]["path"]),
+        ("fixed.model_name_or_path", space.fixed.get("model_name_or_path")),
+        ("fixed.dataset.path", (space.fixed.get("dataset") or {}).get("path")),
     ):
-        if Path(value).is_absolute() and not Path(value).exists():
+        if value and Path(value).is_absolute() and not Path(value).exists():
             raise StorageError(f"study {name!r}: {key} {value!r} does not exist on this machine")
 
 

@@ -14,7 +14,10 @@ class RunPlan:
     storage_url: str
     n_trials: int | None  # trials to finish in this run; None: until timeout or interrupted
     timeout: float | None  # seconds after which no new trial starts; running ones finish
-    jobs: int  # trials at once
+    jobs: int  # trials at once (local backend)
+    gpus_per_trial: float = 1  # what a trial asks of a cluster (Ray backend)
+    cpus_per_trial: float = 1
+    max_retries: int = 2  # retries of a trial whose worker died
 
 
 class Backend(Protocol):

@@ -176,7 +176,7 @@ def _worker(
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
-    _quiet_libraries(log_level)
+    quiet_libraries(log_level)
     import torch
 
     from trials.sft import set_deepspeed_accelerator
@@ -186,17 +186,14 @@ def _worker(
 
     torch.set_num_threads(threads)
     set_deepspeed_accelerator()
-    # Import the training stack now, not inside the first trial, whose time would include it.
-    import peft  # noqa: F401
-    import trl  # noqa: F401
-
     # Distinct seeds per worker and per run, so that no two draw the same random trials.
     store = open_storage(plan.storage_url)
     n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))
     seed_offset = 7919 * index + n_existing
     opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
     objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
-    objective.on_trial_start = lambda trial_id: running.__setitem__(index, trial_id)
+    objective.on_trial_start = lambda trial: running.__setitem__(index, trial._trial_id)
+    objective.warm_up()
     try:
         while slots.take():
             if (deadline is not None and time.time() > deadline) or os.getppid() != driver_pid:
@@ -209,7 +206,7 @@ def _worker(
         raise SystemExit(130) from None
 
 
-def _quiet_libraries(level: int) -> None:
+def quiet_libraries(level: int) -> None:
     """The driver reports each finished trial; workers log only what needs attention."""
     logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
