@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cli, write_space
+from conftest import TUNER, run_cli, write_space
 from optuna.trial import TrialState
 
 from tuner.study import create_study, run_study
@@ -147,3 +149,62 @@ def test_the_cluster_refuses_clients_without_its_token(
     )
     assert result.returncode != 0
     assert "ConnectionError" in result.stderr or "AuthenticationError" in result.stderr
+
+
+def test_a_killed_ray_worker_fails_its_trial_which_is_retried(
+    ray_address: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of the actor running a trial: that trial ends FAIL with the reason, a copy with
+    the same params is retried, and the run still finishes its 4 trials."""
+    space = {
+        "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "fixed": {"workload": "simulated", "steps": 20, "step_seconds": 0.25},
+        "pruner": "none",
+        "resources": {"gpus_per_trial": 1, "max_retries": 1},
+    }
+    name = create_study(write_space(tmp_path / "kill.yaml", space), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    run = subprocess.Popen(
+        [
+            *TUNER,
+            "study",
+            "run",
+            name,
+            "--backend",
+            "ray",
+            "--address",
+            ray_address,
+            "--n-trials",
+            "4",
+            "--storage",
+            sqlite_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        running = [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if len(t.intermediate_values) >= 2
+        ]
+        victim = running[0] if running else None
+        time.sleep(0.2)
+    assert victim is not None, "no trial started training in time"
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+
+    trials = study.get_trials()
+    failed = trials[victim.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("Ray worker died")
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == failed.params
+    assert retries[0].state == TrialState.COMPLETE
+    assert "fail_reason" not in retries[0].user_attrs
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert all(t.state != TrialState.RUNNING for t in trials)

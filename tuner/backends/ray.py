@@ -27,6 +27,7 @@ from tuner.storage import mask_url, strip_password
 logger = logging.getLogger(__name__)
 
 WORKER_ATTR = "worker"
+_PER_ATTEMPT_ATTRS = (WORKER_ATTR, "worker_pid", "fail_reason")  # not copied into a retry
 
 
 class RayBackend:
@@ -107,13 +108,19 @@ class TrialActor:
             plan.study_name, storage_url, heartbeat=True, seed_offset=seed_offset
         )
         self.objective = Objective(self.opened.space, artifact_dir=self.opened.artifact_dir)
-        self.objective.on_trial_start = lambda trial: trial.set_user_attr(WORKER_ATTR, worker)
+        self.objective.on_trial_start = lambda trial: _mark(trial, worker)
         self.objective.warm_up()
 
     def run_one(self) -> None:
         self.opened.study.optimize(
             self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True
         )
+
+
+def _mark(trial: Any, worker: str) -> None:
+    """Which actor (and process) runs the trial: the driver fails it by this if the actor dies."""
+    trial.set_user_attr(WORKER_ATTR, worker)
+    trial.set_user_attr("worker_pid", os.getpid())
 
 
 def _slots(plan: RunPlan) -> int:
@@ -147,7 +154,7 @@ def _fail_and_retry(plan: RunPlan, worker: str, reason: str, *, retry: bool = Tr
             # Optuna's own retry: a WAITING copy with the same params, linked to the original.
             clean = copy.copy(trial)
             clean.user_attrs = {
-                k: v for k, v in trial.user_attrs.items() if k not in (WORKER_ATTR, "fail_reason")
+                k: v for k, v in trial.user_attrs.items() if k not in _PER_ATTEMPT_ATTRS
             }
             optuna.storages.RetryFailedTrialCallback(max_retry=plan.max_retries)(study, clean)
             retried += 1
