@@ -28,18 +28,27 @@ def floor(config: TrialConfig) -> float:
     return 1.0 + 0.5 * lr_term + 0.3 * rank_term + dropout_term
 
 
+def loss_at(config: TrialConfig, step: int, rng: random.Random) -> float:
+    """The validation loss reported at `step`: from 4.0 towards the floor, with a little noise."""
+    target = floor(config)
+    return target + (4.0 - target) * math.exp(-step / 3) + rng.gauss(0, 0.01)
+
+
+def rng_for(config: TrialConfig) -> random.Random:
+    return random.Random(f"{config.seed}:{config.learning_rate}:{config.lora_rank}")
+
+
 def run(
     config: TrialConfig, *, trial: Any | None = None, timings: dict[str, float] | None = None
 ) -> TrialResult:
     timings = {} if timings is None else timings
-    rng = random.Random(f"{config.seed}:{config.learning_rate}:{config.lora_rank}")
-    target = floor(config)
+    rng = rng_for(config)
     reporter = Reporter(trial)
     started = time.perf_counter()
     loss = 4.0
     for step in range(1, config.steps + 1):
         time.sleep(config.step_seconds)
-        loss = target + (4.0 - target) * math.exp(-step / 3) + rng.gauss(0, 0.01)
+        loss = loss_at(config, step, rng)
         reporter.report(loss, step, final=step == config.steps)
     timings["train_s"] = time.perf_counter() - started
     timings["store_s"] = reporter.store_seconds

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,16 +39,29 @@ class Objective:
         self.artifact_store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
 
-    def warm_up(self) -> None:
-        """Import the workload's training stack now, so that the first trial's time (and its
-        heartbeat) does not include it."""
+    def warm_up(self, *, threads: int) -> None:
+        """Prepare this worker process for the workload: import its training stack now (so the
+        first trial's time does not include it), quiet its logs, set torch's thread count."""
         if self.space.fixed.get("workload", "sft") == "simulated":
             from trials import simulated  # noqa: F401
-        else:
-            import peft  # noqa: F401
-            import trl  # noqa: F401
 
-            from trials import sft  # noqa: F401
+            return
+        import datasets
+        import peft  # noqa: F401
+        import torch
+        import transformers
+        import trl  # noqa: F401
+
+        from trials import sft
+
+        torch.set_num_threads(threads)
+        sft.set_deepspeed_accelerator()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        # Deprecation notices from inside transformers/peft/trl, once per trial per worker.
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
@@ -108,6 +123,14 @@ class Objective:
             )
             for name in ADAPTER_FILES
         }
+
+
+def quiet_worker_logs(level: int) -> None:
+    """In a worker process: the driver reports each finished trial, so Optuna's own lines and
+    its notes that heartbeats and artifacts are experimental would only repeat it."""
+    logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _one_line(error: BaseException) -> str:

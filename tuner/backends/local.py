@@ -176,16 +176,11 @@ def _worker(
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
-    quiet_libraries(log_level)
-    import torch
-
-    from trials.sft import set_deepspeed_accelerator
-    from tuner.objective import Objective
+    from tuner.objective import Objective, quiet_worker_logs
     from tuner.storage import open_storage
     from tuner.study import open_study
 
-    torch.set_num_threads(threads)
-    set_deepspeed_accelerator()
+    quiet_worker_logs(log_level)
     # Distinct seeds per worker and per run, so that no two draw the same random trials.
     store = open_storage(plan.storage_url)
     n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))
@@ -193,7 +188,7 @@ def _worker(
     opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
     objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
     objective.on_trial_start = lambda trial: running.__setitem__(index, trial._trial_id)
-    objective.warm_up()
+    objective.warm_up(threads=threads)
     try:
         while slots.take():
             if (deadline is not None and time.time() > deadline) or os.getppid() != driver_pid:
@@ -204,23 +199,3 @@ def _worker(
     except KeyboardInterrupt:
         running[index] = -1  # Optuna has already marked the trial FAIL
         raise SystemExit(130) from None
-
-
-def quiet_libraries(level: int) -> None:
-    """The driver reports each finished trial; workers log only what needs attention."""
-    logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    import datasets
-    import optuna
-    import transformers
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Deprecation notices from inside transformers/peft/trl, once per trial per worker, and
-    # Optuna's note that heartbeats and artifacts are experimental.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -98,18 +98,17 @@ class TrialActor:
     """Runs trials of one study, one at a time, on the resources Ray gave it."""
 
     def __init__(self, plan: RunPlan, storage_url: str, worker: str) -> None:
-        from tuner.backends.local import quiet_libraries
-        from tuner.objective import Objective
+        from tuner.objective import Objective, quiet_worker_logs
         from tuner.study import open_study
 
-        quiet_libraries(logging.WARNING)
+        quiet_worker_logs(logging.WARNING)
         seed_offset = int(worker.split("-")[1], 16) % 100_000  # distinct draws per actor
         self.opened = open_study(
             plan.study_name, storage_url, heartbeat=True, seed_offset=seed_offset
         )
         self.objective = Objective(self.opened.space, artifact_dir=self.opened.artifact_dir)
         self.objective.on_trial_start = lambda trial: _mark(trial, worker)
-        self.objective.warm_up()
+        self.objective.warm_up(threads=max(1, int(plan.cpus_per_trial)))
 
     def run_one(self) -> None:
         self.opened.study.optimize(
