@@ -19,6 +19,7 @@ owner pays. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -134,11 +135,15 @@ def _print_timeline(study, started: float, ended: float) -> None:  # noqa: ANN00
         trials.sort(key=lambda t: t.datetime_start)
         first.append(trials[0].datetime_start.timestamp() - started)
         last.append(ended - trials[-1].datetime_complete.timestamp())
-        gaps += [b.datetime_start.timestamp() - a.datetime_complete.timestamp()
-                 for a, b in zip(trials, trials[1:])]
+        gaps += [
+            b.datetime_start.timestamp() - a.datetime_complete.timestamp()
+            for a, b in itertools.pairwise(trials)
+        ]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    print(f"  tuner idle: before first trial {mean(first):.2f} s (max {max(first):.2f}), "
-          f"between trials {mean(gaps):.3f} s x {len(gaps)}, after last {mean(last):.2f} s")
+    print(
+        f"  tuner idle: before first trial {mean(first):.2f} s (max {max(first):.2f}), "
+        f"between trials {mean(gaps):.3f} s x {len(gaps)}, after last {mean(last):.2f} s"
+    )
 
 
 def run_optuna(args, url: str, address: str) -> tuple[float, float, int]:  # noqa: ANN001
