@@ -57,3 +57,12 @@ def test_postgres_store_opens_with_optuna(pg_url: str) -> None:
     storage = open_storage(pg_url)
     optuna.create_study(storage=storage, study_name="plain")
     assert optuna.get_all_study_names(pg_url) == ["plain"]
+
+
+def test_strip_password_keeps_the_rest() -> None:
+    from tuner.storage import strip_password
+
+    assert strip_password(f"postgresql+psycopg2://tuner:{SENTINEL}@db/t") == (
+        "postgresql+psycopg2://tuner@db/t"
+    )
+    assert strip_password("postgresql+psycopg2://tuner@db/t") == "postgresql+psycopg2://tuner@db/t"

@@ -125,6 +125,18 @@ class Objective:
         }
 
 
+def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Fail a trial left RUNNING by a worker that died, with the reason, rather than wait for
+    its heartbeat to go stale. Returns whether it was still RUNNING."""
+    trial = storage.get_trial(trial_id)
+    if trial.state != optuna.trial.TrialState.RUNNING:
+        return False
+    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+    storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    logger.warning("trial %d failed: %s", trial.number, reason)
+    return True
+
+
 def quiet_worker_logs(level: int) -> None:
     """In a worker process: the driver reports each finished trial, so Optuna's own lines and
     its notes that heartbeats and artifacts are experimental would only repeat it."""

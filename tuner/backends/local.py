@@ -151,15 +151,10 @@ def _fail_orphan(plan: RunPlan, running: Any, index: int, reason: str) -> None:
     running[index] = -1
     if trial_id < 0:
         return
-    from optuna.trial import TrialState
-
+    from tuner.objective import fail_trial
     from tuner.storage import open_storage
 
-    storage = open_storage(plan.storage_url)
-    if storage.get_trial(trial_id).state == TrialState.RUNNING:
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        logger.warning("trial id %d failed: %s", trial_id, reason)
+    fail_trial(open_storage(plan.storage_url), trial_id, reason)
 
 
 def _worker(

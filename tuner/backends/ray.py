@@ -14,6 +14,7 @@ retried. Ray's token authentication stays on: `tuner` never starts a cluster wit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -40,8 +41,9 @@ class RayBackend:
         import ray
 
         connect(self.address)
-        actor_url = strip_password(plan.storage_url)
-        if actor_url != plan.storage_url:
+        # What actors receive is recorded by Ray (GCS, dashboard): never the password.
+        actor_plan = dataclasses.replace(plan, storage_url=strip_password(plan.storage_url))
+        if actor_plan.storage_url != plan.storage_url:
             logger.warning(
                 "the storage password is not sent to Ray workers (%s); they read it from "
                 "PGPASSWORD or ~/.pgpass on their node",
@@ -62,10 +64,8 @@ class RayBackend:
                 while len(actors) < wanted and not expired:
                     worker = f"ray-{uuid.uuid4().hex[:8]}"
                     actors[worker] = actor_class.options(
-                        num_gpus=plan.gpus_per_trial,
-                        num_cpus=plan.cpus_per_trial,
-                        name=None,
-                    ).remote(plan, actor_url, worker)
+                        num_gpus=plan.gpus_per_trial, num_cpus=plan.cpus_per_trial
+                    ).remote(actor_plan, worker)
                     idle.append(worker)
                 while idle and remaining != 0 and not expired:
                     worker = idle.pop()
@@ -97,14 +97,14 @@ class RayBackend:
 class TrialActor:
     """Runs trials of one study, one at a time, on the resources Ray gave it."""
 
-    def __init__(self, plan: RunPlan, storage_url: str, worker: str) -> None:
+    def __init__(self, plan: RunPlan, worker: str) -> None:
         from tuner.objective import Objective, quiet_worker_logs
         from tuner.study import open_study
 
         quiet_worker_logs(logging.WARNING)
         seed_offset = int(worker.split("-")[1], 16) % 100_000  # distinct draws per actor
         self.opened = open_study(
-            plan.study_name, storage_url, heartbeat=True, seed_offset=seed_offset
+            plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset
         )
         self.objective = Objective(self.opened.space, artifact_dir=self.opened.artifact_dir)
         self.objective.on_trial_start = lambda trial: _mark(trial, worker)
@@ -138,6 +138,7 @@ def _fail_and_retry(plan: RunPlan, worker: str, reason: str, *, retry: bool = Tr
     import optuna
     from optuna.trial import TrialState
 
+    from tuner.objective import fail_trial
     from tuner.storage import open_storage
 
     storage = open_storage(plan.storage_url)
@@ -146,9 +147,8 @@ def _fail_and_retry(plan: RunPlan, worker: str, reason: str, *, retry: bool = Tr
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) != worker:
             continue
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        logger.warning("trial %d failed: %s", trial.number, reason)
+        if not fail_trial(storage, trial._trial_id, reason):
+            continue
         if retry and _retries(trial) < plan.max_retries:
             # Optuna's own retry: a WAITING copy with the same params, linked to the original.
             clean = copy.copy(trial)
