@@ -61,18 +61,20 @@ def run(
     clock.lap("setup_s")
 
     try:
-        trainer.train()
-        metrics = final_metrics(trainer)
+        try:
+            trainer.train()
+            metrics = final_metrics(trainer)
+        finally:
+            clock.lap("train_s")
+            timings["store_s"] = pruning.store_seconds
+
+        adapter_dir = output_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        clock.lap("save_s")
+        trainable, total = _count_params(trainer.model)
     finally:
-        clock.lap("train_s")
-        timings["store_s"] = pruning.store_seconds
-
-    adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    clock.lap("save_s")
-
-    trainable, total = _count_params(trainer.model)
+        _release(trainer)
     return TrialResult(
         eval_loss=metrics["eval_loss"],
         perplexity=metrics["perplexity"],
@@ -115,17 +117,47 @@ def _setup_tokenizer(config: TrialConfig) -> Any:
     return _TOKENIZERS[key]
 
 
+# The base model a worker keeps between trials: its weights are frozen and the same in every
+# trial of a study, and loading a 7B-32B model takes minutes. Each trial attaches a fresh adapter
+# and `_release` takes it off again; a trial whose adapter could not be removed drops the base.
+_BASES: dict[tuple, Any] = {}
+
+
 def _setup_model(config: TrialConfig) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
-    return AutoModelForCausalLM.from_pretrained(
+    key = (
         config.model_name_or_path,
-        dtype=dtype,
-        trust_remote_code=config.trust_remote_code,
-        use_safetensors=True,
+        str(dtype),
+        config.trust_remote_code,
+        config.gradient_checkpointing,
     )
+    if key not in _BASES:
+        _BASES.clear()
+        _BASES[key] = AutoModelForCausalLM.from_pretrained(
+            config.model_name_or_path,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            use_safetensors=True,
+        )
+    return _BASES[key]
+
+
+def _release(trainer: Any) -> None:
+    """Take the trial's LoRA layers off the kept base (not merged: the base stays as loaded) and
+    let the adapter, optimizer state and activations go with the trainer (Optuna's
+    `gc_after_trial` collects them)."""
+    import torch
+
+    try:
+        trainer.model.unload()
+    except Exception:  # noqa: BLE001 - a base we cannot clean is reloaded, never reused
+        _BASES.clear()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _setup_trainer(

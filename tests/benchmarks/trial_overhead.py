@@ -94,6 +94,14 @@ def _summary(rows: list[dict], *, wall: float, jobs: int) -> dict:
 
     cold = [r for r in rows if r["cold"]]
     warm = [r for r in rows if not r["cold"]]
+
+    def startup(subset: list[dict]) -> float | None:  # trial start to its first training step
+        return (
+            statistics.mean(r["load_s"] + r["data_s"] + r["setup_s"] for r in subset)
+            if (subset)
+            else None
+        )
+
     complete = [r for r in rows if r["state"] == "complete"]
     busy = sum(r["total_s"] for r in rows)
     return {
@@ -105,6 +113,8 @@ def _summary(rows: list[dict], *, wall: float, jobs: int) -> dict:
         "overhead_share_warm": share(warm),
         "overhead_median_per_trial": statistics.median(r["overhead"] for r in rows),
         "overhead_max_per_trial": max(r["overhead"] for r in rows),
+        "startup_cold_s": startup(cold),
+        "startup_warm_s": startup(warm),
         "worker_busy_share": busy / (jobs * wall),  # time in trials vs workers' wall time
         "wall_s": wall,
     }
@@ -121,6 +131,12 @@ def _print_summary(s: dict) -> None:
         f"  per trial: median {pct(s['overhead_median_per_trial'])}, "
         f"max {pct(s['overhead_max_per_trial'])}"
     )
+    if s["startup_cold_s"] and s["startup_warm_s"] is not None:
+        ratio = pct(s["startup_warm_s"] / s["startup_cold_s"])
+        print(
+            f"start-up to the first step: cold {s['startup_cold_s']:.2f} s, "
+            f"warm {s['startup_warm_s']:.2f} s ({ratio} of cold)"
+        )
     print(
         f"workers busy in trials: {pct(s['worker_busy_share'])} of {s['jobs']} x "
         f"{s['wall_s']:.0f} s (the rest: process start-up and imports)"
