@@ -180,6 +180,53 @@ def test_prepare_reports_truncation(tmp_path: Path, demo_dir: Path) -> None:
     assert len(data.train) + len(data.val) == 10
 
 
+def test_prepare_tokenises_once_and_shares_through_the_cache_dir(tmp_path: Path) -> None:
+    """A second process (here: a cleared process cache) loads what the first saved; a change
+    that alters the tokens makes a new entry; a broken entry is rebuilt, not an error."""
+    from trials import data as data_mod
+
+    path = _jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "q" * 4 * i, "output": f"a{i}"} for i in range(12)]
+    )
+    config = TrialConfig(
+        model_name_or_path="demo", dataset=DatasetSpec(path=str(path)), cutoff_len=64, val_size=3
+    )
+    tokenizer = build_tokenizer()
+    cache = tmp_path / "tokenized"
+    data_mod._CACHE.clear()
+
+    first = prepare(config, tokenizer, cache_dir=cache)
+    assert first.source == "tokenized"
+    assert prepare(config, tokenizer, cache_dir=cache).source == "memory"
+    data_mod._CACHE.clear()
+    shared = prepare(config, tokenizer, cache_dir=cache)
+    assert shared.source == "shared"
+    for part in ("train", "val"):
+        for column in ("input_ids", "labels"):
+            assert getattr(shared, part)[column] == getattr(first, part)[column]
+    facts = ("truncation_ratio", "train_tokens", "dropped")
+    assert [getattr(shared, f) for f in facts] == [getattr(first, f) for f in facts]
+    (entry,) = _entries(cache)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")], "no temp folder left"
+
+    data_mod._CACHE.clear()
+    shorter = prepare(config.model_copy(update={"cutoff_len": 48}), tokenizer, cache_dir=cache)
+    assert shorter.source == "tokenized" and shorter.truncation_ratio > first.truncation_ratio
+    assert len(_entries(cache)) == 2
+
+    (entry / "facts.json").unlink()  # as a crash outside the atomic rename would leave it
+    data_mod._CACHE.clear()
+    rebuilt = prepare(config, tokenizer, cache_dir=cache)
+    assert rebuilt.source == "tokenized"
+    assert rebuilt.train["input_ids"] == first.train["input_ids"]
+    data_mod._CACHE.clear()
+    assert prepare(config, tokenizer, cache_dir=cache).source == "shared"
+
+
+def _entries(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def _example(prompt: str, answer: str):
     from trials.data import Example
 

@@ -7,13 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, write_space
+from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
 from tuner.study import create_study, run_study
@@ -28,12 +30,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # HOST:PORT of the head (what `tuner study run --address` takes)
+    dashboard: str  # http://HOST:PORT of the job API (what `tuner study submit` takes)
+
+
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`ray start --head` with 4 logical GPUs and token auth; RAY_ADDRESS points at it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """`ray start --head` with 4 logical GPUs, the job API and token auth; RAY_ADDRESS points
+    at it."""
+    # The cluster runs jobs' `python` from this environment, as a cluster image would.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     temp = Path(f"/tmp/ray-tuner-{os.getpid()}")  # Ray's socket paths must stay short
     started = subprocess.run(
         [
@@ -44,7 +55,9 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--node-ip-address=127.0.0.1",
             f"--num-gpus={GPUS}",
             "--num-cpus=8",
-            "--include-dashboard=false",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
             "--disable-usage-stats",
             f"--temp-dir={temp}",
         ],
@@ -57,7 +70,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
-    yield address
+    yield Cluster(address, f"http://127.0.0.1:{dashboard_port}")
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -67,6 +80,11 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     ray.shutdown()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def ray_address(ray_cluster: Cluster) -> str:
+    return ray_cluster.address
 
 
 def _max_concurrent(study: optuna.Study) -> int:
@@ -80,15 +98,58 @@ def _max_concurrent(study: optuna.Study) -> int:
     return peak
 
 
+class _Connections(threading.Thread):
+    """Counts the server's connections to one database while a sweep runs; once every worker
+    is connected, it drops them all, as a restarted server would."""
+
+    def __init__(self, url: str, drop_at: int) -> None:
+        super().__init__(daemon=True)
+        import sqlalchemy
+
+        self.database = url.rsplit("/", 1)[1]
+        # Autocommit: within one transaction, pg_stat_activity would show a frozen snapshot.
+        self.engine = sqlalchemy.create_engine(
+            url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
+        )
+        self.drop_at = drop_at
+        self.peak = 0
+        self.dropped = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import sqlalchemy
+
+        with self.engine.connect() as conn:
+            while not self.done.wait(0.1):
+                count = conn.execute(
+                    sqlalchemy.text("select count(*) from pg_stat_activity where datname = :d"),
+                    {"d": self.database},
+                ).scalar()
+                self.peak = max(self.peak, count)
+                if not self.dropped and count >= self.drop_at:
+                    self.dropped = conn.execute(
+                        sqlalchemy.text(
+                            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                            "where datname = :d"
+                        ),
+                        {"d": self.database},
+                    ).scalar()
+        self.engine.dispose()
+
+
 def test_a_ray_sweep_keeps_every_gpu_busy_and_never_more(
     ray_address: str, pg_url: str, tmp_path: Path
 ) -> None:
     """The shipped simulated space, run as a user would: one trial per logical GPU at a time,
-    actors reused from trial to trial, intermediate values in the store for pruning."""
+    actors reused from trial to trial, intermediate values in the store for pruning. The store
+    holds about one connection per running trial, and its connections dropped midway (a server
+    restart) cost the sweep nothing."""
     created = run_cli(
         "study", "create", "--space", "simulated.yaml", "--storage", pg_url, cwd=tmp_path
     )
     assert created.returncode == 0, created.stderr
+    connections = _Connections(pg_url, drop_at=GPUS)
+    connections.start()
     ran = run_cli(
         "study",
         "run",
@@ -103,31 +164,50 @@ def test_a_ray_sweep_keeps_every_gpu_busy_and_never_more(
         pg_url,
         cwd=tmp_path,
     )
+    connections.done.set()
+    connections.join()
     assert ran.returncode == 0, ran.stderr
     assert "12 trials finished" in ran.stdout
+    assert connections.dropped >= GPUS, "the sweep ended before they were dropped"
+    assert connections.peak <= GPUS + 3  # a connection per trial, plus the driver's
 
     study = optuna.load_study(study_name="simulated", storage=pg_url)
     trials = study.get_trials()
     assert len(trials) == 12 and all(t.state != TrialState.RUNNING for t in trials)
+    assert all(t.state != TrialState.FAIL for t in trials)
     assert _max_concurrent(study) == GPUS
     workers = {t.user_attrs["worker"] for t in trials}
     assert len(workers) <= GPUS  # warm actors run trial after trial
     assert all(t.intermediate_values for t in trials)
 
 
-def test_gpus_per_trial_sets_how_many_run_at_once(
+def test_a_multi_gpu_trial_runs_as_one_job_and_all_its_ranks_stop_on_prune(
     ray_address: str, sqlite_url: str, tmp_path: Path
 ) -> None:
+    """gpus_per_trial: 2 on 4 logical GPUs: two trials at once, each trained by two ranks in
+    one process group. Rank 0 decides the prune, and both ranks stop at that same step."""
     space = {
         "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
-        "fixed": {"workload": "simulated", "steps": 4, "step_seconds": 0.3},
-        "pruner": "none",
-        "resources": {"gpus_per_trial": 2, "cpus_per_trial": 1},
+        "fixed": {"workload": "simulated", "steps": 8, "step_seconds": 0.3},
+        # One finished trial is enough to judge: the second slot may start a little later.
+        "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 2},
+        "resources": {"gpus_per_trial": 2, "cpus_per_trial": 2},
     }
     name = create_study(write_space(tmp_path / "two.yaml", space), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    for lr in (1e-3, 1e-3, 1e-4):  # two good trials, then one the median pruner must stop
+        study.enqueue_trial({"learning_rate": lr})
     progress = run_study(name, storage=sqlite_url, n_trials=4, backend="ray", address=ray_address)
-    assert progress.complete == 4
-    assert _max_concurrent(optuna.load_study(study_name=name, storage=sqlite_url)) == GPUS // 2
+    assert progress.finished == 4
+
+    trials = study.get_trials()
+    assert _max_concurrent(study) == GPUS // 2
+    weak = trials[2]
+    assert weak.state == TrialState.PRUNED
+    assert weak.user_attrs["rank_steps"] == [weak.last_step, weak.last_step]
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["rank_steps"] == [8, 8]
 
 
 @pytest.mark.parametrize(
@@ -208,3 +288,150 @@ def test_a_killed_ray_worker_fails_its_trial_which_is_retried(
     assert "fail_reason" not in retries[0].user_attrs
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
     assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_a_killed_driver_leaves_nothing_running_and_a_rerun_finishes_the_budget(
+    ray_address: str, pg_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of `tuner study run` mid-sweep takes its Ray actors with it; running it again
+    fails the orphaned trials (reason recorded), retries them with the same params, and
+    finishes exactly the budget, with no trial left RUNNING and no gap in the numbers."""
+    space = {
+        "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "fixed": {"workload": "simulated", "steps": 30, "step_seconds": 0.25},
+        "pruner": "none",
+        "budget": {"n_trials": 6},
+        "resources": {"gpus_per_trial": 1, "max_retries": 1},
+    }
+    name = create_study(write_space(tmp_path / "driver.yaml", space), storage=pg_url)
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    command = [*TUNER, "study", "run", name, "--backend", "ray", "--address", ray_address]
+    driver = subprocess.Popen(
+        [*command, "--storage", pg_url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    orphans: list = []
+    while len(orphans) < GPUS and time.monotonic() < deadline:
+        orphans = [
+            t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values
+        ]
+        time.sleep(0.2)
+    assert len(orphans) == GPUS, "the trials did not start training in time"
+    driver.kill()
+    driver.wait()
+    _wait_until_gone(
+        [t.user_attrs["worker_pid"] for t in orphans]
+    )  # Ray ends a dead driver's actors
+
+    rerun = run_cli(*command[1:], "--storage", pg_url)
+    assert rerun.returncode == 0, rerun.stderr
+
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    for orphan in orphans:
+        failed = trials[orphan.number]
+        assert failed.state == TrialState.FAIL and "killed" in failed.user_attrs["fail_reason"]
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+        assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+
+
+def _wait_until_gone(pids: list[int], timeout: float = 60) -> None:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)]
+        alive = [p for p in alive if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"worker processes {alive} outlived their driver")
+
+
+def test_submit_runs_the_sweep_as_a_ray_job_without_the_password(
+    ray_cluster: Cluster, pg_url: str, tmp_path: Path
+) -> None:
+    """`tuner study submit` prints a job id; the job runs the sweep on the cluster. The
+    password in the storage URL reaches neither the job's entrypoint, its runtime env, its log
+    nor the output (the nodes read it from PGPASSWORD or ~/.pgpass; trust auth here)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    secret = "s3cret-pw"
+    url = pg_url.replace("postgres@", f"postgres:{secret}@")
+    created = run_cli("study", "create", "--space", "simulated.yaml", "--storage", url)
+    assert created.returncode == 0, created.stderr
+    repo = Path(__file__).resolve().parents[1]
+    submitted = run_cli(
+        "study", "submit", "simulated", "--address", ray_cluster.dashboard, "--storage", url,
+        "--n-trials", "4", "--working-dir", str(repo), cwd=tmp_path,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id and secret not in submitted.stdout + submitted.stderr
+
+    client = JobSubmissionClient(ray_cluster.dashboard)
+    deadline = time.monotonic() + 300
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline, "the job did not finish in time"
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "4 trials finished" in logs
+    info = client.get_job_info(job_id)
+    assert secret not in f"{info.entrypoint} {info.runtime_env} {logs}"
+    study = optuna.load_study(study_name="simulated", storage=pg_url)
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
+
+
+def test_a_real_lora_trial_trains_on_two_ranks_through_ray(
+    ray_address: str, sqlite_url: str, demo_dir: Path, tmp_path: Path
+) -> None:
+    """The real SFT workload, as one DDP job of two ranks (gloo on CPU, NCCL on GPUs): both
+    train every step, and rank 0 stores the adapter."""
+    space = small_space(
+        demo_dir, name="ddp", pruner="none", resources={"gpus_per_trial": 2, "cpus_per_trial": 2}
+    )
+    space["fixed"] = {**space["fixed"], "max_steps": 6, "eval_steps": 3, "logging_steps": 3}
+    name = create_study(write_space(tmp_path / "ddp.yaml", space), storage=sqlite_url)
+    progress = run_study(name, storage=sqlite_url, n_trials=1, backend="ray", address=ray_address)
+    assert progress.complete == 1
+    (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert trial.user_attrs["rank_steps"] == [6, 6]
+    assert trial.user_attrs["steps"] == 6 and set(trial.user_attrs["adapter"]) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+
+
+# Last in this module: it leaves the cluster with 2 more GPUs.
+def test_a_node_that_joins_mid_sweep_gets_trials(
+    ray_cluster: Cluster, sqlite_url: str, tmp_path: Path
+) -> None:
+    space = {
+        "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "fixed": {"workload": "simulated", "steps": 10, "step_seconds": 0.3},
+        "pruner": "none",
+    }
+    name = create_study(write_space(tmp_path / "join.yaml", space), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    run = subprocess.Popen(
+        [*TUNER, "study", "run", name, "--backend", "ray", "--address", ray_cluster.address,
+         "--n-trials", "24", "--storage", sqlite_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(study.get_trials(states=(TrialState.RUNNING,))) < GPUS:
+        assert time.monotonic() < deadline, "the sweep did not fill the cluster in time"
+        time.sleep(0.2)
+    joined = subprocess.run(
+        [RAY, "start", f"--address={ray_cluster.address}", "--num-gpus=2", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 24
+    assert _max_concurrent(study) == GPUS + 2

@@ -129,6 +129,20 @@ def test_workers_share_the_store_and_any_machine_can_continue(
     assert [s["name"] for s in json.loads(listed.stdout)] == [name]
 
 
+def test_a_sweep_tokenises_its_data_once(sqlite_url: str, demo_dir: Path, tmp_path: Path) -> None:
+    """Two workers, four trials: one trial tokenises, the other worker loads that from the
+    study's artifact folder, and later trials reuse their worker's copy in memory."""
+    space = small_space(demo_dir, pruner="none")
+    name = create_study(write_space(tmp_path / "s.yaml", space), storage=sqlite_url)
+    assert run_study(name, storage=sqlite_url, n_trials=4, jobs=2).complete == 4
+
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    sources = [t.user_attrs["data_source"] for t in study.get_trials()]
+    assert sources.count("tokenized") == 1, sources
+    assert "shared" in sources, sources
+    assert set(sources) <= {"tokenized", "shared", "memory"}
+
+
 def test_budget_is_the_default_number_of_trials(
     sqlite_url: str, demo_dir: Path, tmp_path: Path
 ) -> None:
@@ -228,7 +242,7 @@ def test_ctrl_c_leaves_no_trial_running_and_a_rerun_continues(
     _assert_nothing_lost(study)
 
 
-def test_a_killed_worker_fails_its_trial_and_the_run_still_finishes(
+def test_a_killed_worker_fails_its_trial_which_is_retried(
     sqlite_url: str, demo_dir: Path, tmp_path: Path
 ) -> None:
     space = small_space(demo_dir, name="killed", pruner="none")
@@ -244,7 +258,9 @@ def test_a_killed_worker_fails_its_trial_and_the_run_still_finishes(
     failed = study.trials[victim.number]
     assert failed.state == TrialState.FAIL
     assert failed.user_attrs["fail_reason"] == "worker process died (exit code -9)"
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.params == failed.params and retry.state == TrialState.COMPLETE
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
     _assert_nothing_lost(study)
 
 

@@ -11,11 +11,15 @@ out of the loss.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +259,9 @@ class Tokenized:
     truncation_ratio: float
     train_tokens: int
     dropped: int
+    # Where this process got it: "tokenized" (here), "shared" (the study's cache on disk) or
+    # "memory" (this process's cache); a trial records it.
+    source: str = "tokenized"
 
 
 def chat_template(tokenizer: Any, template: str) -> str:
@@ -314,23 +321,116 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-_CACHE: dict[tuple, Tokenized] = {}
+# Bump when `tokenize` changes what it writes: entries on disk from older code are then unused.
+_FORMAT = 1
+_FACTS = "facts.json"
+_CACHE: dict[str, Tokenized] = {}
 
 
-def prepare(config: TrialConfig, tokenizer: Any) -> Tokenized:
-    """Read, split and tokenise the data set once per worker process and reuse it: every trial
-    of a study trains on the same tokens, so only the first pays for them."""
-    key = (
-        config.dataset.model_dump_json(),
-        _mtime(config.dataset.path),
-        config.model_name_or_path,
-        config.template,
-        config.cutoff_len,
-        config.val_size,
-        config.seed,
-    )
+def prepare(config: TrialConfig, tokenizer: Any, *, cache_dir: Path | None = None) -> Tokenized:
+    """Read, split and tokenise the data set once and reuse it: every trial of a study trains on
+    the same tokens, so only the first pays for them.
+
+    The process keeps its last result in memory. With `cache_dir` (the study's, shared by all
+    its workers) the result is also saved there, and a worker that has not tokenised loads it
+    instead: one tokenisation per study rather than one per worker process.
+    """
+    key = _cache_key(config, tokenizer)
     if key in _CACHE:
-        return _CACHE[key]
+        return replace(_CACHE[key], source="memory")
+    if cache_dir is None:
+        result = _build(config, tokenizer)
+    else:
+        result = _shared(config, tokenizer, cache_dir / key)
+    _CACHE.clear()  # one data set per worker at a time; a new study's replaces it
+    _CACHE[key] = result
+    return result
+
+
+def _cache_key(config: TrialConfig, tokenizer: Any) -> str:
+    """A hash of everything that changes the tokens; also the entry's folder name on disk."""
+    path = Path(config.dataset.path)
+    stat = path.stat() if path.exists() else None  # a hub id has no file to stat
+    parts = {
+        "format": _FORMAT,
+        "dataset": config.dataset.model_dump_json(),
+        "file": [stat.st_mtime_ns, stat.st_size] if stat else None,
+        "model": config.model_name_or_path,
+        "tokenizer": [
+            len(tokenizer),
+            tokenizer.chat_template,
+            getattr(tokenizer, "name_or_path", ""),
+        ],
+        "template": config.template,
+        "cutoff_len": config.cutoff_len,
+        "val_size": config.val_size,
+        "seed": config.seed,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _shared(config: TrialConfig, tokenizer: Any, entry: Path) -> Tokenized:
+    """Load the study's entry, or tokenise and save it while holding its lock, so that workers
+    starting together wait for one of them instead of all tokenising."""
+    from filelock import FileLock
+
+    # A complete entry is never changed, so reading it needs no lock.
+    loaded = _load(entry)
+    if loaded is not None:
+        return loaded
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(entry.with_name(f"{entry.name}.lock")):
+        loaded = _load(entry)  # another worker may have saved it while this one waited
+        if loaded is not None:
+            return loaded
+        result = _build(config, tokenizer)
+        try:
+            _save(result, entry)
+        except OSError as e:  # a full or read-only disk costs the other workers time, not trials
+            logger.warning("could not save the tokenised data to %s: %s", entry, e)
+        return result
+
+
+def _load(entry: Path) -> Tokenized | None:
+    """The saved entry, or None when there is none or it cannot be read: a broken entry must
+    never fail a trial; the caller rebuilds it and `_save` replaces it under the lock."""
+    if not entry.exists():
+        return None
+    import datasets
+
+    try:
+        facts = json.loads((entry / _FACTS).read_text())
+        # In memory, as a freshly tokenised set is: the trainer's `map` then writes no cache
+        # files into the shared entry, and both paths train the same way.
+        train = datasets.load_from_disk(str(entry / "train"), keep_in_memory=True)
+        val = datasets.load_from_disk(str(entry / "val"), keep_in_memory=True)
+        return Tokenized(train=train, val=val, source="shared", **facts)
+    except Exception as e:  # noqa: BLE001 - any unreadable entry is rebuilt
+        logger.warning("ignoring the unreadable tokenised data at %s (%s)", entry, e)
+        return None
+
+
+def _save(result: Tokenized, entry: Path) -> None:
+    """Write into a temporary folder beside the entry and rename it, so that no reader ever sees
+    a half-written entry."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        result.train.save_to_disk(str(tmp / "train"))
+        result.val.save_to_disk(str(tmp / "val"))
+        facts = {
+            "truncation_ratio": result.truncation_ratio,
+            "train_tokens": result.train_tokens,
+            "dropped": result.dropped,
+        }
+        (tmp / _FACTS).write_text(json.dumps(facts))
+        shutil.rmtree(entry, ignore_errors=True)  # a broken entry, else the rename fails
+        os.rename(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(config: TrialConfig, tokenizer: Any) -> Tokenized:
     import datasets
 
     train, val = split(to_examples(config.dataset), val_size=config.val_size, seed=config.seed)
@@ -352,18 +452,11 @@ def prepare(config: TrialConfig, tokenizer: Any) -> Tokenized:
             100 * ratio,
             config.cutoff_len,
         )
-    result = Tokenized(
+    return Tokenized(
         train=datasets.Dataset.from_dict(train_rows),
         val=datasets.Dataset.from_dict(val_rows),
         truncation_ratio=ratio,
         train_tokens=sum(len(ids) for ids in train_rows["input_ids"]),
         dropped=train_dropped + val_dropped,
+        source="tokenized",
     )
-    _CACHE.clear()  # one data set per worker at a time; a new study's replaces it
-    _CACHE[key] = result
-    return result
-
-
-def _mtime(path: str) -> float | None:
-    p = Path(path)
-    return p.stat().st_mtime if p.exists() else None

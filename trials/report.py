@@ -4,6 +4,7 @@ end. Free of the training stack, so light workloads start fast."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,9 @@ class Reporter:
     """`trial.report(value, step)`; raises `optuna.TrialPruned` when the pruner says so.
 
     The report after the last step never prunes: the work is already done. Without a trial
-    (a run by hand) it only checks that the value is finite.
+    (a run by hand, or a rank other than 0 of a multi-GPU trial) it reports nothing. In a
+    multi-rank trial, rank 0 decides and every rank gets its decision at the same step, so all
+    stop together: none is left waiting in a collective for a rank that stopped.
     """
 
     def __init__(self, trial: Any | None, metric: str = "eval_loss") -> None:
@@ -30,14 +33,39 @@ class Reporter:
     def report(self, value: float, step: int, *, final: bool = False) -> None:
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{self.metric} is {value} at step {step}")
-        if self.trial is None:
-            return
-        started = time.perf_counter()
-        self.trial.report(value, step)
-        prune = not final and self.trial.should_prune()
-        self.store_seconds += time.perf_counter() - started
-        if prune:
+        prune = False
+        if self.trial is not None:
+            started = time.perf_counter()
+            _retrying(lambda: self.trial.report(value, step))
+            prune = not final and _retrying(self.trial.should_prune)
+            self.store_seconds += time.perf_counter() - started
+        if _agree(prune):
             raise optuna.TrialPruned(f"pruned at step {step} with {self.metric}={value:.4f}")
+
+
+def _retrying(call: Any, attempts: int = 3, wait_s: float = 2.0) -> Any:
+    """A store call, tried again after a dropped connection (a restarted server): the pool
+    reconnects on the next try, and one lost report must not fail hours of training."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except optuna.exceptions.StorageInternalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
+def _agree(decision: bool) -> bool:
+    """Rank 0's decision, on every rank of a torch-distributed trial; else the decision."""
+    dist = sys.modules.get("torch.distributed")  # never imported here for one-process trials
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return decision
+    if dist.get_world_size() == 1:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 @dataclass
@@ -52,6 +80,7 @@ class TrialResult:
     trainable_params: int = 0
     total_params: int = 0
     truncation_ratio: float = 0.0
+    data_source: str = ""  # tokenized, shared (the study's cache) or memory; empty: no data
     adapter_dir: str = ""  # empty: the workload trains no adapter
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -34,12 +34,14 @@ def run(
     output_dir: Path,
     trial: Any | None = None,
     timings: dict[str, float] | None = None,
+    data_cache: Path | None = None,
 ) -> TrialResult:
     """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
     run stops at once (raising `optuna.TrialPruned`) when the pruner says so.
 
     `timings` (seconds per phase) fills in as the run goes, so a caller still has them when the
-    run is pruned or fails midway.
+    run is pruned or fails midway. `data_cache` is a folder shared by the study's workers where
+    the tokenised data is saved once and loaded by the others; without it each process tokenises.
     """
     import transformers
 
@@ -50,7 +52,7 @@ def run(
     model = _setup_model(config)
     clock.lap("load_s")
 
-    data = data_mod.prepare(config, tokenizer)
+    data = data_mod.prepare(config, tokenizer, cache_dir=data_cache)
     clock.lap("data_s")
 
     # Seed after loading and before the adapter is created: LoRA's initial weights and the data
@@ -74,6 +76,7 @@ def run(
         clock.lap("save_s")
         trainable, total = _count_params(trainer.model)
     finally:
+        timings["stopped_at_step"] = trainer.state.global_step
         _release(trainer)
     return TrialResult(
         eval_loss=metrics["eval_loss"],
@@ -84,6 +87,7 @@ def run(
         trainable_params=trainable,
         total_params=total,
         truncation_ratio=data.truncation_ratio,
+        data_source=data.source,
         adapter_dir=str(adapter_dir),
         timings=timings,
     )
@@ -195,6 +199,7 @@ def _setup_trainer(
         fp16=config.fp16,
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name
         dataloader_pin_memory=_has_cuda(),
+        use_cpu=not _has_cuda(),  # on CPU, several ranks train as one DDP job (gloo)
         seed=config.seed,
         data_seed=config.seed,
         max_length=config.cutoff_len,

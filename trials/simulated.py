@@ -49,6 +49,7 @@ def run(
     for step in range(1, config.steps + 1):
         time.sleep(config.step_seconds)
         loss = loss_at(config, step, rng)
+        timings["stopped_at_step"] = step
         reporter.report(loss, step, final=step == config.steps)
     timings["train_s"] = time.perf_counter() - started
     timings["store_s"] = reporter.store_seconds

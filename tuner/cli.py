@@ -30,10 +30,14 @@ app.add_typer(study_app, name="study")
 
 @app.callback()
 def _setup() -> None:
-    """Runs before any command (not for --help): Optuna's own INFO lines would repeat ours."""
+    """Runs before any command (not for --help): Optuna's own INFO lines would repeat ours, and
+    its notes that heartbeats and artifacts are experimental are not for the user to act on."""
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 app.add_typer(demo_app, name="demo")
@@ -46,6 +50,14 @@ Storage = Annotated[
         "Default: $TUNER_STORAGE, else sqlite:///tuner.db here.",
         show_default=False,
     ),
+]
+
+
+NTrials = Annotated[
+    int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
+]
+Timeout = Annotated[
+    str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
 ]
 
 
@@ -68,16 +80,17 @@ def study_create(
 def study_run(
     name: str,
     storage: Storage = None,
-    n_trials: Annotated[
-        int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
-    ] = None,
-    timeout: Annotated[
-        str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
-    ] = None,
+    n_trials: NTrials = None,
+    timeout: Timeout = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
     backend: Annotated[
-        str, typer.Option(help="local: worker processes here; ray: a Ray cluster.")
-    ] = "local",
+        str | None,
+        typer.Option(
+            help="local: worker processes here; ray: a Ray cluster. "
+            "Default: ray inside a Ray job (`ray job submit`), else local.",
+            show_default=False,
+        ),
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001.")
     ] = None,
@@ -115,6 +128,44 @@ def study_run(
     typer.echo(_best_line(report))
     storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
     typer.echo(f"details: tuner study show {name}{storage_flag}")
+
+
+@study_app.command("submit")
+def study_submit(
+    name: str,
+    address: Annotated[
+        str, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265.")
+    ],
+    storage: Storage = None,
+    n_trials: NTrials = None,
+    timeout: Timeout = None,
+    working_dir: Annotated[
+        Path, typer.Option(help="Uploaded as the job's working directory.")
+    ] = Path("."),
+    requirements: Annotated[
+        Path | None, typer.Option(help="A pip requirements file installed for the job.")
+    ] = None,
+) -> None:
+    """Submit the sweep to a Ray cluster as a job; prints the job id."""
+    from tuner.space import parse_duration
+    from tuner.submit import submit_study
+
+    _duration(timeout, parse_duration)  # a bad value fails here, not on the cluster
+    job = submit_study(
+        name,
+        address=address,
+        storage=storage,
+        n_trials=n_trials,
+        timeout=timeout,
+        working_dir=working_dir,
+        requirements=requirements,
+    )
+    typer.echo(job.job_id)
+    typer.echo(
+        f"follow it: ray job logs --follow {job.job_id} --address {job.address}\n"
+        f"stop it:   ray job stop {job.job_id} --address {job.address}",
+        err=True,
+    )
 
 
 @study_app.command("list")

@@ -7,6 +7,7 @@ the reason in the trial's user attrs (Optuna alone would store an infinite value
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import optuna
 
+from tuner import recovery
 from tuner.space import Space
 
 logger = logging.getLogger(__name__)
@@ -33,10 +35,15 @@ class NonFiniteObjective(RuntimeError):
 class Objective:
     """Callable for `Study.optimize`; one instance per worker process."""
 
-    def __init__(self, space: Space, *, artifact_dir: Path) -> None:
+    def __init__(self, space: Space, *, artifact_dir: Path, ranks: int = 1) -> None:
         self.space = space
+        self.ranks = ranks  # above 1: this process is rank 0 of a multi-GPU trial
+        self.shared = False  # whether this trial's config has reached the other ranks
         artifact_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+        # Shared by every worker of the study, so its data is tokenised once, not once per worker.
+        self.data_cache = artifact_dir / "tokenized"
+        self.worker: str | None = None  # the backend's name for this worker, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
 
     def warm_up(self, *, threads: int) -> None:
@@ -64,15 +71,18 @@ class Objective:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        recovery.mark(trial, self.worker)
         if self.on_trial_start is not None:
             self.on_trial_start(trial)
         values = self.space.suggest(trial)
         trial.set_user_attr("hparams", values)
         timings: dict[str, float] = {}
+        self.shared = False
         try:
             return self._train(trial, values, timings)
         except optuna.TrialPruned:
             trial.set_user_attr("timings", timings)
+            self._record_rank_steps(trial, timings)
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or a stop signal)")
@@ -87,15 +97,16 @@ class Objective:
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
         started = time.perf_counter()
         config = self.space.trial_config(values)
+        if self.ranks > 1:
+            from trials import distributed
+
+            distributed.share(config.model_dump())
+            self.shared = True
         with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-            if config.workload == "simulated":
-                from trials import simulated
-
-                result = simulated.run(config, trial=trial, timings=timings)
-            else:
-                from trials import sft
-
-                result = sft.run(config, output_dir=Path(tmp), trial=trial, timings=timings)
+            result = run_workload(
+                config, trial=trial, timings=timings, output_dir=Path(tmp), cache=self.data_cache
+            )
+            self._record_rank_steps(trial, timings)
             value = result.metric(self.space.objective.metric)
             if not math.isfinite(value):
                 raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
@@ -112,6 +123,35 @@ class Objective:
             trial.set_user_attr(key, fact)
         return value
 
+    def _record_rank_steps(self, trial: optuna.Trial, timings: dict) -> None:
+        """Rank 0 of a multi-GPU trial, once training has ended on it: wait for every rank to
+        end too, and record the step each stopped at (all equal, or a rank ran on alone)."""
+        if self.ranks > 1 and self.shared:
+            from trials import distributed
+
+            trial.set_user_attr("rank_steps", distributed.gather(timings.get("stopped_at_step")))
+
+    def follow(self) -> int | None:
+        """A rank other than 0: train the trial rank 0 shares, reporting nothing (rank 0 decides
+        on pruning for all). Returns the step it stopped at; None when rank 0 ran no trial."""
+        from trials import distributed
+        from trials.config import TrialConfig
+
+        payload = distributed.share(None)
+        if payload is None:
+            return None
+        config = TrialConfig.model_validate(payload)
+        timings: dict[str, float] = {}
+        with (
+            tempfile.TemporaryDirectory(prefix="tuner-rank-") as tmp,
+            contextlib.suppress(optuna.TrialPruned),  # rank 0 records the prune
+        ):
+            run_workload(
+                config, trial=None, timings=timings, output_dir=Path(tmp), cache=self.data_cache
+            )
+        distributed.gather(timings.get("stopped_at_step"))
+        return timings.get("stopped_at_step")
+
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
         """Store the adapter's files in the study's artifact store, linked from the trial, so an
         export finds them from the study alone. Returns file name → artifact id."""
@@ -125,16 +165,17 @@ class Objective:
         }
 
 
-def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
-    """Fail a trial left RUNNING by a worker that died, with the reason, rather than wait for
-    its heartbeat to go stale. Returns whether it was still RUNNING."""
-    trial = storage.get_trial(trial_id)
-    if trial.state != optuna.trial.TrialState.RUNNING:
-        return False
-    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-    storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
-    logger.warning("trial %d failed: %s", trial.number, reason)
-    return True
+def run_workload(
+    config: Any, *, trial: optuna.Trial | None, timings: dict, output_dir: Path, cache: Path
+) -> Any:
+    """The trial's workload (`fixed.workload`), on this process's share of the trial."""
+    if config.workload == "simulated":
+        from trials import simulated
+
+        return simulated.run(config, trial=trial, timings=timings)
+    from trials import sft
+
+    return sft.run(config, output_dir=output_dir, trial=trial, timings=timings, data_cache=cache)
 
 
 def quiet_worker_logs(level: int) -> None:

@@ -204,11 +204,29 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gpus_per_trial: float = Field(default=1, ge=0)
+    gpus_per_trial: float = Field(
+        default=1,
+        ge=0,
+        description="A fraction shares a GPU; above 1, a whole number of ranks that train the "
+        "trial as one torch-distributed job.",
+    )
     cpus_per_trial: float = Field(default=1, gt=0)
     max_retries: int = Field(
         default=2, ge=0, description="Retries of a trial whose worker died (not of its own error)."
     )
+
+    @model_validator(mode="after")
+    def _whole_ranks(self) -> Resources:
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ValueError(
+                f"gpus_per_trial above 1 must be a whole number of GPUs (got {self.gpus_per_trial})"
+            )
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Processes that train one trial: one per GPU when it needs several."""
+        return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
 
 
 class Space(BaseModel):

@@ -82,9 +82,10 @@ def default_artifact_dir(url: str, settings: Settings | None = None) -> Path:
 def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
     """Open (and create the tables of) the store at `url`; unreachable → StorageError.
 
-    With `heartbeat`, running trials beat every `TUNER_HEARTBEAT_INTERVAL` seconds and a trial
-    silent for `TUNER_GRACE_PERIOD` is failed by the next worker that starts a trial: that is how
-    a crashed worker's trials stop being RUNNING forever.
+    Connections are checked before use (pre-ping), so a restarted server costs a reconnect, not
+    the sweep. With `heartbeat`, running trials beat every `TUNER_HEARTBEAT_INTERVAL` seconds
+    and a trial silent for `TUNER_GRACE_PERIOD` is failed by the next worker that starts a
+    trial: that is how a crashed worker's trials stop being RUNNING forever.
     """
     import optuna
     import sqlalchemy.exc
@@ -98,8 +99,12 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         _prepare_sqlite(url)
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-        engine_kwargs["pool_size"] = 2
-        engine_kwargs["max_overflow"] = 4
+        # One connection kept per process, so a sweep holds about one per running trial however
+        # big the cluster. The overflow one, closed as soon as it is returned, serves the moments
+        # when Optuna nests a query (its schema check) or a heartbeat meets a trial's report.
+        engine_kwargs["pool_size"] = 1
+        engine_kwargs["max_overflow"] = 1
+        engine_kwargs["pool_timeout"] = 120
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.config import DatasetSpec
 from trials.data import DataError, to_examples
+from tuner import recovery
 from tuner.backends.base import RunPlan
 from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
@@ -147,6 +149,8 @@ def open_study(
     if SPACE_ATTR not in attrs:
         attrs = {**attrs, SPACE_ATTR: _wait_for_space(store, name)}
     space = Space.from_stored(attrs[SPACE_ATTR])
+    if heartbeat:
+        store.heartbeat_stale_trial_callback = recovery.RetryStale(space.resources.max_retries)
 
     from tuner import algorithms
 
@@ -186,7 +190,7 @@ def run_study(
     n_trials: int | None = None,
     timeout: float | None = None,
     jobs: int = 1,
-    backend: str = "local",
+    backend: str | None = "local",
     address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     poll_s: float = 1.0,
@@ -194,19 +198,28 @@ def run_study(
     """Run `n_trials` more trials (default: until the space's budget).
 
     `local`: `jobs` worker processes on this machine. `ray`: as many at once as the Ray cluster
-    at `address` holds, by the space's `resources`. `timeout` (default: the budget's) stops new
-    trials from starting after that many seconds; running ones finish. Returns what this run did.
+    at `address` holds, by the space's `resources`. None: `ray` inside a Ray job, else `local`.
+    `timeout` (default: the budget's) stops new trials from starting after that many seconds;
+    running ones finish. Returns what this run did.
     """
+    if backend is None:
+        from tuner.submit import in_ray_job
+
+        backend = "ray" if in_ray_job() else "local"
     if backend not in ("local", "ray"):
         raise TunerError(f"--backend must be local or ray (got {backend!r})")
     if jobs < 1:
         raise TunerError(f"--jobs must be >= 1 (got {jobs})")
-    opened = open_study(name, storage)
+    opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
     if backend == "local":
         _check_paths_here(name, space)
+    max_retries = space.resources.max_retries
+    orphans = recovery.fail_orphans(study, max_retries=max_retries)
+    if orphans:
+        logger.warning("failed %d trials left RUNNING by a run that was killed", orphans)
     if n_trials is None and space.budget.n_trials is not None:
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        done = _done(study)
         n_trials = max(0, space.budget.n_trials - done)
         logger.info("budget: %d of %d trials done, %d to go", done, space.budget.n_trials, n_trials)
     timeout = timeout if timeout is not None else space.budget.timeout
@@ -220,7 +233,7 @@ def run_study(
         jobs,
         gpus_per_trial=space.resources.gpus_per_trial,
         cpus_per_trial=space.resources.cpus_per_trial,
-        max_retries=space.resources.max_retries,
+        max_retries=max_retries,
     )
     if backend == "ray":
         from tuner.backends.ray import RayBackend
@@ -238,7 +251,17 @@ def run_study(
             runner.run(plan)
     finally:
         monitor.stop()
+    # Trials of a killed run whose workers were still winding down when this run started.
+    recovery.fail_orphans(study, max_retries=max_retries)
     return monitor.progress
+
+
+def _done(study: optuna.Study) -> int:
+    """Finished trials that count against the budget: a failed trial that a retry replaced
+    does not, its retry does."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = recovery.superseded(trials)
+    return sum(t.state in FINISHED and t.number not in replaced for t in trials)
 
 
 def _check_paths_here(name: str, space: Space) -> None:
@@ -449,4 +472,7 @@ def delete_study(name: str, storage: str | None = None) -> int:
                 except Exception as e:
                     logger.warning("could not remove artifact %s: %s", meta.artifact_id, e)
     optuna.delete_study(study_name=name, storage=opened.study._storage)
+    if not optuna.get_all_study_names(storage=opened.study._storage):
+        # The tokenised data is shared by the studies of this store: the last one takes it along.
+        shutil.rmtree(opened.artifact_dir / "tokenized", ignore_errors=True)
     return removed

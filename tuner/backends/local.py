@@ -1,7 +1,9 @@
 """Trials on this machine: `jobs` worker processes, each running Optuna's own optimize loop
 against the shared study store (which is what makes median pruning see every trial).
 
-Workers take trials from a shared counter, so a run finishes exactly the trials asked for.
+Workers take trials from a shared counter, so a run finishes exactly the trials asked for. A
+worker that dies has its trial failed and retried (up to the space's `max_retries`), and a new
+worker takes its place.
 They live in their own process group: Ctrl-C reaches the driver only, which interrupts each
 worker once; the worker's trial ends FAIL ("interrupted") and nothing is left RUNNING.
 """
@@ -89,9 +91,9 @@ class LocalBackend:
                     del workers[index]
                     if process.exitcode == 0:
                         continue
-                    _fail_orphan(
-                        plan, running, index, f"worker process died (exit code {process.exitcode})"
-                    )
+                    reason = f"worker process died (exit code {process.exitcode})"
+                    if _fail_orphan(plan, running, index, reason, retry=True):
+                        slots.give_back()  # the retry takes the dead trial's place
                     expired = deadline is not None and time.time() > deadline
                     if slots.left() and not expired:
                         restarts += 1
@@ -109,7 +111,9 @@ class LocalBackend:
         except BaseException:
             _stop(workers)
             for index in range(plan.jobs):
-                _fail_orphan(plan, running, index, "interrupted (Ctrl-C or a stop signal)")
+                _fail_orphan(
+                    plan, running, index, "interrupted (Ctrl-C or a stop signal)", retry=False
+                )
             raise
 
 
@@ -145,16 +149,26 @@ def _stop(workers: dict[int, Any]) -> None:
             process.join()
 
 
-def _fail_orphan(plan: RunPlan, running: Any, index: int, reason: str) -> None:
-    """Fail the trial a dead worker left RUNNING, so that it does not wait for heartbeats."""
+def _fail_orphan(plan: RunPlan, running: Any, index: int, reason: str, *, retry: bool) -> bool:
+    """Fail the trial a dead worker left RUNNING, so that it does not wait for heartbeats, and
+    enqueue its retry. Returns whether a retry was enqueued."""
     trial_id = running[index]
     running[index] = -1
     if trial_id < 0:
-        return
-    from tuner.objective import fail_trial
+        return False
+    import optuna
+
+    from tuner import recovery
     from tuner.storage import open_storage
 
-    fail_trial(open_storage(plan.storage_url), trial_id, reason)
+    storage = open_storage(plan.storage_url)
+    try:
+        study = optuna.load_study(study_name=plan.study_name, storage=storage)
+        return recovery.fail_and_retry(
+            study, storage.get_trial(trial_id), reason, max_retries=plan.max_retries, retry=retry
+        )
+    finally:
+        storage.engine.dispose()
 
 
 def _worker(

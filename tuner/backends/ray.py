@@ -3,8 +3,13 @@
 One actor per trial slot, each asking Ray for the space's `resources` (`gpus_per_trial`,
 `cpus_per_trial`) and running Optuna's own optimize loop against the shared store, one trial at
 a time. An actor runs trials back to back, so a GPU freed by a finished or pruned trial gets the
-next trial at once: no batches, no barrier. The number of actors follows the cluster's resources,
+next trial at once: no batches, no barrier. The number of slots follows the cluster's resources,
 so a node that joins mid-sweep gets work.
+
+A trial that needs several GPUs (`gpus_per_trial: 4`) gets a slot of one actor per GPU, placed
+together by a placement group and joined in one torch process group: rank 0 runs the Optuna
+trial, the others train with it (DDP, or DeepSpeed when the space names a config), and rank 0's
+prune decision stops every rank at the same step (`trials.distributed`).
 
 An actor that dies (its process or node killed) has its running trial failed with the reason and
 retried, up to `max_retries`, with the same params; a trial that failed by its own error is not
@@ -13,7 +18,6 @@ retried. Ray's token authentication stays on: `tuner` never starts a cluster wit
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -21,14 +25,15 @@ import time
 import uuid
 from typing import Any
 
+from optuna.trial import TrialState
+
 from tuner.backends.base import RunPlan
 from tuner.errors import BackendError
 from tuner.storage import mask_url, strip_password
 
 logger = logging.getLogger(__name__)
 
-WORKER_ATTR = "worker"
-_PER_ATTEMPT_ATTRS = (WORKER_ATTR, "worker_pid", "fail_reason")  # not copied into a retry
+MAX_DEATHS_PER_SLOT = 3  # beyond this the cause is not one unlucky worker: stop, say why
 
 
 class RayBackend:
@@ -49,80 +54,205 @@ class RayBackend:
                 "PGPASSWORD or ~/.pgpass on their node",
                 mask_url(plan.storage_url),
             )
-        actor_class = ray.remote(max_restarts=0, max_concurrency=1)(TrialActor)
+        study = _driver_study(plan)
         remaining = plan.n_trials
         deadline = time.time() + plan.timeout if plan.timeout else None
-        actors: dict[str, Any] = {}  # worker id → handle
+        slots: dict[str, _Slot] = {}  # worker id → slot
         idle: list[str] = []
-        pending: dict[Any, str] = {}  # future → worker id
+        pending: dict[Any, tuple[str, int]] = {}  # future → (worker id, rank)
+        deaths = 0
         try:
             while True:
                 expired = deadline is not None and time.time() > deadline
-                wanted = _slots(plan)
+                wanted = _capacity(plan)
                 if remaining is not None:
-                    wanted = min(wanted, remaining + len(pending))
-                while len(actors) < wanted and not expired:
-                    worker = f"ray-{uuid.uuid4().hex[:8]}"
-                    actors[worker] = actor_class.options(
-                        num_gpus=plan.gpus_per_trial, num_cpus=plan.cpus_per_trial
-                    ).remote(actor_plan, worker)
-                    idle.append(worker)
+                    wanted = min(wanted, remaining + len({w for w, _ in pending.values()}))
+                while len(slots) < wanted and not expired:
+                    slot = _Slot.start(actor_plan)
+                    if slot is None:
+                        break  # the cluster's resources are taken (by another job, say)
+                    slots[slot.worker] = slot
+                    idle.append(slot.worker)
                 while idle and remaining != 0 and not expired:
                     worker = idle.pop()
-                    pending[actors[worker].run_one.remote()] = worker
+                    for rank, future in enumerate(slots[worker].run_one()):
+                        pending[future] = (worker, rank)
                     if remaining is not None:
                         remaining -= 1
                 if not pending:
                     break
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for future in done:
-                    worker = pending.pop(future)
+                    if future not in pending:
+                        continue  # its slot was dropped a moment ago
+                    worker, rank = pending.pop(future)
+                    slot = slots[worker]
                     try:
                         ray.get(future)
-                        idle.append(worker)
+                        if not any(w == worker for w, _ in pending.values()):
+                            idle.append(worker)
+                        elif rank == 0:
+                            slot.rank0_done = time.monotonic()
+                        continue
                     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                        del actors[worker]
-                        retried = _fail_and_retry(plan, worker, f"Ray worker died: {_first(e)}")
-                        if remaining is not None:
-                            remaining += retried
+                        reason, retry = f"Ray worker died: {_first(e)}", True
+                    except ray.exceptions.RayTaskError as e:
+                        if slot.ranks == 1:
+                            raise  # not a trial's error (those Optuna records): a bug, or the store
+                        reason, retry = f"rank {rank} failed: {_first(e.cause or e)}", False
+                    deaths += 1
+                    if deaths > MAX_DEATHS_PER_SLOT * max(1, _capacity(plan)):
+                        raise BackendError(f"Ray workers keep dying; last: {reason}")
+                    found, retried = _fail_and_retry(study, plan, worker, reason, retry=retry)
+                    _drop(slot, slots, pending, idle)
+                    if remaining is not None:
+                        # A worker that died before its trial began (it could not reach the
+                        # store, say) leaves that trial to the next one.
+                        remaining += retried if found else 1
+                for worker in _hung(slots, pending):
+                    logger.warning("%s: ranks still busy after rank 0 ended; restarting", worker)
+                    _drop(slots[worker], slots, pending, idle)
         except BaseException:
-            for worker in list(actors):
-                _fail_and_retry(plan, worker, "interrupted (Ctrl-C or a stop signal)", retry=False)
+            for worker in list(slots):
+                _fail_and_retry(
+                    study, plan, worker, "interrupted (Ctrl-C or a stop signal)", retry=False
+                )
             raise
         finally:
-            for handle in actors.values():
-                ray.kill(handle)
+            for slot in list(slots.values()):
+                slot.stop()
+
+
+RANK_GRACE_S = 60.0  # how long the other ranks may run on after rank 0 ended its trial
+
+
+class _Slot:
+    """Where one trial runs at a time: one actor, or for a multi-GPU trial one actor per GPU
+    (rank 0 first) in a placement group, joined in one torch process group for its lifetime."""
+
+    def __init__(self, worker: str, actors: list[Any], group: Any) -> None:
+        self.worker = worker
+        self.actors = actors
+        self.group = group
+        self.ranks = len(actors)
+        self.rank0_done: float | None = None
+
+    @classmethod
+    def start(cls, plan: RunPlan) -> _Slot | None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        worker = f"ray-{uuid.uuid4().hex[:8]}"
+        ranks = int(plan.gpus_per_trial) if plan.gpus_per_trial > 1 else 1
+        actor_class = ray.remote(max_restarts=0, max_concurrency=1)(TrialActor)
+        if ranks == 1:
+            actor = actor_class.options(
+                num_gpus=plan.gpus_per_trial, num_cpus=plan.cpus_per_trial
+            ).remote(plan, worker)
+            return cls(worker, [actor], None)
+        cpus = plan.cpus_per_trial / ranks
+        group = placement_group([{"GPU": 1, "CPU": cpus}] * ranks, strategy="PACK")
+        try:
+            ray.get(group.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            return None
+        actors = [
+            actor_class.options(
+                num_gpus=1,
+                num_cpus=cpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
+            ).remote(plan, worker, rank=rank, world=ranks)
+            for rank in range(ranks)
+        ]
+        address = ray.get(actors[0].rendezvous.remote())
+        ray.get([actor.join.remote(address) for actor in actors])
+        return cls(worker, actors, group)
+
+    def run_one(self) -> list[Any]:
+        """Futures of one trial: rank 0 runs it, the others follow."""
+        self.rank0_done = None
+        return [self.actors[0].run_one.remote()] + [a.follow.remote() for a in self.actors[1:]]
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.group is not None:
+            ray.util.remove_placement_group(self.group)
+
+
+def _drop(slot: _Slot, slots: dict, pending: dict, idle: list) -> None:
+    """End a slot whose trial is over or broken: all its ranks go, a fresh slot replaces it."""
+    slot.stop()
+    slots.pop(slot.worker, None)
+    if slot.worker in idle:
+        idle.remove(slot.worker)
+    for future, (worker, _) in list(pending.items()):
+        if worker == slot.worker:
+            del pending[future]
+
+
+def _hung(slots: dict[str, _Slot], pending: dict) -> list[str]:
+    """Multi-GPU slots whose rank 0 ended its trial long ago while another rank still runs: a
+    rank that failed mid-collective leaves the others waiting until the process group's timeout."""
+    busy = {w for w, _ in pending.values()}
+    now = time.monotonic()
+    return [
+        w
+        for w, slot in slots.items()
+        if w in busy and slot.rank0_done is not None and now - slot.rank0_done > RANK_GRACE_S
+    ]
 
 
 class TrialActor:
-    """Runs trials of one study, one at a time, on the resources Ray gave it."""
+    """Runs trials of one study, one at a time, on the resources Ray gave it; in a multi-GPU
+    slot, one rank of each trial."""
 
-    def __init__(self, plan: RunPlan, worker: str) -> None:
+    def __init__(self, plan: RunPlan, worker: str, *, rank: int = 0, world: int = 1) -> None:
         from tuner.objective import Objective, quiet_worker_logs
         from tuner.study import open_study
 
         quiet_worker_logs(logging.WARNING)
         seed_offset = int(worker.split("-")[1], 16) % 100_000  # distinct draws per actor
         self.opened = open_study(
-            plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset
+            plan.study_name, plan.storage_url, heartbeat=rank == 0, seed_offset=seed_offset
         )
-        self.objective = Objective(self.opened.space, artifact_dir=self.opened.artifact_dir)
-        self.objective.on_trial_start = lambda trial: _mark(trial, worker)
-        self.objective.warm_up(threads=max(1, int(plan.cpus_per_trial)))
+        self.rank, self.world = rank, world
+        self.objective = Objective(
+            self.opened.space, artifact_dir=self.opened.artifact_dir, ranks=world
+        )
+        self.objective.worker = worker  # the driver fails the trial by this if the actor dies
+        self.objective.warm_up(threads=max(1, int(plan.cpus_per_trial / world)))
+
+    def rendezvous(self) -> str:
+        from trials import distributed
+
+        return distributed.rendezvous_address()
+
+    def join(self, address: str) -> None:
+        from trials import distributed
+
+        distributed.init_group(rank=self.rank, world=self.world, address=address)
 
     def run_one(self) -> None:
         self.opened.study.optimize(
             self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True
         )
+        if self.world > 1 and not self.objective.shared:
+            # The trial ended before its config was shared (a bad value, a store error): the
+            # other ranks are waiting for one, so tell them there is none.
+            from trials import distributed
+
+            distributed.share(None)
+
+    def follow(self) -> int | None:
+        return self.objective.follow()
 
 
-def _mark(trial: Any, worker: str) -> None:
-    """Which actor (and process) runs the trial: the driver fails it by this if the actor dies."""
-    trial.set_user_attr(WORKER_ATTR, worker)
-    trial.set_user_attr("worker_pid", os.getpid())
-
-
-def _slots(plan: RunPlan) -> int:
+def _capacity(plan: RunPlan) -> int:
     """How many trials the cluster can hold at once, by its total resources."""
     import ray
 
@@ -133,35 +263,29 @@ def _slots(plan: RunPlan) -> int:
     return by_cpu
 
 
-def _fail_and_retry(plan: RunPlan, worker: str, reason: str, *, retry: bool = True) -> int:
-    """Fail the trial a dead worker left RUNNING; enqueue a retry. Returns retries enqueued."""
-    import optuna
-    from optuna.trial import TrialState
+def _fail_and_retry(
+    study: Any, plan: RunPlan, worker: str, reason: str, *, retry: bool = True
+) -> tuple[bool, bool]:
+    """Fail the trial a dead worker left RUNNING and enqueue its retry.
+    Returns (whether the worker had a trial running, whether a retry was enqueued)."""
+    from tuner import recovery
 
-    from tuner.objective import fail_trial
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(recovery.WORKER_ATTR) == worker:
+            retried = recovery.fail_and_retry(
+                study, trial, reason, max_retries=plan.max_retries, retry=retry
+            )
+            return True, retried
+    return False, False
+
+
+def _driver_study(plan: RunPlan) -> Any:
+    """One store connection for the driver's bookkeeping, however many workers die."""
+    import optuna
+
     from tuner.storage import open_storage
 
-    storage = open_storage(plan.storage_url)
-    study = optuna.load_study(study_name=plan.study_name, storage=storage)
-    retried = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_ATTR) != worker:
-            continue
-        if not fail_trial(storage, trial._trial_id, reason):
-            continue
-        if retry and _retries(trial) < plan.max_retries:
-            # Optuna's own retry: a WAITING copy with the same params, linked to the original.
-            clean = copy.copy(trial)
-            clean.user_attrs = {
-                k: v for k, v in trial.user_attrs.items() if k not in _PER_ATTEMPT_ATTRS
-            }
-            optuna.storages.RetryFailedTrialCallback(max_retry=plan.max_retries)(study, clean)
-            retried += 1
-    return retried
-
-
-def _retries(trial: Any) -> int:
-    return len(trial.system_attrs.get("retry_history", []))
+    return optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage_url))
 
 
 def _first(error: BaseException) -> str:
