@@ -299,14 +299,17 @@ class _Monitor(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
-        self.poll()
+        for attempt in range(5):  # the final count is what the run reports: it must be read
+            if self.poll(final=attempt == 4):
+                return
+            time.sleep(1)
 
-    def poll(self) -> None:
+    def poll(self, *, final: bool = False) -> bool:
         try:
             trials = self.study.get_trials(deepcopy=False, states=FINISHED)
         except Exception as e:  # a store hiccup must not end the run; the next poll retries
-            logger.debug("progress poll failed: %s", e)
-            return
+            (logger.warning if final else logger.debug)("progress poll failed: %s", e)
+            return False
         new = [t for t in trials if t.number not in self.seen]
         p = self.progress
         for t in sorted(new, key=lambda t: (t.datetime_complete or t.datetime_start, t.number)):
@@ -322,6 +325,7 @@ class _Monitor(threading.Thread):
             if self.on_progress is not None:
                 self.on_progress(p)
         p.last = None
+        return True
 
 
 # ----------------------------------------------------------------------------- reading
