@@ -174,6 +174,15 @@ BAD = [
     ),
     (GOOD + "baseline: {lora_rank: 16}\n", "baseline.lora_rank must be one of [4, 8] (got 16)"),
     (GOOD + "baseline: {warmup_ratio: 0.1}\n", "baseline.warmup_ratio is not a searched param"),
+    (
+        GOOD + "  deepspeed: zero4\n",
+        "fixed.deepspeed: 'zero4' is not a preset or a file (allowed: zero2, zero3, "
+        "zero3_offload, or a path to a DeepSpeed JSON)",
+    ),
+    (
+        GOOD + "resources: {gpus_per_trial: 1.5}\n",
+        "gpus_per_trial above 1 must be a whole number of GPUs (got 1.5)",
+    ),
 ]
 
 
@@ -227,3 +236,18 @@ def test_cli_refuses_a_bad_data_file_before_creating_the_study(
     assert "s.yaml: fixed.dataset: chat.jsonl: line 1: has no 'instruction' field" in line
     assert "fixed.dataset.columns.instruction" in line
     assert optuna.get_all_study_names(f"sqlite:///{workdir / 'tuner.db'}") == []
+
+
+def test_deepspeed_presets_stay_names_and_own_configs_become_absolute(workdir: Path) -> None:
+    assert (
+        load_space(write_space(workdir / "a.yaml", GOOD + "  deepspeed: zero3\n")).fixed[
+            "deepspeed"
+        ]
+        == "zero3"
+    )
+    (workdir / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    space = load_space(write_space(workdir / "b.yaml", GOOD + "  deepspeed: ds.json\n"))
+    assert space.fixed["deepspeed"] == str(workdir / "ds.json")
+    (workdir / "list.json").write_text("[2]")
+    with pytest.raises(SpaceError, match="fixed.deepspeed: list.json is not a DeepSpeed JSON"):
+        load_space(write_space(workdir / "c.yaml", GOOD + "  deepspeed: list.json\n"))

@@ -143,6 +143,22 @@ def test_a_sweep_tokenises_its_data_once(sqlite_url: str, demo_dir: Path, tmp_pa
     assert set(sources) <= {"tokenized", "shared", "memory"}
 
 
+def test_a_deepspeed_zero2_sweep_trains_through_the_trainer_on_cpu(
+    sqlite_url: str, demo_dir: Path, tmp_path: Path
+) -> None:
+    """`fixed.deepspeed: zero2`, one process on the CPU: every trial trains under DeepSpeed
+    (the HF Trainer's integration, `auto` values from the trial), the second on the kept base."""
+    space = small_space(demo_dir, pruner="none")
+    space["fixed"] = {**space["fixed"], "deepspeed": "zero2", "max_steps": 10, "eval_steps": 5}
+    name = create_study(write_space(tmp_path / "ds.yaml", space), storage=sqlite_url)
+    assert run_study(name, storage=sqlite_url, n_trials=2, jobs=1).complete == 2
+
+    trials = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert [t.user_attrs["deepspeed_stage"] for t in trials] == [2, 2]
+    assert all(t.user_attrs["steps"] == 10 and "adapter" in t.user_attrs for t in trials)
+    assert trials[1].user_attrs["data_source"] == "memory"  # the same worker, kept warm
+
+
 def test_budget_is_the_default_number_of_trials(
     sqlite_url: str, demo_dir: Path, tmp_path: Path
 ) -> None:

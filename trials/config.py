@@ -8,6 +8,8 @@ leaves a param out trains with these.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,6 +90,11 @@ class TrialConfig(BaseModel):
     fp16: bool = False
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    deepspeed: str | None = Field(
+        default=None,
+        description="DeepSpeed through the HF Trainer: zero2, zero3, zero3_offload (shipped "
+        "configs, `auto` values filled from the trial's) or a path to your own JSON.",
+    )
 
     # Sampling settings recorded with the trial, for the generation objective and the export.
     temperature: float = Field(default=0.6, gt=0)
@@ -115,8 +122,26 @@ class TrialConfig(BaseModel):
 # Fields that can be searched: the numbers and choices of a run, not what the run is about.
 SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "workload",
+    "deepspeed",
     "model_name_or_path",
     "dataset",
     "template",
     "trust_remote_code",
 }
+
+
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+
+
+def deepspeed_config(value: str) -> Path:
+    """The JSON file a `deepspeed` value names: a shipped preset, or the user's own path."""
+    if value in DEEPSPEED_PRESETS:
+        return _DS_CONFIGS / f"{value}.json"
+    return Path(value)
+
+
+def deepspeed_stage(value: str) -> int:
+    """The ZeRO stage of a `deepspeed` value (0 when its config sets none)."""
+    config = json.loads(deepspeed_config(value).read_text())
+    return int((config.get("zero_optimization") or {}).get("stage", 0))

@@ -80,6 +80,7 @@ class TrialResult:
     trainable_params: int = 0
     total_params: int = 0
     truncation_ratio: float = 0.0
+    deepspeed_stage: int = 0  # the ZeRO stage the trial trained with; 0: no DeepSpeed
     data_source: str = ""  # tokenized, shared (the study's cache) or memory; empty: no data
     adapter_dir: str = ""  # empty: the workload trains no adapter
     timings: dict[str, float] = field(default_factory=dict)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trials import data as data_mod
-from trials.config import TrialConfig
+from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
 from trials.evaluate import final_metrics, last_train_loss
 from trials.pruning import PruningCallback
 from trials.report import TrialResult
@@ -88,6 +88,7 @@ def run(
         total_params=total,
         truncation_ratio=data.truncation_ratio,
         data_source=data.source,
+        deepspeed_stage=deepspeed_stage(config.deepspeed) if trainer.is_deepspeed_enabled else 0,
         adapter_dir=str(adapter_dir),
         timings=timings,
     )
@@ -138,15 +139,19 @@ def _setup_model(config: TrialConfig) -> Any:
         config.trust_remote_code,
         config.gradient_checkpointing,
     )
-    if key not in _BASES:
-        _BASES.clear()
-        _BASES[key] = AutoModelForCausalLM.from_pretrained(
-            config.model_name_or_path,
-            dtype=dtype,
-            trust_remote_code=config.trust_remote_code,
-            use_safetensors=True,
-        )
-    return _BASES[key]
+    if key in _BASES:
+        return _BASES[key]
+    _BASES.clear()
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=config.trust_remote_code,
+        use_safetensors=True,
+    )
+    # ZeRO-3 shards the parameters in place: such a base cannot serve the next trial.
+    if not (config.deepspeed and deepspeed_stage(config.deepspeed) == 3):
+        _BASES[key] = model
+    return model
 
 
 def _release(trainer: Any) -> None:
@@ -183,8 +188,13 @@ def _setup_trainer(
         target_modules="all-linear" if config.lora_target == "all" else config.lora_target,
         task_type="CAUSAL_LM",
     )
+    deepspeed = None
+    if config.deepspeed:
+        deepspeed = str(deepspeed_config(config.deepspeed))
+        _single_process_env()
     args = SFTConfig(
         output_dir=str(output_dir),
+        deepspeed=deepspeed,  # `auto` values are filled from these arguments by the Trainer
         max_steps=config.max_steps,
         num_train_epochs=config.num_train_epochs,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -225,6 +235,22 @@ def _setup_trainer(
     # With the progress bar off the Trainer prints every log dict; the store has them already.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _single_process_env() -> None:
+    """DeepSpeed looks for MPI unless told it is one process of one; a multi-GPU trial has set
+    these already (trials.distributed)."""
+    import os
+    import socket
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def set_deepspeed_accelerator() -> None:

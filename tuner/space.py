@@ -613,12 +613,35 @@ def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
         if not resolved.exists():
             raise SpaceError(f"fixed.dataset.path: no such file or directory {str(resolved)!r}")
         dataset["path"] = str(resolved)
+    if fixed.get("deepspeed") is not None:
+        fixed["deepspeed"] = _resolve_deepspeed(fixed["deepspeed"], base_dir)
     model = fixed["model_name_or_path"]
     if _looks_local(model, base_dir, data_file=False):
         resolved = (base_dir / Path(model).expanduser()).resolve()
         if not resolved.is_dir():
             raise SpaceError(f"fixed.model_name_or_path: no such model directory {str(resolved)!r}")
         fixed["model_name_or_path"] = str(resolved)
+
+
+def _resolve_deepspeed(value: Any, base_dir: Path) -> str:
+    """A shipped preset stays a name; a path is made absolute and read now (a JSON object)."""
+    from trials.config import DEEPSPEED_PRESETS, deepspeed_stage
+
+    allowed = f"allowed: {', '.join(DEEPSPEED_PRESETS)}, or a path to a DeepSpeed JSON"
+    if not isinstance(value, str) or not value.strip():
+        raise SpaceError(f"fixed.deepspeed must be a name or a path ({allowed}; got {value!r})")
+    if value in DEEPSPEED_PRESETS:
+        return value
+    path = (base_dir / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise SpaceError(f"fixed.deepspeed: {value!r} is not a preset or a file ({allowed})")
+    try:
+        deepspeed_stage(str(path))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise SpaceError(
+            f"fixed.deepspeed: {path.name} is not a DeepSpeed JSON object ({e})"
+        ) from None
+    return str(path)
 
 
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
