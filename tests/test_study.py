@@ -178,7 +178,10 @@ def test_nan_loss_and_errors_fail_the_trial_and_the_study_goes_on(
     progress = run_study(name, storage=sqlite_url, n_trials=1)
     (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
     assert progress.failed == 1 and trial.state == TrialState.FAIL
-    assert re_any(trial.user_attrs["fail_reason"], ("nan", "inf"))
+    assert trial.user_attrs["fail_reason"] == "nan"
+    assert re_any(trial.user_attrs["fail_detail"], ("nan", "inf"))
+    # Stopped at the diverged step itself, before the first evaluation (step 10).
+    assert trial.user_attrs["timings"]["stopped_at_step"] < 10
     with pytest.raises(StorageError, match="no completed trial"):
         best_report(name, sqlite_url)
 

@@ -12,6 +12,7 @@ reporting each validation loss → final validation → adapter saved as safeten
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from trials import data as data_mod
 from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
 from trials.evaluate import final_metrics, last_train_loss
 from trials.pruning import PruningCallback
-from trials.report import TrialResult
+from trials.report import NonFiniteLoss, TrialResult
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _setup_trainer(
 ) -> Any:
     from peft import LoraConfig
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     lora = LoraConfig(
         r=config.lora_rank,
@@ -223,7 +224,7 @@ def _setup_trainer(
         # A diverging run must show as NaN, not be averaged away.
         logging_nan_inf_filter=False,
     )
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,
@@ -235,6 +236,24 @@ def _setup_trainer(
     # With the progress bar off the Trainer prints every log dict; the store has them already.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+@functools.cache
+def _trainer_class() -> type:
+    """TRL's SFTTrainer, stopping at the first step whose loss is NaN or infinite: a diverged
+    run learns nothing more, and waiting for the next evaluation would only burn GPU time."""
+    import torch
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            loss = super().training_step(*args, **kwargs)
+            if not torch.isfinite(loss).all():
+                step = self.state.global_step + 1
+                raise NonFiniteLoss(f"training loss is {loss.float().mean().item()} at step {step}")
+            return loss
+
+    return Trainer
 
 
 def _single_process_env() -> None:

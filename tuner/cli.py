@@ -365,7 +365,10 @@ class _ProgressBar:
         state = trial.state.name.lower()
         value = f" {_num(trial.value)}" if trial.value is not None else ""
         where = f" at step {trial.last_step}" if state == "pruned" else ""
-        reason = f": {trial.user_attrs['fail_reason']}" if "fail_reason" in trial.user_attrs else ""
+        reason = " ".join(
+            filter(None, (trial.user_attrs.get("fail_reason"), trial.user_attrs.get("fail_detail")))
+        )
+        reason = f": {reason}" if reason else ""
         params = " ".join(f"{k}={_num(v)}" for k, v in trial.user_attrs.get("hparams", {}).items())
         best = f" | best {_num(progress.best_value)} (trial {progress.best_trial})"
         tqdm.write(

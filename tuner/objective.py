@@ -88,10 +88,12 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or a stop signal)")
             raise
         except Exception as e:
-            trial.set_user_attr("fail_reason", _one_line(e))
+            kind = _failure_kind(e)
+            # `nan` and `oom` are codes to filter on; other errors are their own first line.
+            trial.set_user_attr("fail_reason", kind or _one_line(e))
+            if kind:
+                trial.set_user_attr("fail_detail", _one_line(e))
             trial.set_user_attr("timings", timings)
-            if _is_out_of_memory(e):
-                trial.set_user_attr("oom", True)
             raise
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
@@ -191,5 +193,12 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:500]}" if text else type(error).__name__
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+def _failure_kind(error: BaseException) -> str | None:
+    """`nan` for a diverged run, `oom` for out of memory, else None."""
+    from trials.report import NonFiniteLoss
+
+    if isinstance(error, NonFiniteLoss | NonFiniteObjective):
+        return "nan"
+    if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
+        return "oom"
+    return None

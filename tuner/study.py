@@ -414,7 +414,9 @@ def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration else None
-        note = t.user_attrs.get("fail_reason", "")
+        note = " ".join(
+            filter(None, (t.user_attrs.get("fail_reason"), t.user_attrs.get("fail_detail")))
+        )
         if t.user_attrs.get(BASELINE_ATTR):
             note = ("baseline " + note).strip()
         rows.append(
