@@ -51,6 +51,8 @@ def test_quickstart_path(tmp_path: Path) -> None:
 
     shown = run_cli("study", "show", "quickstart", cwd=tmp_path, env=env)
     assert shown.returncode == 0 and "baseline" in shown.stdout and "lora_alpha=32" in shown.stdout
+    with_facts = run_cli("study", "show", "quickstart", "--facts", cwd=tmp_path, env=env)
+    assert with_facts.returncode == 0 and "tokens_per_s" in with_facts.stdout
     listed = run_cli("study", "list", cwd=tmp_path, env=env)
     assert "quickstart" in listed.stdout
 

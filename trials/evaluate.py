@@ -17,6 +17,12 @@ def final_metrics(trainer: Any) -> dict[str, float]:
     return {"eval_loss": loss, "perplexity": _perplexity(loss)}
 
 
+def best_eval_step(trainer: Any) -> int | None:
+    """The step of the lowest validation loss: where a longer run stopped helping."""
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    return int(min(evals, key=lambda log: log["eval_loss"])["step"]) if evals else None
+
+
 def last_train_loss(trainer: Any) -> float | None:
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return float(losses[-1]) if losses else None

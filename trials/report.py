@@ -80,6 +80,10 @@ class TrialResult:
     trainable_params: int = 0
     total_params: int = 0
     truncation_ratio: float = 0.0
+    tokens_per_s: float = 0.0  # training tokens per second, all ranks together
+    peak_mem_gb: float | None = None  # peak GPU memory of this process (rank 0); None on CPU
+    gpu_hours: float = 0.0  # the trial's wall time x the GPUs it held
+    best_eval_step: int | None = None  # the step of the lowest validation loss
     deepspeed_stage: int = 0  # the ZeRO stage the trial trained with; 0: no DeepSpeed
     data_source: str = ""  # tokenized, shared (the study's cache) or memory; empty: no data
     adapter_dir: str = ""  # empty: the workload trains no adapter

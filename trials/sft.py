@@ -22,7 +22,7 @@ from typing import Any
 
 from trials import data as data_mod
 from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
-from trials.evaluate import final_metrics, last_train_loss
+from trials.evaluate import best_eval_step, final_metrics, last_train_loss
 from trials.pruning import PruningCallback
 from trials.report import NonFiniteLoss, TrialResult
 
@@ -48,6 +48,11 @@ def run(
 
     timings = {} if timings is None else timings
     clock = _Clock(timings)
+    started = time.perf_counter()
+    if _has_cuda():
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
     tokenizer = _setup_tokenizer(config)
     model = _setup_model(config)
@@ -90,9 +95,24 @@ def run(
         truncation_ratio=data.truncation_ratio,
         data_source=data.source,
         deepspeed_stage=deepspeed_stage(config.deepspeed) if trainer.is_deepspeed_enabled else 0,
+        best_eval_step=best_eval_step(trainer),
+        **_usage(trainer, timings, started),
         adapter_dir=str(adapter_dir),
         timings=timings,
     )
+
+
+def _usage(trainer: Any, timings: dict[str, float], started: float) -> dict[str, Any]:
+    """Throughput and what the trial cost: tokens per second, peak GPU memory, GPU-hours."""
+    import torch
+
+    tokens = int(trainer.state.num_input_tokens_seen)
+    gpus = trainer.args.world_size if _has_cuda() else 0
+    return {
+        "tokens_per_s": tokens / timings["train_s"] if timings.get("train_s") else 0.0,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if _has_cuda() else None,
+        "gpu_hours": (time.perf_counter() - started) * gpus / 3600,
+    }
 
 
 class _Clock:

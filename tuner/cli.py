@@ -185,11 +185,21 @@ def study_list(storage: Storage = None) -> None:
 
 
 @study_app.command("show")
-def study_show(name: str, storage: Storage = None) -> None:
+def study_show(
+    name: str,
+    storage: Storage = None,
+    facts: Annotated[
+        bool,
+        typer.Option(
+            "--facts", help="Also tokens/s, peak GPU memory, GPU-hours, best step, truncation."
+        ),
+    ] = False,
+) -> None:
     """Every trial: state, value, params, where it was pruned, how long it took."""
-    from tuner.study import trial_rows
+    from tuner.study import FACTS, trial_rows
 
-    table = _table("#", "state", "value", "params", "pruned at", "duration", "note")
+    columns = ["#", "state", "value", "params", "pruned at", "duration", "note"]
+    table = _table(*columns, *(FACTS if facts else ()))
     for row in trial_rows(name, storage):
         params = " ".join(f"{k}={_num(v)}" for k, v in row.params.items())
         table.add_row(
@@ -200,6 +210,7 @@ def study_show(name: str, storage: Storage = None) -> None:
             "" if row.pruned_at_step is None else f"step {row.pruned_at_step}",
             "" if row.duration_s is None else f"{row.duration_s:.1f}s",
             row.note,
+            *((_num(row.facts.get(key)) for key in FACTS) if facts else ()),
         )
     _print(table)
 

@@ -34,6 +34,8 @@ SPACE_FILE_ATTR = "space_file"
 ARTIFACTS_ATTR = "artifact_dir"
 BASELINE_ATTR = "baseline"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Per-trial measurements `study show --facts` prints, in order.
+FACTS = ("tokens_per_s", "peak_mem_gb", "gpu_hours", "best_eval_step", "truncation_ratio")
 
 
 # ----------------------------------------------------------------------------- create / open
@@ -407,6 +409,7 @@ class TrialRow:
     pruned_at_step: int | None
     duration_s: float | None
     note: str
+    facts: dict[str, Any]  # what the trial measured: FACTS, where recorded
 
 
 def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
@@ -428,6 +431,7 @@ def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
                 pruned_at_step=t.last_step if t.state == TrialState.PRUNED else None,
                 duration_s=duration,
                 note=note,
+                facts={k: t.user_attrs[k] for k in FACTS if t.user_attrs.get(k) is not None},
             )
         )
     return rows
