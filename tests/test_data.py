@@ -73,6 +73,41 @@ def test_sharegpt_roles_messages_and_languages(tmp_path: Path) -> None:
     assert second.completion[0]["content"] == "Привет"
 
 
+def test_openai_messages_format_with_mixed_languages_and_a_renamed_column(tmp_path: Path) -> None:
+    path = _jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "chat": [
+                    {"role": "user", "content": "用 English 解释 LoRA 是什么？"},
+                    {"role": "assistant", "content": "LoRA 是 low-rank adaptation：只训练小矩阵。"},
+                ],
+                "system": "你是 helpful assistant.",
+            },
+            {
+                "chat": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "再见 and goodbye"},
+                    {"role": "assistant", "content": "Bye 👋"},
+                ]
+            },
+        ],
+    )
+    spec = DatasetSpec(path=str(path), format="messages", columns={"messages": "chat"})
+    first, second = to_examples(spec)
+    assert first.prompt == [
+        {"role": "system", "content": "你是 helpful assistant."},
+        {"role": "user", "content": "用 English 解释 LoRA 是什么？"},
+    ]
+    assert first.completion[0]["content"] == "LoRA 是 low-rank adaptation：只训练小矩阵。"
+    assert [m["role"] for m in second.prompt] == ["user", "assistant", "user"]
+    assert second.completion == [{"role": "assistant", "content": "Bye 👋"}]
+    unmapped = r"line 1: has no conversation .*`messages`.*fixed.dataset.columns.messages"
+    with pytest.raises(DataError, match=unmapped):
+        to_examples(DatasetSpec(path=str(path), format="messages"))
+
+
 def test_columns_rename_a_users_fields(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "q.jsonl", [{"question": "Why?", "answer": "Because."}])
     spec = DatasetSpec(path=str(path), columns={"instruction": "question", "output": "answer"})

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetFormat = Literal["alpaca", "sharegpt"]
+DatasetFormat = Literal["alpaca", "sharegpt", "messages"]
 Scheduler = Literal[
     "linear",
     "cosine",
@@ -29,7 +29,8 @@ Scheduler = Literal[
 
 
 class DatasetSpec(BaseModel):
-    """A data set as users bring it: a JSON/JSONL file or a hub id, in alpaca or sharegpt form."""
+    """A data set as users bring it: a JSON/JSONL file or a hub id, in alpaca, sharegpt or
+    OpenAI-style messages form."""
 
     model_config = ConfigDict(extra="forbid")
 

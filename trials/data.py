@@ -3,7 +3,8 @@
 alpaca: `instruction`, `input`, `output`, optional `system` and `history`
 ([[user, assistant], ...]).
 sharegpt: `conversations`, a list of `{from, value}` (human/gpt/system/function/observation) or
-`{role, content}` turns, optional `system`. `columns` in the space renames either.
+`{role, content}` turns, optional `system`. messages: OpenAI-style `messages` of `{role, content}`,
+optional `system`. `columns` in the space renames any of them.
 
 The last assistant turn is the completion; everything before it is the prompt, which is masked
 out of the loss.
@@ -52,6 +53,7 @@ _ROLES = {
 _FORMAT_COLUMNS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "sharegpt": ("conversations", "system"),
+    "messages": ("messages", "system"),
 }
 
 
@@ -145,7 +147,9 @@ def to_examples(spec: DatasetSpec) -> list[Example]:
                 f"{name}: columns.{ours} is not a {spec.format} column "
                 f"(allowed: {', '.join(allowed)})"
             )
-    convert = _from_alpaca if spec.format == "alpaca" else _from_sharegpt
+    convert = {"alpaca": _from_alpaca, "sharegpt": _from_sharegpt, "messages": _from_messages}[
+        spec.format
+    ]
     examples = []
     for where, record in read_records(spec):
         if not isinstance(record, dict):
@@ -207,10 +211,22 @@ def _from_sharegpt(record: dict[str, Any], columns: dict[str, str]) -> Example:
     turns = _column(record, columns, "conversations", required=False)
     if turns is None and "conversations" not in columns:
         turns = record.get("messages")  # OpenAI-style records read the same way
+    return _from_turns(record, columns, turns, key="conversations")
+
+
+def _from_messages(record: dict[str, Any], columns: dict[str, str]) -> Example:
+    """OpenAI-style `messages` of `{role, content}`; ShareGPT's `{from, value}` read too."""
+    turns = _column(record, columns, "messages", required=False)
+    return _from_turns(record, columns, turns, key="messages")
+
+
+def _from_turns(
+    record: dict[str, Any], columns: dict[str, str], turns: Any, *, key: str
+) -> Example:
     if not isinstance(turns, list) or not turns:
         raise DataError(
-            "has no conversation (a non-empty `conversations` or `messages` list); "
-            "map yours with fixed.dataset.columns.conversations"
+            f"has no conversation (a non-empty `{columns.get(key, key)}` list); "
+            f"map yours with fixed.dataset.columns.{key}"
         )
     messages = [_message(turn, i) for i, turn in enumerate(turns)]
     system = _column(record, columns, "system", required=False)
