@@ -148,7 +148,10 @@ BAD = [
         "fixed.cutof_len is not a known option; did you mean 'cutoff_len'?",
     ),
     (GOOD + "  learning_rate: 1e-4\n", "fixed.learning_rate is also searched"),
-    (GOOD.replace("format: alpaca", "format: alpacca"), "fixed.dataset.format must be 'alpaca' or"),
+    (
+        GOOD.replace("format: alpaca", "format: alpacca"),
+        "fixed.dataset.format must be 'alpaca', 'sharegpt' or 'messages' (got 'alpacca')",
+    ),
     (GOOD.replace("./data.jsonl", "./missing.jsonl"), "fixed.dataset.path: no such file"),
     (GOOD.replace("./model", "./no-model"), "fixed.model_name_or_path: no such model directory"),
     (GOOD.replace("  model_name_or_path: ./model\n", ""), "fixed.model_name_or_path is required"),
