@@ -198,9 +198,8 @@ def test_a_multi_gpu_trial_runs_as_one_job_and_all_its_ranks_stop_on_prune(
     for lr in (1e-3, 1e-3, 1e-4):  # two good trials, then one the median pruner must stop
         study.enqueue_trial({"learning_rate": lr})
     progress = run_study(name, storage=sqlite_url, n_trials=4, backend="ray", address=ray_address)
-    assert progress.finished == 4
-
     trials = study.get_trials()
+    assert progress.finished == 4, [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert _max_concurrent(study) == GPUS // 2
     weak = trials[2]
     assert weak.state == TrialState.PRUNED

@@ -130,6 +130,7 @@ class OpenStudy:
     space: Space
     artifact_dir: Path
     url: str
+    store: optuna.storages.RDBStorage  # the study's store without Optuna's per-study cache
 
 
 def open_study(
@@ -162,7 +163,7 @@ def open_study(
         sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
         pruner=algorithms.build_pruner(space.pruner),
     )
-    return OpenStudy(study, space, Path(attrs[ARTIFACTS_ATTR]), url)
+    return OpenStudy(study, space, Path(attrs[ARTIFACTS_ATTR]), url, store)
 
 
 # ----------------------------------------------------------------------------- running
@@ -246,7 +247,7 @@ def run_study(
 
         runner = LocalBackend()
 
-    monitor = _Monitor(study, target=n_trials, on_progress=on_progress, poll_s=poll_s)
+    monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
     monitor.start()
     try:
         if n_trials != 0:
@@ -280,9 +281,18 @@ def _check_paths_here(name: str, space: Space) -> None:
 class _Monitor(threading.Thread):
     """Polls the store and reports what finished: the workers may be other processes."""
 
-    def __init__(self, study: optuna.Study, *, target: int | None, on_progress, poll_s: float):
+    def __init__(
+        self,
+        study: optuna.Study,
+        store: optuna.storages.RDBStorage,
+        *,
+        target: int | None,
+        on_progress,
+        poll_s: float,
+    ):
         super().__init__(daemon=True, name="tuner-monitor")
         self.study = study
+        self.store = store
         self.on_progress = on_progress
         self.poll_s = poll_s
         self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
@@ -301,7 +311,11 @@ class _Monitor(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
-        for attempt in range(5):  # the final count is what the run reports: it must be read
+        # The final count is what the run reports: read it afresh. Optuna's per-study cache
+        # fetches only trials above the highest finished id, so a trial whose creation was
+        # committed after a later one had finished would stay unseen.
+        self.study = optuna.load_study(study_name=self.study.study_name, storage=self.store)
+        for attempt in range(5):
             if self.poll(final=attempt == 4):
                 return
             time.sleep(1)
