@@ -223,11 +223,6 @@ class Resources(BaseModel):
             )
         return self
 
-    @property
-    def ranks(self) -> int:
-        """Processes that train one trial: one per GPU when it needs several."""
-        return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
-
 
 class Space(BaseModel):
     """A validated search space. `fixed` holds plain values; paths in it are absolute."""

@@ -19,6 +19,11 @@ class RunPlan:
     cpus_per_trial: float = 1
     max_retries: int = 2  # retries of a trial whose worker died
 
+    @property
+    def ranks(self) -> int:
+        """Processes that train one trial: one per GPU when it needs several."""
+        return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
+
 
 class Backend(Protocol):
     """Runs the trials of a plan against the study store, and returns when they are done.

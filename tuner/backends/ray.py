@@ -144,7 +144,7 @@ class _Slot:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         worker = f"ray-{uuid.uuid4().hex[:8]}"
-        ranks = int(plan.gpus_per_trial) if plan.gpus_per_trial > 1 else 1
+        ranks = plan.ranks
         actor_class = ray.remote(max_restarts=0, max_concurrency=1)(TrialActor)
         if ranks == 1:
             actor = actor_class.options(
