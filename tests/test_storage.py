@@ -66,3 +66,71 @@ def test_strip_password_keeps_the_rest() -> None:
         "postgresql+psycopg2://tuner@db/t"
     )
     assert strip_password("postgresql+psycopg2://tuner@db/t") == "postgresql+psycopg2://tuner@db/t"
+
+
+def _take_enqueued(url: str, out: str, barrier) -> None:
+    import optuna
+
+    study = optuna.load_study(study_name="queue", storage=open_storage(url))
+    barrier.wait()  # every process asks at once: the race a sweep's first seconds have
+    taken = []
+
+    def objective(trial: optuna.Trial) -> float:
+        taken.append(trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(objective, n_trials=6)
+    Path(out).write_text(" ".join(map(str, taken)))
+
+
+def test_each_enqueued_trial_is_taken_by_one_worker_only(storage_url: str, tmp_path: Path) -> None:
+    """Workers that ask at the same moment never run the same enqueued trial twice (SQLite
+    included, whose driver would otherwise read outside the transaction that writes)."""
+    import multiprocessing as mp
+
+    import optuna
+
+    study = optuna.create_study(study_name="queue", storage=open_storage(storage_url))
+    for i in range(24):
+        study.enqueue_trial({"x": i / 24})
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    outs = [str(tmp_path / f"taken{i}") for i in range(4)]
+    workers = [ctx.Process(target=_take_enqueued, args=(storage_url, o, barrier)) for o in outs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    taken = sorted(int(n) for o in outs for n in Path(o).read_text().split())
+    assert taken == list(range(24))
+
+
+def test_a_call_cut_off_by_a_server_restart_is_made_again(pg_url: str) -> None:
+    """A connection the server closes while the store holds it (a restart mid-sweep) costs one
+    reconnect, not the call: here the pool's pre-ping is off, so every pooled connection is one
+    the server has closed under it."""
+    import optuna
+    import sqlalchemy
+
+    from tuner.reconnect import ReconnectingRDBStorage
+
+    storage = ReconnectingRDBStorage(
+        pg_url, engine_kwargs={"pool_pre_ping": False, "pool_size": 1, "max_overflow": 1}
+    )
+    study = optuna.create_study(study_name="restart", storage=storage)
+    study.enqueue_trial({"x": 0.5})
+
+    admin = sqlalchemy.create_engine(pg_url.rsplit("/", 1)[0] + "/postgres")
+    with admin.connect() as conn:
+        dropped = conn.execute(
+            sqlalchemy.text(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity where datname = :d"
+            ),
+            {"d": pg_url.rsplit("/", 1)[1]},
+        ).scalar()
+    admin.dispose()
+    assert dropped >= 1
+
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert [t.params for t in study.get_trials()] == [{"x": 0.5}]

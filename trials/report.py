@@ -36,24 +36,11 @@ class Reporter:
         prune = False
         if self.trial is not None:
             started = time.perf_counter()
-            _retrying(lambda: self.trial.report(value, step))
-            prune = not final and _retrying(self.trial.should_prune)
+            self.trial.report(value, step)  # the store rides out dropped connections itself
+            prune = not final and self.trial.should_prune()
             self.store_seconds += time.perf_counter() - started
         if _agree(prune):
             raise optuna.TrialPruned(f"pruned at step {step} with {self.metric}={value:.4f}")
-
-
-def _retrying(call: Any, attempts: int = 3, wait_s: float = 2.0) -> Any:
-    """A store call, tried again after a dropped connection (a restarted server): the pool
-    reconnects on the next try, and one lost report must not fail hours of training."""
-    for attempt in range(attempts):
-        try:
-            return call()
-        except optuna.exceptions.StorageInternalError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
 
 
 def _agree(decision: bool) -> bool:

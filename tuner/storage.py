@@ -18,6 +18,7 @@ from tuner.settings import DEFAULT_ARTIFACT_DIR, DEFAULT_SQLITE_FILE, Settings, 
 
 if TYPE_CHECKING:
     import optuna
+    import sqlalchemy
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
     and a trial silent for `TUNER_GRACE_PERIOD` is failed by the next worker that starts a
     trial: that is how a crashed worker's trials stop being RUNNING forever.
     """
-    import optuna
     import sqlalchemy.exc
+
+    from tuner.reconnect import ReconnectingRDBStorage
 
     settings = get_settings()
     url = resolve_url(url, settings)
@@ -107,12 +109,15 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         engine_kwargs["pool_timeout"] = 120
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(
+            storage = ReconnectingRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval if heartbeat else None,
                 grace_period=settings.grace_period if heartbeat else None,
             )
+            if url.startswith("sqlite"):
+                _serialize_sqlite(storage.engine)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             # Several processes making the tables of a new database at once: one wins, the
             # others find the tables there on the next try.
@@ -122,6 +127,28 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
             raise _cannot_open(url, e) from None
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite(engine: sqlalchemy.Engine) -> None:
+    """Make each of Optuna's transactions on SQLite one serialized unit.
+
+    Python's sqlite3 driver starts a transaction only at the first write, so Optuna's "read the
+    trial, then mark it RUNNING if it was WAITING" runs its read outside the transaction: two
+    workers asking at once both took the same enqueued trial (and one then failed with "Cannot
+    tell a COMPLETE trial"). BEGIN IMMEDIATE takes the write lock up front; the others wait on
+    the driver's busy timeout. This is SQLAlchemy's documented recipe for pysqlite.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made while Optuna created the tables lack the listener
 
 
 def _cannot_open(url: str, error: Exception) -> StorageError:

@@ -203,7 +203,14 @@ def _worker(
             if (deadline is not None and time.time() > deadline) or os.getppid() != driver_pid:
                 slots.give_back()
                 break
-            opened.study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            try:
+                opened.study.optimize(
+                    objective, n_trials=1, catch=(Exception,), gc_after_trial=True
+                )
+            except Exception:
+                if running[index] < 0:
+                    slots.give_back()  # no trial began (the store failed first): not one lost
+                raise
             running[index] = -1
     except KeyboardInterrupt:
         running[index] = -1  # Optuna has already marked the trial FAIL

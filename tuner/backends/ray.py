@@ -97,9 +97,11 @@ class RayBackend:
                     except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                         reason, retry = f"Ray worker died: {_first(e)}", True
                     except ray.exceptions.RayTaskError as e:
-                        if slot.ranks == 1:
-                            raise  # not a trial's error (those Optuna records): a bug, or the store
-                        reason, retry = f"rank {rank} failed: {_first(e.cause or e)}", False
+                        # Not a trial's own error (Optuna records those): the store was out of
+                        # reach for longer than its retries, say. Counted like a death.
+                        who = "worker" if slot.ranks == 1 else f"rank {rank}"
+                        reason = f"{who} failed: {_first(e.cause or e)}"
+                        retry = slot.ranks == 1
                     deaths += 1
                     if deaths > MAX_DEATHS_PER_SLOT * max(1, _capacity(plan)):
                         raise BackendError(f"Ray workers keep dying; last: {reason}")

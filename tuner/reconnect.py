@@ -1,0 +1,108 @@
+"""Optuna's RDB storage, riding out a database server that restarts or drops its connections.
+
+`pool_pre_ping` replaces a connection found dead when it is taken from the pool; a connection
+cut while in use (a restart in the middle of a report, a heartbeat, the stale-trial check at a
+trial's start) still fails that one call with `StorageInternalError`, and with it a trial that
+may have trained for hours. Here such a call is made again on a fresh connection. Only lost
+connections are retried: a constraint violation or a lock timeout is raised at once.
+
+A write whose commit reached the server just before the connection went is made twice; the
+store's writes are idempotent (attrs, params, intermediate values), or raise on the second try
+(a trial already finished), so nothing is recorded that did not happen.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS = 4
+WAIT_S = 1.0  # then 2 s and 3 s: long enough for a server restart to accept connections
+
+# RDBStorage's methods that talk to the database, the private ones Optuna's own cache layer
+# (`_CachedStorage`, which every Study wraps around an RDBStorage) calls included.
+_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
+    "_get_trials",
+)
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether a storage error came from a connection the server closed."""
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    return isinstance(cause, sqlalchemy.exc.DBAPIError) and bool(cause.connection_invalidated)
+
+
+_calling = threading.local()  # set while a retried call runs: the calls it makes are not retried
+
+
+def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_calling, "active", False):
+            return method(self, *args, **kwargs)
+        for attempt in range(1, ATTEMPTS + 1):
+            _calling.active = True
+            try:
+                return method(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as e:
+                if attempt == ATTEMPTS or not connection_lost(e):
+                    raise
+                logger.warning(
+                    "study store connection lost (%s); reconnecting, try %d of %d",
+                    method.__name__,
+                    attempt + 1,
+                    ATTEMPTS,
+                )
+                time.sleep(WAIT_S * attempt)
+            finally:
+                _calling.active = False
+        raise AssertionError("unreachable")
+
+    return call
+
+
+class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """`optuna.storages.RDBStorage` whose calls survive a dropped connection."""
+
+
+for _name in _METHODS:
+    setattr(
+        ReconnectingRDBStorage, _name, _reconnecting(getattr(optuna.storages.RDBStorage, _name))
+    )
