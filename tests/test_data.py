@@ -166,8 +166,11 @@ def test_only_the_answer_is_trained_and_ends_with_the_end_token() -> None:
         _example("Reverse kalemo.", "omelak"),
         _example("Shout it.", "HEY"),
     ]
-    rows, truncated, dropped = tokenize(examples, tokenizer, template="auto", cutoff_len=200)
+    rows, answers, truncated, dropped = tokenize(
+        examples, tokenizer, template="auto", cutoff_len=200
+    )
     assert (truncated, dropped) == (0, 0)
+    assert answers == ["omelak", "HEY"]  # the references a generation objective scores against
     for ids, labels, answer in zip(
         rows["input_ids"], rows["labels"], ["omelak", "HEY"], strict=True
     ):
@@ -180,7 +183,7 @@ def test_only_the_answer_is_trained_and_ends_with_the_end_token() -> None:
 def test_cutoff_len_truncates_and_is_counted() -> None:
     tokenizer = build_tokenizer()
     examples = [_example("a", "x" * 50), _example("b", "y"), _example("c" * 80, "z")]
-    rows, truncated, dropped = tokenize(examples, tokenizer, template="chatml", cutoff_len=40)
+    rows, _, truncated, dropped = tokenize(examples, tokenizer, template="chatml", cutoff_len=40)
     assert truncated == 2  # the long answer is cut; the long prompt leaves no answer at all
     assert dropped == 1
     assert all(len(ids) <= 40 for ids in rows["input_ids"])

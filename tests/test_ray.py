@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -123,6 +124,7 @@ class _Connections(threading.Thread):
             connect_args={"application_name": WATCHER},
         )
         self.peak = 0
+        self.samples: list[int] = []
         self.dropped = 0
         self.dropped_at = 0.0
         self.done = threading.Event()
@@ -142,6 +144,7 @@ class _Connections(threading.Thread):
                 # Right after the drop, backends that are ending still show beside the new ones.
                 if not self.dropped or time.monotonic() - self.dropped_at > 3:
                     self.peak = max(self.peak, count)
+                    self.samples.append(count)
                 if not self.dropped and self._a_trial_finished():
                     self.dropped = conn.execute(
                         sqlalchemy.text(
@@ -200,12 +203,16 @@ def test_a_ray_sweep_keeps_every_gpu_busy_and_never_more(
     assert ran.returncode == 0, ran.stderr
     assert "12 trials finished" in ran.stdout
     assert connections.dropped >= 2, "the sweep ended before they were dropped"
-    assert connections.peak <= GPUS + 3  # a connection per trial, plus the driver's
+    # One kept connection per process (each actor's and the driver's), and one more for a moment
+    # when a heartbeat meets a report: never more than twice that, whatever the trial count.
+    assert connections.peak <= 2 * (GPUS + 1), connections.peak
+    assert statistics.median(connections.samples) <= GPUS + 2, connections.samples
 
     study = optuna.load_study(study_name="simulated", storage=pg_url)
     trials = study.get_trials()
     assert len(trials) == 12 and all(t.state != TrialState.RUNNING for t in trials)
-    assert all(t.state != TrialState.FAIL for t in trials)
+    failed = {t.number: t.user_attrs.get("fail_reason") for t in trials if t.state.name == "FAIL"}
+    assert not failed, failed
     assert _max_concurrent(study) == GPUS
     workers = {t.user_attrs["worker"] for t in trials}
     assert len(workers) <= GPUS  # warm actors run trial after trial

@@ -53,3 +53,33 @@ def test_standalone_command_trains_from_a_fixed_params_yaml(demo_dir: Path, tmp_
     adapter = Path(out["adapter_dir"])
     assert (adapter / "adapter_model.safetensors").exists()
     assert (adapter / "adapter_config.json").exists()
+
+
+def test_lora_options_reach_the_adapter_and_the_optimizer(demo_dir: Path, tmp_path: Path) -> None:
+    """rsLoRA and DoRA are saved in the adapter's config (a plain peft load applies them);
+    LoRA+ trains B at `loraplus_lr_ratio` x A's learning rate; packing fills the rows."""
+    short = {"max_steps": 4, "eval_steps": 4}
+    result = sft.run(
+        _config(demo_dir, use_rslora=True, use_dora=True, **short), output_dir=tmp_path / "a"
+    )
+    saved = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["use_dora"] is True
+
+    config = _config(demo_dir, loraplus_lr_ratio=4, **short)
+    assert config.use_loraplus  # naming the ratio turns LoRA+ on
+    tokenizer = sft._setup_tokenizer(config)
+    data = data_mod.prepare(config, tokenizer)
+    trainer = sft._setup_trainer(
+        config, sft._setup_model(config), tokenizer, data, tmp_path / "b", sft.PruningCallback(None)
+    )
+    try:
+        groups = [g for g in trainer.create_optimizer().param_groups if g["params"]]
+        names = {id(p): n for n, p in trainer.model.named_parameters()}
+        lrs = {"B" if "lora_B" in names[id(g["params"][0])] else "A": g["lr"] for g in groups}
+        assert lrs == {"A": config.learning_rate, "B": 4 * config.learning_rate}
+    finally:
+        sft._release(trainer)
+
+    plain = sft.run(_config(demo_dir, **short), output_dir=tmp_path / "c")
+    packed = sft.run(_config(demo_dir, packing=True, **short), output_dir=tmp_path / "d")
+    assert packed.steps == plain.steps and packed.tokens_seen > plain.tokens_seen

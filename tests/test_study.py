@@ -15,6 +15,7 @@ import pytest
 from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
+from trials import sft
 from tuner.errors import StorageError
 from tuner.study import best_report, create_study, run_study
 
@@ -345,3 +346,37 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: P
         "study", "create", "--space", str(changed), "--storage", pg_url, "--load-if-exists"
     )
     assert result.returncode == 2 and "exists with a different space" in result.stderr
+
+
+def test_out_of_memory_halves_the_batch_once_then_fails_with_a_constraint(
+    sqlite_url: str, demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real torch.cuda.OutOfMemoryError, raised from inside the training step by the test
+    hook: batch 8 → 4 with twice the accumulation trains; when 4 runs out of memory too, the
+    trial ends FAIL with `fail_reason=oom` and a constraint the sampler learns from."""
+    space = small_space(demo_dir, name="oom", budget={"n_trials": 1})
+    space["params"] = {"lora_rank": {"type": "categorical", "choices": [4]}}
+    space["fixed"] = {**space["fixed"], "per_device_train_batch_size": 8}
+    path = write_space(tmp_path / "oom.yaml", space)
+
+    monkeypatch.setenv(sft.OOM_TEST_HOOK, "4")
+    name = create_study(path, storage=sqlite_url)
+    assert run_study(name, storage=sqlite_url, n_trials=1).finished == 1
+    (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert trial.state == TrialState.COMPLETE and math.isfinite(trial.value)
+    attrs = trial.user_attrs
+    assert (attrs["per_device_train_batch_size"], attrs["gradient_accumulation_steps"]) == (4, 2)
+    assert attrs["oom_retries"] == 1 and attrs["steps"] == 30
+    assert trial.constraints == {}
+
+    monkeypatch.setenv(sft.OOM_TEST_HOOK, "2")
+    name = create_study(
+        write_space(tmp_path / "oom2.yaml", {**space, "name": "oom2"}), storage=sqlite_url
+    )
+    progress = run_study(name, storage=sqlite_url, n_trials=2)
+    trials = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert progress.failed == 2 and _states_of(trials) == [TrialState.FAIL] * 2
+    for trial in trials:  # the second trial ran: the first one's memory did not stay behind
+        assert trial.user_attrs["fail_reason"] == "oom"
+        assert "per-device batch 4, already halved once" in trial.user_attrs["fail_detail"]
+        assert trial.constraints == {"oom": 1.0}

@@ -85,12 +85,30 @@ class TrialConfig(BaseModel):
     lora_target: str | list[str] = Field(
         default="all", description="`all` (every linear layer) or a list of module names."
     )
+    use_rslora: bool = Field(default=False, description="Scale by alpha/sqrt(rank) (rsLoRA).")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    use_loraplus: bool = Field(
+        default=False, description="LoRA+: B trains at loraplus_lr_ratio x A's learning rate."
+    )
+    loraplus_lr_ratio: float = Field(
+        default=16.0, ge=1, description="LoRA+'s ratio; setting it turns LoRA+ on."
+    )
 
     # Precision and memory.
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        default="sdpa", description="flash_attention_2/3 need the flash-attn package on workers."
+    )
+    use_liger_kernel: bool = Field(
+        default=False, description="Liger's fused kernels when liger-kernel is installed."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack training examples into cutoff_len rows (validation is never packed).",
+    )
     deepspeed: str | None = Field(
         default=None,
         description="DeepSpeed through the HF Trainer: zero2, zero3, zero3_offload (shipped "
@@ -111,6 +129,9 @@ class TrialConfig(BaseModel):
             for name in ("model_name_or_path", "dataset"):
                 if getattr(self, name) is None:
                     raise ValueError(f"{name} is required for the sft workload")
+        given = self.model_fields_set
+        if "loraplus_lr_ratio" in given and "use_loraplus" not in given:
+            self.use_loraplus = True
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
@@ -128,6 +149,7 @@ SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "dataset",
     "template",
     "trust_remote_code",
+    "attn_implementation",
 }
 
 

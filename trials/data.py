@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,9 @@ class Tokenized:
     truncation_ratio: float
     train_tokens: int
     dropped: int
+    # The reference answer (the last assistant turn's text) of each validation row, in order:
+    # what the generation objective scores sampled answers against.
+    val_answers: list[str] = field(default_factory=list)
     # Where this process got it: "tokenized" (here), "shared" (the study's cache on disk) or
     # "memory" (this process's cache); a trial records it.
     source: str = "tokenized"
@@ -291,7 +294,8 @@ def chat_template(tokenizer: Any, template: str) -> str:
 def tokenize(
     examples: Iterable[Example], tokenizer: Any, *, template: str, cutoff_len: int
 ) -> tuple:
-    """Token ids with labels masked to the completion; (rows, truncated count, dropped count).
+    """Token ids with labels masked to the completion; (rows, their answers' text, truncated
+    count, dropped count).
 
     TRL would tokenise too, but it truncates silently; doing it here measures truncation and
     lets a worker reuse the result across trials. The completion starts where the prompt alone
@@ -313,8 +317,9 @@ def tokenize(
         return_dict=True,
     )["input_ids"]
     rows: dict[str, list] = {"input_ids": [], "labels": []}
+    answers: list[str] = []
     truncated = dropped = 0
-    for prompt_ids, ids in zip(prompts, fulls, strict=True):
+    for example, prompt_ids, ids in zip(examples, prompts, fulls, strict=True):
         start = _common_prefix(prompt_ids, ids)
         labels = [-100] * start + list(ids[start:])
         if len(ids) > cutoff_len:
@@ -325,7 +330,8 @@ def tokenize(
             continue
         rows["input_ids"].append(list(ids))
         rows["labels"].append(labels)
-    return rows, truncated, dropped
+        answers.append(example.completion[-1]["content"])
+    return rows, answers, truncated, dropped
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -338,8 +344,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # Bump when `tokenize` changes what it writes: entries on disk from older code are then unused.
-_FORMAT = 1
+_FORMAT = 2
 _FACTS = "facts.json"
+_ANSWERS = "val_answers.json"
 _CACHE: dict[str, Tokenized] = {}
 
 
@@ -419,6 +426,7 @@ def _load(entry: Path) -> Tokenized | None:
         facts = json.loads((entry / _FACTS).read_text())
         # In memory, as a freshly tokenised set is: the trainer's `map` then writes no cache
         # files into the shared entry, and both paths train the same way.
+        facts["val_answers"] = json.loads((entry / _ANSWERS).read_text())
         train = datasets.load_from_disk(str(entry / "train"), keep_in_memory=True)
         val = datasets.load_from_disk(str(entry / "val"), keep_in_memory=True)
         return Tokenized(train=train, val=val, source="shared", **facts)
@@ -440,6 +448,7 @@ def _save(result: Tokenized, entry: Path) -> None:
             "dropped": result.dropped,
         }
         (tmp / _FACTS).write_text(json.dumps(facts))
+        (tmp / _ANSWERS).write_text(json.dumps(result.val_answers, ensure_ascii=False))
         shutil.rmtree(entry, ignore_errors=True)  # a broken entry, else the rename fails
         os.rename(tmp, entry)
     finally:
@@ -450,10 +459,10 @@ def _build(config: TrialConfig, tokenizer: Any) -> Tokenized:
     import datasets
 
     train, val = split(to_examples(config.dataset), val_size=config.val_size, seed=config.seed)
-    train_rows, train_cut, train_dropped = tokenize(
+    train_rows, _, train_cut, train_dropped = tokenize(
         train, tokenizer, template=config.template, cutoff_len=config.cutoff_len
     )
-    val_rows, val_cut, val_dropped = tokenize(
+    val_rows, val_answers, val_cut, val_dropped = tokenize(
         val, tokenizer, template=config.template, cutoff_len=config.cutoff_len
     )
     if not train_rows["input_ids"] or not val_rows["input_ids"]:
@@ -474,5 +483,6 @@ def _build(config: TrialConfig, tokenizer: Any) -> Tokenized:
         truncation_ratio=ratio,
         train_tokens=sum(len(ids) for ids in train_rows["input_ids"]),
         dropped=train_dropped + val_dropped,
+        val_answers=val_answers,
         source="tokenized",
     )

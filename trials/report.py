@@ -28,6 +28,12 @@ class Reporter:
     def __init__(self, trial: Any | None, metric: str = "eval_loss") -> None:
         self.trial = trial
         self.metric = metric
+        # A loss falls as a run gets better. In a study that maximises (a generation score), it
+        # is reported negated: the pruner compares values in the study's direction, and would
+        # otherwise stop the trials whose loss is lowest.
+        self.sign = 1.0
+        if trial is not None and trial.study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            self.sign = -1.0
         self.store_seconds = 0.0  # time spent talking to the study store, for the overhead figure
 
     def report(self, value: float, step: int, *, final: bool = False) -> None:
@@ -36,7 +42,7 @@ class Reporter:
         prune = False
         if self.trial is not None:
             started = time.perf_counter()
-            self.trial.report(value, step)  # the store rides out dropped connections itself
+            self.trial.report(self.sign * value, step)  # the store rides out lost connections
             prune = not final and self.trial.should_prune()
             self.store_seconds += time.perf_counter() - started
         if _agree(prune):
@@ -71,10 +77,20 @@ class TrialResult:
     peak_mem_gb: float | None = None  # peak GPU memory of this process (rank 0); None on CPU
     gpu_hours: float = 0.0  # the trial's wall time x the GPUs it held
     best_eval_step: int | None = None  # the step of the lowest validation loss
+    per_device_train_batch_size: int = 0  # what it trained with: halved after an out-of-memory
+    gradient_accumulation_steps: int = 0
+    oom_retries: int = 0  # 1: the first attempt ran out of memory
     deepspeed_stage: int = 0  # the ZeRO stage the trial trained with; 0: no DeepSpeed
     data_source: str = ""  # tokenized, shared (the study's cache) or memory; empty: no data
+    # The generation objective: the mean score of sampled answers at the trial's temperature,
+    # and at each temperature of the space's grid (same adapter, no retraining).
+    score: float | None = None
+    temperature_scores: dict[str, float] = field(default_factory=dict)
     adapter_dir: str = ""  # empty: the workload trains no adapter
     timings: dict[str, float] = field(default_factory=dict)
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        """The objective's value: a loss by name, else the generation score."""
+        if name in ("eval_loss", "perplexity"):
+            return float(getattr(self, name))
+        return math.nan if self.score is None else float(self.score)

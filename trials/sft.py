@@ -23,6 +23,7 @@ from typing import Any
 from trials import data as data_mod
 from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
 from trials.evaluate import best_eval_step, final_metrics, last_train_loss
+from trials.generate import score_adapter
 from trials.pruning import PruningCallback
 from trials.report import NonFiniteLoss, TrialResult
 
@@ -36,6 +37,7 @@ def run(
     trial: Any | None = None,
     timings: dict[str, float] | None = None,
     data_cache: Path | None = None,
+    generation: Any | None = None,
 ) -> TrialResult:
     """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
     run stops at once (raising `optuna.TrialPruned`) when the pruner says so.
@@ -43,15 +45,15 @@ def run(
     `timings` (seconds per phase) fills in as the run goes, so a caller still has them when the
     run is pruned or fails midway. `data_cache` is a folder shared by the study's workers where
     the tokenised data is saved once and loaded by the others; without it each process tokenises.
+    With `generation` (a space's objective whose metric scores sampled answers), the trained
+    adapter then answers the validation prompts and `score` holds their mean score.
     """
-    import transformers
+    import torch
 
     timings = {} if timings is None else timings
     clock = _Clock(timings)
     started = time.perf_counter()
     if _has_cuda():
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
 
     tokenizer = _setup_tokenizer(config)
@@ -61,30 +63,44 @@ def run(
     data = data_mod.prepare(config, tokenizer, cache_dir=data_cache)
     clock.lap("data_s")
 
-    # Seed after loading and before the adapter is created: LoRA's initial weights and the data
-    # order then depend on the seed alone, not on what this process ran before.
-    transformers.set_seed(config.seed)
-    pruning = PruningCallback(trial, metric="eval_loss")
-    trainer = _setup_trainer(config, model, tokenizer, data, output_dir, pruning)
-    clock.lap("setup_s")
-
-    try:
+    oom_retries = 0
+    while True:
         try:
-            trainer.train()
-            metrics = final_metrics(trainer)
-        finally:
-            clock.lap("train_s")
-            timings["store_s"] = pruning.store_seconds
+            trained = _train(
+                config, model, tokenizer, data, output_dir, trial, timings, clock, generation
+            )
+            break
+        except torch.OutOfMemoryError as e:  # torch.cuda's is this class
+            reason = _first_line(e)
+            if oom_retries:
+                raise torch.OutOfMemoryError(
+                    f"{reason} (at per-device batch {config.per_device_train_batch_size}, "
+                    "already halved once)"
+                ) from None
+            if not _can_retry_oom(config):
+                raise
+        # Outside the except block: the traceback held the failed step's tensors until here.
+        model = None
+        _release_memory()
+        smaller = {
+            "per_device_train_batch_size": config.per_device_train_batch_size // 2,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps * 2,
+        }
+        logger.warning(
+            "out of memory at per-device batch %d (%s); retrying with batch %d x accumulation %d",
+            config.per_device_train_batch_size,
+            reason,
+            smaller["per_device_train_batch_size"],
+            smaller["gradient_accumulation_steps"],
+        )
+        config = config.model_copy(update=smaller)
+        oom_retries += 1
+        model = _setup_model(config)  # the kept base when it survived, else loaded again
 
-        adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
-        clock.lap("save_s")
-        trainable, total = _count_params(trainer.model)
-    finally:
-        timings["stopped_at_step"] = trainer.state.global_step
-        _release(trainer)
+    trainer, metrics, adapter_dir, (trainable, total), scores = trained
     return TrialResult(
+        score=scores[0] if scores else None,
+        temperature_scores=scores[1] if scores else {},
         eval_loss=metrics["eval_loss"],
         perplexity=metrics["perplexity"],
         train_loss=last_train_loss(trainer),
@@ -96,10 +112,91 @@ def run(
         data_source=data.source,
         deepspeed_stage=deepspeed_stage(config.deepspeed) if trainer.is_deepspeed_enabled else 0,
         best_eval_step=best_eval_step(trainer),
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        oom_retries=oom_retries,
         **_usage(trainer, timings, started),
         adapter_dir=str(adapter_dir),
         timings=timings,
     )
+
+
+def _train(
+    config: TrialConfig,
+    model: Any,
+    tokenizer: Any,
+    data: data_mod.Tokenized,
+    output_dir: Path,
+    trial: Any | None,
+    timings: dict[str, float],
+    clock: _Clock,
+    generation: Any | None,
+) -> tuple:
+    """One attempt: a fresh adapter on `model`, trained, evaluated and saved; the adapter is
+    taken off the base again whatever happens."""
+    import transformers
+
+    # Seed after loading and before the adapter is created: LoRA's initial weights and the data
+    # order then depend on the seed alone, not on what this process ran before.
+    transformers.set_seed(config.seed)
+    pruning = PruningCallback(trial, metric="eval_loss")
+    trainer = _setup_trainer(config, model, tokenizer, data, output_dir, pruning)
+    clock.lap("setup_s")
+    try:
+        try:
+            trainer.train()
+            metrics = final_metrics(trainer)
+        finally:
+            clock.lap("train_s")
+            timings["store_s"] = timings.get("store_s", 0.0) + pruning.store_seconds
+
+        adapter_dir = output_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        clock.lap("save_s")
+        counts = _count_params(trainer.model)
+        scores = None
+        if generation is not None:
+            scores = score_adapter(
+                trainer.model,
+                tokenizer,
+                data.val,
+                data.val_answers,
+                metric=generation.metric,
+                settings=generation.generation,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                seed=config.seed,
+            )
+            clock.lap("generate_s")
+    finally:
+        timings["stopped_at_step"] = trainer.state.global_step
+        _release(trainer)
+    return trainer, metrics, adapter_dir, counts, scores
+
+
+def _can_retry_oom(config: TrialConfig) -> bool:
+    """Retry once, with half the per-device batch and twice the accumulation (the same effective
+    batch), and only in a one-process trial: the ranks of a distributed one would each decide alone.
+    """
+    import os
+
+    return config.per_device_train_batch_size > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _usage(trainer: Any, timings: dict[str, float], started: float) -> dict[str, Any]:
@@ -159,6 +256,7 @@ def _setup_model(config: TrialConfig) -> Any:
         str(dtype),
         config.trust_remote_code,
         config.gradient_checkpointing,
+        config.attn_implementation,
     )
     if key in _BASES:
         return _BASES[key]
@@ -167,6 +265,7 @@ def _setup_model(config: TrialConfig) -> Any:
         config.model_name_or_path,
         dtype=dtype,
         trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation,
         use_safetensors=True,
     )
     # ZeRO-3 shards the parameters in place: such a base cannot serve the next trial.
@@ -207,6 +306,8 @@ def _setup_trainer(
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules="all-linear" if config.lora_target == "all" else config.lora_target,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         task_type="CAUSAL_LM",
     )
     deepspeed = None
@@ -234,6 +335,9 @@ def _setup_trainer(
         seed=config.seed,
         data_seed=config.seed,
         max_length=config.cutoff_len,
+        packing=config.packing,
+        eval_packing=False,  # every trial validates on the same rows, packed or not
+        use_liger_kernel=config.use_liger_kernel and _liger_installed(),
         eval_strategy="steps",
         eval_steps=config.eval_steps,
         logging_steps=config.logging_steps,
@@ -255,7 +359,17 @@ def _setup_trainer(
     )
     # With the progress bar off the Trainer prints every log dict; the store has them already.
     trainer.remove_callback(PrinterCallback)
+    trainer.loraplus_lr_ratio = config.loraplus_lr_ratio if config.use_loraplus else None
     return trainer
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        return True
+    logger.warning("use_liger_kernel is set but liger-kernel is not installed; training without")
+    return False
 
 
 @functools.cache
@@ -266,7 +380,29 @@ def _trainer_class() -> type:
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):
+        loraplus_lr_ratio: float | None = None
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            """LoRA+ through peft's own optimizer factory: B's learning rate is the ratio times
+            A's. DeepSpeed uses this optimizer too (the shipped configs name none)."""
+            if self.loraplus_lr_ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(
+                self.model if model is None else model,
+                optimizer_cls,
+                lr=self.args.learning_rate,
+                loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay,
+                **kwargs,
+            )
+            return self.optimizer
+
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            _test_oom(self.args.per_device_train_batch_size)
             loss = super().training_step(*args, **kwargs)
             if not torch.isfinite(loss).all():
                 step = self.state.global_step + 1
@@ -274,6 +410,23 @@ def _trainer_class() -> type:
             return loss
 
     return Trainer
+
+
+OOM_TEST_HOOK = "TUNER_TEST_OOM_ABOVE_BATCH"
+
+
+def _test_oom(batch: int) -> None:
+    """For the tests, which have no GPU to fill: a training step at a per-device batch above
+    $TUNER_TEST_OOM_ABOVE_BATCH raises the error CUDA raises when memory runs out."""
+    import os
+
+    limit = os.environ.get(OOM_TEST_HOOK)
+    if limit and batch > int(limit):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_TEST_HOOK}={limit})"
+        )
 
 
 def _single_process_env() -> None:

@@ -12,11 +12,50 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import SpaceError, did_you_mean
 
+
+class TPESampler(optuna.samplers.TPESampler):
+    """Optuna's TPE, also learning from trials that FAILED with a violated constraint.
+
+    A trial that ran out of memory (or diverged) ends FAIL with a constraint set
+    (tuner.objective). TPE already ranks infeasible trials below every feasible one, but it reads
+    only COMPLETE and PRUNED trials, so on its own it would never see them and would keep
+    proposing rank 64 at batch 16. Here its model of the space is built with those failed trials
+    added as infeasible, so their region lands in the "bad" density.
+    """
+
+    def _sample(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return super()._sample(_WithInfeasibleFailures(study), trial, search_space)
+
+
+class _WithInfeasibleFailures:
+    """A study whose `_get_trials` for finished states also returns the FAIL trials that have a
+    positive constraint; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False):
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        if states is None or TrialState.COMPLETE not in states:
+            return trials
+        failed = self._study._get_trials(
+            deepcopy=deepcopy, states=(TrialState.FAIL,), use_cache=use_cache
+        )
+        infeasible = [t for t in failed if any(v > 0 for v in t.constraints.values())]
+        return sorted(trials + infeasible, key=lambda t: t.number)
+
+
 SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
+    "tpe": TPESampler,
     "random": optuna.samplers.RandomSampler,
     "qmc": optuna.samplers.QMCSampler,
     "gp": optuna.samplers.GPSampler,

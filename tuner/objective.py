@@ -3,6 +3,7 @@
 Outcomes map to states as a person reading the study expects: a finite validation loss is
 COMPLETE; a pruned run is PRUNED; an error, an out-of-memory or a NaN/infinite loss is FAIL with
 the reason in the trial's user attrs (Optuna alone would store an infinite value as COMPLETE).
+Out-of-memory and NaN also set a constraint on the trial, which the sampler learns from.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class Objective:
             trial.set_user_attr("fail_reason", kind or _one_line(e))
             if kind:
                 trial.set_user_attr("fail_detail", _one_line(e))
+                # Optuna's samplers skip FAIL trials; a violated constraint is what makes TPE
+                # (tuner.algorithms.TPESampler) steer away from the region that ran out of
+                # memory or diverged.
+                trial.set_constraint(kind, 1.0)
             trial.set_user_attr("timings", timings)
             raise
 
@@ -106,7 +111,12 @@ class Objective:
             self.shared = True
         with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
             result = run_workload(
-                config, trial=trial, timings=timings, output_dir=Path(tmp), cache=self.data_cache
+                config,
+                trial=trial,
+                timings=timings,
+                output_dir=Path(tmp),
+                cache=self.data_cache,
+                objective=self.space.objective,
             )
             self._record_rank_steps(trial, timings)
             value = result.metric(self.space.objective.metric)
@@ -121,6 +131,12 @@ class Objective:
         facts = asdict(result)
         facts.pop("adapter_dir")
         facts["timings"]["objective_s"] = time.perf_counter() - started
+        if result.temperature_scores:
+            # The temperature an export should sample the adapter at: the grid's best, or the
+            # trial's own when that scored better.
+            scores = {**result.temperature_scores, f"{config.temperature:g}": value}
+            pick = max if self.space.objective.direction == "maximize" else min
+            facts["best_temperature"] = float(pick(scores, key=scores.__getitem__))
         for key, fact in facts.items():
             trial.set_user_attr(key, fact)
         return value
@@ -149,7 +165,12 @@ class Objective:
             contextlib.suppress(optuna.TrialPruned),  # rank 0 records the prune
         ):
             run_workload(
-                config, trial=None, timings=timings, output_dir=Path(tmp), cache=self.data_cache
+                config,
+                trial=None,
+                timings=timings,
+                output_dir=Path(tmp),
+                cache=self.data_cache,
+                objective=self.space.objective,
             )
         distributed.gather(timings.get("stopped_at_step"))
         return timings.get("stopped_at_step")
@@ -168,7 +189,13 @@ class Objective:
 
 
 def run_workload(
-    config: Any, *, trial: optuna.Trial | None, timings: dict, output_dir: Path, cache: Path
+    config: Any,
+    *,
+    trial: optuna.Trial | None,
+    timings: dict,
+    output_dir: Path,
+    cache: Path,
+    objective: Any = None,
 ) -> Any:
     """The trial's workload (`fixed.workload`), on this process's share of the trial."""
     if config.workload == "simulated":
@@ -177,7 +204,15 @@ def run_workload(
         return simulated.run(config, trial=trial, timings=timings)
     from trials import sft
 
-    return sft.run(config, output_dir=output_dir, trial=trial, timings=timings, data_cache=cache)
+    generation = objective if objective is not None and objective.samples else None
+    return sft.run(
+        config,
+        output_dir=output_dir,
+        trial=trial,
+        timings=timings,
+        data_cache=cache,
+        generation=generation,
+    )
 
 
 def quiet_worker_logs(level: int) -> None:

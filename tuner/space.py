@@ -161,11 +161,57 @@ def _in_range(value: Any, low: float, high: float, step: float | None) -> bool:
 # ----------------------------------------------------------------------------- sections
 
 
-class Objective(BaseModel):
+LOSS_METRICS = ("eval_loss", "perplexity")
+
+
+class Generation(BaseModel):
+    """How a generation objective samples and scores (trials/generate.py)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    metric: Literal["eval_loss", "perplexity"] = "eval_loss"
-    direction: Literal["minimize", "maximize"] = "minimize"
+    max_new_tokens: int = Field(default=256, gt=0)
+    max_samples: int | None = Field(
+        default=128, gt=0, description="Validation prompts scored (the first N); null: all."
+    )
+    batch_size: int = Field(default=16, gt=0)
+    temperature_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.2, 0.6, 1.0],
+        description="Also scored for every finished adapter; [] to skip.",
+    )
+
+
+class Objective(BaseModel):
+    """What a trial is judged on: the validation loss, or a score of sampled answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field(
+        default="eval_loss",
+        description="eval_loss, perplexity, exact_match, contains, or file.py:function.",
+    )
+    direction: Literal["minimize", "maximize"] | None = None
+    generation: Generation | None = None
+
+    @property
+    def samples(self) -> bool:
+        """Whether trials generate answers to be scored."""
+        return self.metric not in LOSS_METRICS
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Objective:
+        if not self.samples:
+            if self.direction == "maximize":
+                raise ValueError(f"direction: {self.metric} is minimized (got 'maximize')")
+            if self.generation is not None:
+                raise ValueError(
+                    f"generation: applies to a generation metric such as exact_match, "
+                    f"not {self.metric}"
+                )
+            self.direction = "minimize"
+        else:
+            self.direction = self.direction or "maximize"
+            self.generation = self.generation or Generation()
+        return self
 
 
 class Budget(BaseModel):
@@ -482,9 +528,61 @@ def parse_space(
     _check_against_trial_config(space)
     if space.baseline is not None:
         _check_baseline(space)
+    _check_objective(space)
     if resolve_paths:
         _resolve_paths(space.fixed, base_dir or Path.cwd())
+        _resolve_scorer(space.objective, base_dir or Path.cwd())
     return space
+
+
+_SAMPLING = ("temperature", "top_p")
+
+
+def _check_objective(space: Space) -> None:
+    """Sampling settings only matter to a metric that samples; a loss cannot rank them."""
+    from trials.generate import BUILT_IN
+
+    objective = space.objective
+    metric = objective.metric
+    if not objective.samples:
+        for name in _SAMPLING:
+            if name in space.params:
+                raise SpaceError(
+                    f"params.{name}: sampling does not change {metric}, so searching it with "
+                    f"objective.metric {metric} finds nothing; use a generation objective, e.g. "
+                    "objective: {metric: exact_match, direction: maximize, "
+                    "generation: {max_new_tokens: 256}}"
+                )
+        return
+    if metric not in BUILT_IN and ":" not in metric:
+        allowed = [*LOSS_METRICS, *BUILT_IN]
+        raise SpaceError(
+            f"objective.metric: unknown metric {metric!r}{did_you_mean(metric, allowed)} "
+            f"(allowed: {', '.join(allowed)}, or a scorer as file.py:function or module:function)"
+        )
+    if space.fixed.get("workload", "sft") != "sft":
+        raise SpaceError(
+            f"objective.metric: {metric} scores generated answers; the "
+            f"{space.fixed['workload']} workload generates none (use eval_loss)"
+        )
+
+
+def _resolve_scorer(objective: Objective, base_dir: Path) -> None:
+    """A scorer file is made absolute (workers read the same file) and loaded once now, so a
+    broken one fails at create rather than after the first trial has trained."""
+    from trials.generate import BUILT_IN, ScorerError, load_scorer
+
+    metric = objective.metric
+    if not objective.samples or metric in BUILT_IN:
+        return
+    where, _, attr = metric.rpartition(":")
+    if where.endswith(".py"):
+        where = str((base_dir / Path(where).expanduser()).resolve())
+        objective.metric = f"{where}:{attr}"
+    try:
+        load_scorer(objective.metric)
+    except ScorerError as e:
+        raise SpaceError(f"objective.metric: {e}") from None
 
 
 def _parse_param(name: Any, spec: Any) -> Param:

@@ -1,0 +1,182 @@
+"""The generation objective: sample answers to the validation prompts with the trained adapter and
+score them against the references.
+
+Temperature and top_p change nothing in training, only what the model writes; so a trial trains
+once, scores at its own `temperature`/`top_p` (the value Optuna optimises), and then, from the
+same adapter, at each temperature of `temperature_grid`, so an export can pick the best
+temperature for the best adapter without training again.
+
+Scorers take `(prediction, reference)` and return a number (a bool counts as 0 or 1); the trial's
+score is their mean. `exact_match` and `contains` are built in; a space names its own as
+`path/to/file.py:function` or `package.module:function` (MATH-500 answer extraction, a HumanEval
+test run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Scorer = Callable[[str, str], float]
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1 when the answer is the reference, whitespace aside."""
+    return float(_normalize(prediction) == _normalize(reference))
+
+
+def contains(prediction: str, reference: str) -> float:
+    """1 when the reference appears in the answer (a final answer after reasoning, say)."""
+    return float(_normalize(reference) in _normalize(prediction))
+
+
+BUILT_IN: dict[str, Scorer] = {"exact_match": exact_match, "contains": contains}
+
+
+class ScorerError(ValueError):
+    pass
+
+
+def load_scorer(name: str) -> Scorer:
+    """A built-in scorer by name, or a user's `file.py:function` / `module:function`."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    where, sep, attr = name.rpartition(":")
+    if not sep or not where or not attr:
+        raise ScorerError(
+            f"unknown metric {name!r} (allowed: eval_loss, perplexity, "
+            f"{', '.join(BUILT_IN)}, or a scorer as file.py:function or module:function)"
+        )
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ScorerError(f"scorer file {where!r} does not exist")
+            spec = importlib.util.spec_from_file_location(f"tuner_scorer_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ScorerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user's file can fail in any way; name it
+        raise ScorerError(f"cannot load scorer {name!r}: {type(e).__name__}: {e}") from None
+    scorer = getattr(module, attr, None)
+    if not callable(scorer):
+        raise ScorerError(f"scorer {name!r}: {where} has no function {attr!r}")
+    return scorer
+
+
+def score_adapter(
+    model: Any,
+    tokenizer: Any,
+    val: Any,
+    answers: list[str],
+    *,
+    metric: str,
+    settings: Any,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> tuple[float, dict[str, float]]:
+    """(score at the trial's temperature, {temperature: score} over the grid)."""
+    n = len(answers) if settings.max_samples is None else min(settings.max_samples, len(answers))
+    rows = val.select(range(n))
+    prompts = [
+        _prompt(ids, labels) for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
+    ]
+    references = answers[:n]
+    scorer = load_scorer(metric)
+
+    def at(t: float) -> float:
+        predictions = generate(
+            model,
+            tokenizer,
+            prompts,
+            temperature=t,
+            top_p=top_p,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            seed=seed,
+        )
+        values = [float(scorer(p, r)) for p, r in zip(predictions, references, strict=True)]
+        return math.fsum(values) / len(values)
+
+    score = at(temperature)
+    grid = {f"{t:g}": score if t == temperature else at(t) for t in settings.temperature_grid}
+    return score, grid
+
+
+def _prompt(ids: list[int], labels: list[int]) -> list[int]:
+    """The prompt part of a tokenised row: everything before the first trained token."""
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    return list(ids[:start])
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> list[str]:
+    """Sampled answers (text, special tokens dropped), left-padded batches, seeded: the same
+    adapter and settings give the same answers."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device
+            )
+            with torch.no_grad():
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,  # top_p alone decides, as the space says
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=_stop_ids(model, tokenizer),
+                    use_cache=True,
+                )
+            out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return [text.strip() for text in out]
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: EOS, the chat template's end-of-turn, the model's own."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
