@@ -72,9 +72,9 @@ def test_timeout_reads_durations(workdir: Path) -> None:
 
 
 def test_packaged_spaces_validate(workdir: Path) -> None:
-    """Both shipped spaces validate: quickstart against demo-shaped files, lora_sft against a
+    """The shipped spaces validate: quickstart against demo-shaped files, lora_sft against a
     local data file (its model is a hub id, which is not fetched at validation)."""
-    assert {"quickstart.yaml", "lora_sft.yaml"} <= set(packaged_spaces())
+    assert {"quickstart.yaml", "lora_sft.yaml", "lora_sft_small.yaml"} <= set(packaged_spaces())
     (workdir / "demo" / "model").mkdir(parents=True)
     (workdir / "demo" / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     (workdir / "data").mkdir()
@@ -85,6 +85,12 @@ def test_packaged_spaces_validate(workdir: Path) -> None:
     assert real.fixed["model_name_or_path"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert real.params["lora_alpha"].of == "lora_rank"
     assert real.fixed["bf16"] is True
+    # 8 GPUs per trial with ZeRO-3; temperature searched, so the objective scores answers.
+    assert real.resources.gpus_per_trial == 8 and real.fixed["deepspeed"] == "zero3"
+    assert "temperature" in real.params and real.objective.samples
+    assert real.objective.direction == "maximize"
+    small = load_space("lora_sft_small.yaml")
+    assert small.resources.gpus_per_trial == 1 and small.objective.metric == "eval_loss"
 
 
 # Each bad file, and the words its one-line error must contain.
@@ -163,7 +169,7 @@ BAD = [
     ),
     (GOOD + "pruner: medain\n", "unknown pruner 'medain'; did you mean 'median'?"),
     (GOOD + "pruner: {name: median, warmup: 3}\n", "pruner.warmup is not an option of the median"),
-    (GOOD + "objective: {metric: accuracy}\n", "objective.metric must be 'eval_loss' or"),
+    (GOOD + "objective: {metric: accuracy}\n", "objective.metric: unknown metric 'accuracy'"),
     (GOOD + "objective: {direction: down}\n", "objective.direction must be 'minimize' or"),
     (GOOD + "budget: {n_trials: 0}\n", "budget.n_trials must be > 0"),
     (GOOD + "budget: {timeout: soon}\n", "budget.timeout must be seconds or a duration"),

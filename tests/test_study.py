@@ -62,9 +62,8 @@ def test_sweep_prunes_weak_trials_and_keeps_adapters(
     assert facts["trainable_params"] < facts["total_params"]
     assert 0 <= facts["truncation_ratio"] < 1 and facts["train_loss"] > 0
     assert {"load_s", "data_s", "train_s", "store_s", "upload_s"} <= set(facts["timings"])
-    assert facts["tokens_per_s"] == pytest.approx(
-        facts["tokens_seen"] / facts["timings"]["train_s"]
-    )
+    # Measured inside the training steps: at least the rate over training with its evaluations.
+    assert facts["tokens_per_s"] >= facts["tokens_seen"] / facts["timings"]["train_s"]
     assert facts["best_eval_step"] in (10, 20, 30)
     # No GPU here: nothing held, nothing spent; on a GPU both are measured.
     assert facts["peak_mem_gb"] is None and facts["gpu_hours"] == 0

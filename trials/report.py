@@ -73,7 +73,7 @@ class TrialResult:
     trainable_params: int = 0
     total_params: int = 0
     truncation_ratio: float = 0.0
-    tokens_per_s: float = 0.0  # training tokens per second, all ranks together
+    tokens_per_s: float = 0.0  # in training steps (not evaluations), all ranks together
     peak_mem_gb: float | None = None  # peak GPU memory of this process (rank 0); None on CPU
     gpu_hours: float = 0.0  # the trial's wall time x the GPUs it held
     best_eval_step: int | None = None  # the step of the lowest validation loss

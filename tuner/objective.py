@@ -110,14 +110,7 @@ class Objective:
             distributed.share(config.model_dump())
             self.shared = True
         with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-            result = run_workload(
-                config,
-                trial=trial,
-                timings=timings,
-                output_dir=Path(tmp),
-                cache=self.data_cache,
-                objective=self.space.objective,
-            )
+            result = self._run(config, trial, timings, Path(tmp))
             self._record_rank_steps(trial, timings)
             value = result.metric(self.space.objective.metric)
             if not math.isfinite(value):
@@ -164,16 +157,19 @@ class Objective:
             tempfile.TemporaryDirectory(prefix="tuner-rank-") as tmp,
             contextlib.suppress(optuna.TrialPruned),  # rank 0 records the prune
         ):
-            run_workload(
-                config,
-                trial=None,
-                timings=timings,
-                output_dir=Path(tmp),
-                cache=self.data_cache,
-                objective=self.space.objective,
-            )
+            self._run(config, None, timings, Path(tmp))
         distributed.gather(timings.get("stopped_at_step"))
         return timings.get("stopped_at_step")
+
+    def _run(self, config: Any, trial: optuna.Trial | None, timings: dict, tmp: Path) -> Any:
+        return run_workload(
+            config,
+            trial=trial,
+            timings=timings,
+            output_dir=tmp,
+            cache=self.data_cache,
+            objective=self.space.objective,
+        )
 
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
         """Store the adapter's files in the study's artifact store, linked from the trial, so an
