@@ -1,5 +1,5 @@
 # Two targets a newcomer needs: `make demo` (set up, then a real sweep on the embedded SQLite
-# store, offline) and `make test`. GPU machines: `make setup TORCH=torch` keeps pip's CUDA build.
+# store, offline, and its best trial exported) and `make test`. GPU machines: `make setup TORCH=torch` keeps pip's CUDA build.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/tuner study create --space quickstart.yaml --load-if-exists
 	$(BIN)/tuner study run quickstart --jobs $(JOBS)
 	$(BIN)/tuner study best quickstart
+	$(BIN)/tuner study export quickstart --out demo/best-model --force
 
 test: setup
 	$(BIN)/pytest -q

@@ -33,6 +33,8 @@ def test_quickstart_path(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr
     assert "3 trials finished" in ran.stdout
     assert "best eval_loss" in ran.stdout
+    assert "watch:   tuner dashboard" in ran.stdout  # where to look next
+    assert "export:  tuner study export quickstart" in ran.stdout
     assert "trial 0 complete" in ran.stderr  # one line per finished trial in the log
 
     best = run_cli("study", "best", "quickstart", "--json", cwd=tmp_path, env=env)

@@ -122,6 +122,12 @@ class TrialConfig(BaseModel):
     # The simulated workload: reported steps and the sleep of each.
     steps: int = Field(default=10, gt=0)
     step_seconds: float = Field(default=0.3, ge=0)
+    diverge_above_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Simulated: learning rates above this diverge (the loss turns NaN after the "
+        "first step), as real ones do; for trying failed trials without GPUs.",
+    )
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> TrialConfig:

@@ -152,8 +152,9 @@ def _train(
             timings["store_s"] = timings.get("store_s", 0.0) + pruning.store_seconds
 
         adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
+        # The Trainer's own save: under ZeRO-3 it gathers the sharded LoRA weights first (a
+        # plain save_pretrained would write empty tensors); safetensors, tokenizer included.
+        trainer.save_model(str(adapter_dir))
         clock.lap("save_s")
         counts = _count_params(trainer.model)
         scores = None

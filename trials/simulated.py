@@ -49,6 +49,8 @@ def run(
     for step in range(1, config.steps + 1):
         time.sleep(config.step_seconds)
         loss = loss_at(config, step, rng)
+        if step > 1 and config.diverge_above_lr and config.learning_rate > config.diverge_above_lr:
+            loss = math.nan
         timings["stopped_at_step"] = step
         reporter.report(loss, step, final=step == config.steps)
     timings["train_s"] = time.perf_counter() - started

@@ -15,13 +15,17 @@ __all__ = [
     "TunerError",
     "best_report",
     "create_study",
+    "export_trial",
     "load_space",
     "run_study",
+    "write_report",
 ]
 
 from tuner.errors import BackendError, SpaceError, StorageError, TunerError
 
 if TYPE_CHECKING:
+    from tuner.export import export_trial
+    from tuner.report import write_report
     from tuner.space import load_space
     from tuner.study import best_report, create_study, run_study
 
@@ -30,6 +34,8 @@ _LAZY = {
     "create_study": "tuner.study",
     "run_study": "tuner.study",
     "best_report": "tuner.study",
+    "export_trial": "tuner.export",
+    "write_report": "tuner.report",
 }
 
 

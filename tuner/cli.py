@@ -6,9 +6,9 @@ stdout. A `TunerError` becomes one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from tuner.errors import TunerError
+from tuner.text import number as _num
 
 app = typer.Typer(
     help="Hyperparameter search for LoRA fine-tuning, on Optuna.",
@@ -128,6 +129,8 @@ def study_run(
     typer.echo(_best_line(report))
     storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
     typer.echo(f"details: tuner study show {name}{storage_flag}")
+    typer.echo(f"watch:   tuner dashboard{storage_flag}")
+    typer.echo(f"export:  tuner study export {name}{storage_flag} --out {name}-best")
 
 
 @study_app.command("submit")
@@ -196,22 +199,11 @@ def study_show(
     ] = False,
 ) -> None:
     """Every trial: state, value, params, where it was pruned, how long it took."""
-    from tuner.study import FACTS, trial_rows
+    from tuner.study import TrialRow, trial_rows
 
-    columns = ["#", "state", "value", "params", "pruned at", "duration", "note"]
-    table = _table(*columns, *(FACTS if facts else ()))
+    table = _table(*TrialRow.columns(facts=facts))
     for row in trial_rows(name, storage):
-        params = " ".join(f"{k}={_num(v)}" for k, v in row.params.items())
-        table.add_row(
-            str(row.number),
-            row.state.lower(),
-            _num(row.value),
-            params,
-            "" if row.pruned_at_step is None else f"step {row.pruned_at_step}",
-            "" if row.duration_s is None else f"{row.duration_s:.1f}s",
-            row.note,
-            *((_num(row.facts.get(key)) for key in FACTS) if facts else ()),
-        )
+        table.add_row(*row.cells(facts=facts))
     _print(table)
 
 
@@ -233,6 +225,58 @@ def study_best(
         typer.echo(f"  {key}: {_num(value)}")
 
 
+@study_app.command("export")
+def study_export(
+    name: str,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (made atomically).")],
+    trial: Annotated[
+        int | None, typer.Option("--trial", help="Trial number (default: the best).")
+    ] = None,
+    storage: Storage = None,
+    adapter_only: Annotated[
+        bool, typer.Option("--adapter-only", help="The PEFT adapter, not a merged model.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Merge the best trial's adapter into its base and save a verified checkpoint."""
+    from tuner.export import export_trial
+
+    report = export_trial(
+        name, out=out, storage=storage, trial_number=trial, adapter_only=adapter_only, force=force
+    )
+    check = report.verification
+    kind = "adapter" if report.adapter_only else "merged model"
+    typer.echo(
+        f"exported trial {report.trial} ({_num(report.value)}) as a {kind} to {report.out} "
+        f"in {report.seconds:.0f}s; verified: logits within {check.max_logit_diff:.2g}, "
+        f"greedy tokens equal, validation loss {check.val_loss:.4f}; "
+        f"sampling temperature {report.temperature:g}, top_p {report.top_p:g}"
+    )
+
+
+@study_app.command("report")
+def study_report(
+    name: str,
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+    storage: Storage = None,
+    attach: Annotated[
+        bool,
+        typer.Option(
+            "--attach/--no-attach", help="Also keep the report as a study artifact (dashboard)."
+        ),
+    ] = True,
+) -> None:
+    """One self-contained HTML file: plots, trial table, the best trial and how to export it."""
+    from tuner.report import write_report
+
+    report = write_report(name, out=out, storage=storage, attach=attach)
+    typer.echo(f"report: {report.path} ({_plural(report.plots, 'plot')})")
+    for title, why in report.skipped.items():
+        typer.echo(f"  not drawn: {title}: {why}", err=True)
+
+
 @study_app.command("delete")
 def study_delete(
     name: str,
@@ -246,6 +290,48 @@ def study_delete(
         typer.confirm(f"delete study {name!r} and its adapters?", abort=True)
     removed = delete_study(name, storage)
     typer.echo(f"deleted study {name} ({removed} artifact files)")
+
+
+@app.command("dashboard")
+def dashboard(
+    storage: Storage = None,
+    host: Annotated[
+        str,
+        typer.Option(help="Address to bind; anything but loopback needs --read-only or --token."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8080,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Refuse every write (tell, delete, notes).")
+    ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TUNER_DASHBOARD_TOKEN",
+            help="Every request must carry it (open the page once with ?token=...). "
+            "Prefer $TUNER_DASHBOARD_TOKEN: a flag shows in the process list.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """optuna-dashboard over the study store, with trial artifacts; live while trials run."""
+    from tuner.dashboard import Access, serve
+    from tuner.storage import resolve_url
+
+    def ready(url: str) -> None:
+        hint = " (open it once with ?token=...)" if token else ""
+        mode = " read-only" if read_only else ""
+        store = _masked(resolve_url(storage))
+        typer.echo(f"dashboard{mode}: {url}{hint} over {store}; Ctrl-C stops it", err=True)
+
+    _stop_on_sigterm()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a dashboard is stopped
+        serve(
+            storage,
+            host=host,
+            port=port,
+            access=Access(read_only=read_only, token=token),
+            on_ready=ready,
+        )
 
 
 @app.command("spaces")
@@ -293,14 +379,6 @@ def _best_line(report: dict[str, Any]) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _num(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e5:
-            return f"{value:.3g}"
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 def _masked(url: str | None) -> str:

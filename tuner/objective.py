@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 
-from tuner import recovery
+from tuner import recovery, retention
 from tuner.space import Space
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,15 @@ class Objective:
                 raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
             if result.adapter_dir:
                 upload_started = time.perf_counter()
-                trial.set_user_attr(
-                    "adapter", self._upload_adapter(trial, Path(result.adapter_dir))
-                )
+                keep = self.space.budget.keep_adapters
+                if retention.keep_adapter(
+                    trial.study, self.artifact_store, number=trial.number, value=value, keep=keep
+                ):
+                    trial.set_user_attr(
+                        "adapter", self._upload_adapter(trial, Path(result.adapter_dir))
+                    )
+                else:
+                    trial.set_user_attr("adapter_dropped", f"not among the best {keep}")
                 result.timings["upload_s"] = time.perf_counter() - upload_started
         facts = asdict(result)
         facts.pop("adapter_dir")

@@ -223,6 +223,9 @@ class Budget(BaseModel):
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds (or 30m, 2h, 1h30m) after which no trial starts."
     )
+    keep_adapters: int | None = Field(
+        default=5, gt=0, description="Adapters of the best N trials kept on disk; null: all."
+    )
 
     @field_validator("timeout", mode="before")
     @classmethod

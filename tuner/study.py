@@ -77,6 +77,7 @@ def create_study(
         baseline = parsed.baseline_values()
         if baseline is not None:
             study.enqueue_trial(parsed.optuna_params(baseline), user_attrs={BASELINE_ATTR: True})
+        _save_note(study, name, parsed, space_file=str(space))
         # Written last: a study with a space is complete, and readers wait for it.
         study.set_user_attr(SPACE_ATTR, parsed.to_stored())
     except BaseException:
@@ -84,6 +85,15 @@ def create_study(
         raise
     logger.info("created study %s in %s", name, mask_url(url))
     return name
+
+
+def _save_note(study: optuna.Study, name: str, space: Space, *, space_file: str) -> None:
+    # The dashboard shows it on the study's page: what this study is, at a glance.
+    from optuna_dashboard import save_note
+
+    from tuner.dashboard import study_note
+
+    save_note(study, study_note(name, space, space_file=space_file))
 
 
 def _check_local_data(space: Space, *, display: str) -> None:
@@ -425,9 +435,34 @@ class TrialRow:
     note: str
     facts: dict[str, Any]  # what the trial measured: FACTS, where recorded
 
+    @staticmethod
+    def columns(*, facts: bool = False) -> list[str]:
+        base = ["#", "state", "value", "params", "pruned at", "duration", "note"]
+        return base + list(FACTS if facts else ())
+
+    def cells(self, *, facts: bool = False) -> list[str]:
+        """The row as text, in the order of `columns`: `study show` and the report print it."""
+        from tuner.text import number
+
+        params = " ".join(f"{k}={number(v)}" for k, v in self.params.items())
+        return [
+            str(self.number),
+            self.state.lower(),
+            number(self.value),
+            params,
+            "" if self.pruned_at_step is None else f"step {self.pruned_at_step}",
+            "" if self.duration_s is None else f"{self.duration_s:.1f}s",
+            self.note,
+            *((number(self.facts.get(key)) for key in FACTS) if facts else ()),
+        ]
+
 
 def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
-    study = open_study(name, storage).study
+    return study_rows(open_study(name, storage).study)
+
+
+def study_rows(study: optuna.Study) -> list[TrialRow]:
+    """One row per trial: what `study show` and the report's table print."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration else None

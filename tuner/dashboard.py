@@ -1,0 +1,265 @@
+"""optuna-dashboard over the study store, with the artifact store wired in, safe to expose.
+
+optuna-dashboard has no authentication, and some of its endpoints write: tell a trial, delete a
+study, edit notes. So `tuner dashboard` binds to the loopback address, and binding to any other
+address needs `read_only` (every write request is refused) or a `token` (every request must
+carry it). Writes from another site's page (a browser on the same machine, DNS rebinding) are
+refused by checking their Origin against the Host they were sent to.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import socketserver
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from tuner.errors import TunerError
+from tuner.storage import default_artifact_dir, open_storage, resolve_url
+
+logger = logging.getLogger(__name__)
+
+TOKEN_COOKIE = "tuner_dashboard_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may do what: `read_only` refuses writes; `token` is required on every request."""
+
+    read_only: bool = False
+    token: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, access: Access) -> None:
+    """Refuse to serve an unauthenticated dashboard that can write to anything but loopback."""
+    if access.token is not None and len(access.token) < 16:
+        raise TunerError("--token must be at least 16 characters (try: openssl rand -hex 16)")
+    if not is_loopback(host) and not access.read_only and access.token is None:
+        raise TunerError(
+            f"--host {host} serves the dashboard beyond this machine, and optuna-dashboard has "
+            "no authentication of its own: add --read-only (write requests refused) or "
+            "--token (every request must carry it), or keep --host 127.0.0.1"
+        )
+
+
+def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIApp:
+    """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
+    import optuna_dashboard
+
+    url = resolve_url(storage)
+    store = open_storage(url)
+    app = optuna_dashboard.wsgi(store, artifact_store=StudyArtifacts(store, url))
+    return Guard(app, access)
+
+
+def serve(
+    storage: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    access: Access = Access(),
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until interrupted; `on_ready` gets the address once the port is bound."""
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    check_exposure(host, access)
+    app = build_app(storage, access=access)
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        # The page fetches plots and trials in parallel; one slow request must not block all.
+        daemon_threads = True
+        allow_reuse_address = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            # Request lines carry the token when a browser first opens `?token=`.
+            logger.debug("%s %s", self.address_string(), _without_token(format % args))
+
+    try:
+        server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    except OSError as e:
+        raise TunerError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    shown = f"[{host}]" if ":" in host else host
+    if on_ready is not None:
+        on_ready(f"http://{shown}:{server.server_port}/dashboard")
+    with server:
+        server.serve_forever()
+
+
+class Guard:
+    """WSGI middleware enforcing `Access` in front of optuna-dashboard."""
+
+    def __init__(self, app: WSGIApp, access: Access) -> None:
+        self.app = app
+        self.access = access
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if self.access.token is not None:
+            query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
+            if "token" in query and _same(query["token"], self.access.token):
+                return self._set_cookie_and_redirect(environ, query, start_response)
+            if not self._authorised(environ):
+                return _refuse(
+                    start_response,
+                    "401 Unauthorized",
+                    "this dashboard needs its token: open it once with ?token=..., or send "
+                    "the header 'Authorization: Bearer ...'",
+                )
+        if method not in SAFE_METHODS:
+            if self.access.read_only:
+                return _refuse(
+                    start_response, "403 Forbidden", "this dashboard is read-only (--read-only)"
+                )
+            if not _same_origin(environ):
+                return _refuse(start_response, "403 Forbidden", "cross-origin write refused")
+        return self.app(environ, start_response)
+
+    def _authorised(self, environ: dict) -> bool:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if header.startswith("Bearer ") and _same(
+            header.removeprefix("Bearer "), self.access.token
+        ):
+            return True
+        cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+        morsel = cookie.get(TOKEN_COOKIE)
+        return morsel is not None and _same(morsel.value, self.access.token)
+
+    def _set_cookie_and_redirect(
+        self, environ: dict, query: dict[str, str], start_response: Callable
+    ) -> list[bytes]:
+        # The token leaves the address bar (and the history, and Referer headers) at once.
+        rest = urlencode({k: v for k, v in query.items() if k != "token"})
+        location = environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
+        cookie = f"{TOKEN_COOKIE}={self.access.token}; Path=/; HttpOnly; SameSite=Strict"
+        start_response("303 See Other", [("Location", location), ("Set-Cookie", cookie)])
+        return [b""]
+
+
+def _same(given: str, expected: str | None) -> bool:
+    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _same_origin(environ: dict) -> bool:
+    origin = environ.get("HTTP_ORIGIN")
+    if not origin:
+        return True  # not sent by a browser's cross-site request (curl, scripts, same-site)
+    return urlsplit(origin).netloc == environ.get("HTTP_HOST", "")
+
+
+def _refuse(start_response: Callable, status: str, reason: str) -> list[bytes]:
+    body = json.dumps({"reason": reason}).encode()
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def _without_token(text: str) -> str:
+    import re
+
+    return re.sub(r"token=[^&\s]*", "token=***", text)
+
+
+class StudyArtifacts:
+    """The artifact stores of every study in the store, as one store for the dashboard.
+
+    Each study records where its trials' artifacts live (`artifact_dir`); they are usually one
+    folder, but a store shared by several machines can hold several. Artifact ids are unique,
+    so a read looks in each; a new artifact goes to the store's default folder.
+    """
+
+    def __init__(self, store: Any, url: str) -> None:
+        self._store = store
+        self._default = Path(default_artifact_dir(url))
+
+    def _dirs(self) -> list[Path]:
+        from tuner.study import ARTIFACTS_ATTR
+
+        dirs = [self._default]
+        for study in self._store.get_all_studies():
+            recorded = study.user_attrs.get(ARTIFACTS_ATTR)
+            if recorded and Path(recorded) not in dirs:
+                dirs.append(Path(recorded))
+        return dirs
+
+    def _stores(self) -> Iterator[Any]:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        for folder in self._dirs():
+            if folder.is_dir():
+                yield FileSystemArtifactStore(str(folder))
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        for store in self._stores():
+            try:
+                return store.open_reader(artifact_id)
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"no artifact {artifact_id}")
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        self._default.mkdir(parents=True, exist_ok=True)
+        FileSystemArtifactStore(str(self._default)).write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        for store in self._stores():
+            try:
+                store.remove(artifact_id)
+                return
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"no artifact {artifact_id}")
+
+
+def study_note(name: str, space: Any, *, space_file: str | None = None) -> str:
+    """The study's description, shown as its note in the dashboard (Markdown)."""
+    fixed = space.fixed
+    lines = [f"## {name}"]
+    if space.description:
+        lines += ["", space.description]
+    lines.append("")
+    model = fixed.get("model_name_or_path")
+    if model:
+        lines.append(f"- **base model**: `{model}`")
+    dataset = fixed.get("dataset")
+    if isinstance(dataset, dict):
+        lines.append(f"- **data set**: `{dataset.get('path')}` ({dataset.get('format', 'auto')})")
+    elif fixed.get("workload") == "simulated":
+        lines.append("- **workload**: simulated (no model, no data)")
+    objective = space.objective
+    lines.append(f"- **objective**: {objective.direction} `{objective.metric}`")
+    searched = ", ".join(f"`{name}`" for name in space.params)
+    lines.append(f"- **searched**: {searched}")
+    if space.fixed.get("deepspeed"):
+        lines.append(f"- **DeepSpeed**: {space.fixed['deepspeed']}")
+    if space_file:
+        lines.append(f"- **space file**: `{space_file}`")
+    lines += ["", f"Export the best trial: `tuner study export {name} --out DIR`"]
+    return "\n".join(lines)
