@@ -27,6 +27,11 @@ app = typer.Typer(
 study_app = typer.Typer(help="Create, run and inspect studies.", no_args_is_help=True)
 demo_app = typer.Typer(help="The offline demo: a tiny local model and data.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+sweep_app = typer.Typer(
+    help="Recurring sweeps (nightly from cron): warm-started, budgeted, promoting a champion.",
+    no_args_is_help=True,
+)
+app.add_typer(sweep_app, name="sweep")
 
 
 @app.callback()
@@ -57,6 +62,7 @@ Storage = Annotated[
 NTrials = Annotated[
     int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
 ]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 Timeout = Annotated[
     str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
 ]
@@ -211,7 +217,7 @@ def study_show(
 def study_best(
     name: str,
     storage: Storage = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """The best trial's params and value, and its margin over the baseline."""
     from tuner.study import best_report
@@ -290,6 +296,103 @@ def study_delete(
         typer.confirm(f"delete study {name!r} and its adapters?", abort=True)
     removed = delete_study(name, storage)
     typer.echo(f"deleted study {name} ({removed} artifact files)")
+
+
+@sweep_app.command("run")
+def sweep_run(
+    space: Annotated[Path, typer.Option("--space", help="The search space YAML file.")],
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="The series: studies are NAME-YYYY-MM-DD (default: the space's name)."
+        ),
+    ] = None,
+    storage: Storage = None,
+    backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001.")
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
+    date: Annotated[
+        str | None,
+        typer.Option(help="The sweep's date, YYYY-MM-DD (default: today), for backfills."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="If another sweep of the series runs, wait for it.")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Summaries and exported champions (default: sweeps/NAME)."),
+    ] = None,
+) -> None:
+    """One sweep of a series: create or resume today's study, run it to the budget, promote."""
+    import datetime as dt
+
+    from tuner.locks import Busy
+    from tuner.sweep import ExportFailed, run_sweep
+
+    try:
+        day = dt.date.fromisoformat(date) if date is not None else None
+    except ValueError:
+        raise TunerError(f"--date must be YYYY-MM-DD (got {date!r})") from None
+    _stop_on_sigterm()
+    with _ProgressBar() as bar:
+        try:
+            summary = run_sweep(
+                space,
+                prefix=name,
+                storage=storage,
+                backend=backend,
+                address=address,
+                jobs=jobs,
+                date=day,
+                wait=wait,
+                out=out,
+                on_progress=bar.update,
+            )
+        except Busy as e:
+            bar.close()
+            # Not a failure: the sweep that holds the lock is doing the work (cron retries).
+            typer.echo(f"skipped: {e}", err=True)
+            return
+        except ExportFailed as e:
+            bar.close()
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(3) from None  # its own status, for monitoring
+    from tuner.sweep import summary_markdown
+
+    typer.echo(summary_markdown(summary))
+
+
+@sweep_app.command("list")
+def sweep_list(
+    name: Annotated[str | None, typer.Option("--name", help="One series (default: all).")] = None,
+    storage: Storage = None,
+    as_json: AsJson = False,
+) -> None:
+    """The series' sweeps, oldest first, with the champion marked."""
+    from tuner.sweep import list_sweeps
+
+    rows = list_sweeps(name, storage)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no sweeps")
+        return
+    table = _table("", "sweep", "trials", "best", "change", "promoted")
+    for row in rows:
+        counts = ", ".join(f"{n} {state}" for state, n in row["trials"].items()) or "none"
+        change = "" if row["change"] is None else f"{row['change']:+.4g}"
+        table.add_row(
+            "champion" if row["champion"] else ("" if row["finished"] else "unfinished"),
+            row["study"],
+            counts,
+            _num(row["best"]),
+            change,
+            "yes" if row["promoted"] else "",
+        )
+    _print(table)
 
 
 @app.command("dashboard")

@@ -226,6 +226,12 @@ class Budget(BaseModel):
     keep_adapters: int | None = Field(
         default=5, gt=0, description="Adapters of the best N trials kept on disk; null: all."
     )
+    gpu_hours: float | None = Field(
+        default=None,
+        gt=0,
+        description="No trial starts once the study's trials have held this many GPU-hours "
+        "(wall time × GPUs per trial, running trials included).",
+    )
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -246,6 +252,25 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"must be seconds or a duration such as 30m, 2h, 1h30m (got {text!r})")
     days, hours, minutes, seconds = (float(g or 0) for g in match.groups())
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+class SweepPolicy(BaseModel):
+    """How a recurring sweep (`tuner sweep run`) starts from the last one and promotes models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warm_start: int = Field(
+        default=3, ge=0, description="Best trials of the previous sweep enqueued first."
+    )
+    margin: float = Field(
+        default=0.0,
+        ge=0,
+        description="A new best replaces the champion only when better by more than this "
+        "(in the objective's unit).",
+    )
+    keep_exports: int = Field(
+        default=2, ge=1, description="Exported champions kept on disk, the current one included."
+    )
 
 
 class Resources(BaseModel):
@@ -287,6 +312,7 @@ class Space(BaseModel):
     pruner: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_PRUNER))
     budget: Budget = Budget()
     resources: Resources = Resources()
+    sweep: SweepPolicy = SweepPolicy()
     baseline: dict[str, Any] | None = None
 
     # -- suggesting
@@ -327,6 +353,23 @@ class Space(BaseModel):
             name: self.baseline.get(name, TrialConfig.model_fields[name].default)
             for name in self.params
         }
+
+    def misfit(self, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The first searched param whose value lies outside the space, with what is allowed."""
+        for name, p in self.params.items():
+            if name not in values:
+                return name, "a value (it is missing)"
+            value = values[name]
+            if isinstance(p, MultipleParam):
+                base = self._value_of(p.of, values)
+                ok = isinstance(value, int | float) and any(
+                    math.isclose(value, base * f) for f in p.factors
+                )
+                if not ok:
+                    return name, f"{p.of} ({base}) × one of {p.factors}"
+            elif not p.contains(value):
+                return name, p.describe()
+        return None
 
     def optuna_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Resolved values → the params Optuna stores (the factor for a multiple)."""
@@ -679,22 +722,12 @@ def _check_baseline(space: Space) -> None:
             )
     values = space.baseline_values()
     assert values is not None
-    for name, p in space.params.items():
+    misfit = space.misfit(values)
+    if misfit is not None:
+        name, allowed = misfit
         value = values[name]
-        given = name in space.baseline
-        origin = "" if given else f" (not given; the default is {value!r})"
-        if isinstance(p, MultipleParam):
-            base = space._value_of(p.of, values)
-            ok = isinstance(value, int | float) and any(
-                math.isclose(value, base * f) for f in p.factors
-            )
-            if not ok:
-                raise SpaceError(
-                    f"baseline.{name} must be {p.of} ({base}) × one of {p.factors} "
-                    f"(got {value!r}){origin}"
-                )
-        elif not p.contains(value):
-            raise SpaceError(f"baseline.{name} must be {p.describe()} (got {value!r}){origin}")
+        origin = "" if name in space.baseline else f" (not given; the default is {value!r})"
+        raise SpaceError(f"baseline.{name} must be {allowed} (got {value!r}){origin}")
 
 
 def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:

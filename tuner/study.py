@@ -11,7 +11,7 @@ import math
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,12 @@ def create_study(
     name: str | None = None,
     storage: str | None = None,
     load_if_exists: bool = False,
+    enqueue: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
 ) -> str:
     """Validate the space (and its local data), then create the study; returns its name.
+
+    `enqueue`: (resolved values, user attrs) of trials to run first, before the baseline (a
+    sweep's warm start); only when the study is new.
 
     Nothing is written unless the space is valid. If writing the study's attributes fails
     midway, the study is deleted again, so no half-made study is left behind.
@@ -74,6 +78,8 @@ def create_study(
     try:
         study.set_user_attr(ARTIFACTS_ATTR, str(default_artifact_dir(url)))
         study.set_user_attr(SPACE_FILE_ATTR, str(space))
+        for values, attrs in enqueue:
+            study.enqueue_trial(parsed.optuna_params(values), user_attrs=attrs)
         baseline = parsed.baseline_values()
         if baseline is not None:
             study.enqueue_trial(parsed.optuna_params(baseline), user_attrs={BASELINE_ATTR: True})
@@ -110,7 +116,8 @@ def _check_local_data(space: Space, *, display: str) -> None:
 
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
-    stored = _wait_for_space(store, name)
+    # Through the model, so fields added since the study was made compare as their defaults.
+    stored = Space.from_stored(_wait_for_space(store, name)).to_stored()
     if stored != space.to_stored():
         raise StorageError(
             f"study {name!r} exists with a different space; use another --name, or "
@@ -247,6 +254,7 @@ def run_study(
         gpus_per_trial=space.resources.gpus_per_trial,
         cpus_per_trial=space.resources.cpus_per_trial,
         max_retries=max_retries,
+        gpu_hours=space.budget.gpu_hours,
     )
     if backend == "ray":
         from tuner.backends.ray import RayBackend

@@ -18,6 +18,7 @@ class RunPlan:
     gpus_per_trial: float = 1  # what a trial asks of a cluster (Ray backend)
     cpus_per_trial: float = 1
     max_retries: int = 2  # retries of a trial whose worker died
+    gpu_hours: float | None = None  # no trial starts once the study's trials held this much
 
     @property
     def ranks(self) -> int:
@@ -29,7 +30,8 @@ class Backend(Protocol):
     """Runs the trials of a plan against the study store, and returns when they are done.
 
     Contract:
-    - exactly `n_trials` trials are started (fewer only after `timeout` or an interrupt);
+    - exactly `n_trials` trials are started (fewer only after `timeout`, the `gpu_hours`
+      budget or an interrupt);
     - every trial it started is finished in the store (COMPLETE, PRUNED or FAIL) when `run`
       returns or raises, including on KeyboardInterrupt, which it re-raises after cleaning up;
     - a worker that dies fails its running trial with the reason, and the run goes on.

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from tuner.backends.base import RunPlan
+from tuner.budget import spent
 from tuner.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,12 @@ def _worker(
     objective.warm_up(threads=threads)
     try:
         while slots.take():
-            if (deadline is not None and time.time() > deadline) or os.getppid() != driver_pid:
+            expired = deadline is not None and time.time() > deadline
+            if (
+                expired
+                or os.getppid() != driver_pid
+                or spent(opened.study, plan.gpus_per_trial, plan.gpu_hours)
+            ):
                 slots.give_back()
                 break
             try:

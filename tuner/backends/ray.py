@@ -28,6 +28,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from tuner.backends.base import RunPlan
+from tuner.budget import spent
 from tuner.errors import BackendError
 from tuner.storage import mask_url, strip_password
 
@@ -64,6 +65,8 @@ class RayBackend:
         try:
             while True:
                 expired = deadline is not None and time.time() > deadline
+                if idle and not expired:
+                    expired = spent(study, plan.gpus_per_trial, plan.gpu_hours)
                 wanted = _capacity(plan)
                 if remaining is not None:
                     wanted = min(wanted, remaining + len({w for w, _ in pending.values()}))
