@@ -275,6 +275,9 @@ def test_the_report_opens_in_chromium_with_its_plots_and_no_errors(
     assert "6 plots" in made.stdout, made.stdout + made.stderr
 
     text = out.read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # to share: not a private temp file
     assert "<script src=" not in text  # self-contained: opens with no network
     assert f"tuner study export {name}" in text
     assert "nan" in text  # the failed trial's reason is in the table

@@ -269,6 +269,28 @@ def test_the_cluster_refuses_clients_without_its_token(
     assert "ConnectionError" in result.stderr or "AuthenticationError" in result.stderr
 
 
+def test_a_hung_trial_is_ended_by_the_trial_timeout_on_ray(
+    ray_address: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    space = {
+        "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+        "fixed": {"workload": "simulated", "steps": 4, "step_seconds": 0.1, "hang_above_lr": 0.05},
+        "pruner": "none",
+        "resources": {"gpus_per_trial": 1, "trial_timeout": 4},
+    }
+    name = create_study(write_space(tmp_path / "hang.yaml", space), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    for lr in (0.08, 1e-3, 2e-3):
+        study.enqueue_trial({"learning_rate": lr})
+    run_study(name, storage=sqlite_url, n_trials=3, backend="ray", address=ray_address)
+    trials = study.get_trials()
+    assert len(trials) == 3  # not retried: it would hang again
+    hung = trials[0]
+    assert hung.state == TrialState.FAIL
+    assert hung.user_attrs["fail_reason"] == "timed out after 4s (resources.trial_timeout)"
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
+
+
 def test_a_killed_ray_worker_fails_its_trial_which_is_retried(
     ray_address: str, sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -128,6 +128,12 @@ class TrialConfig(BaseModel):
         description="Simulated: learning rates above this diverge (the loss turns NaN after the "
         "first step), as real ones do; for trying failed trials without GPUs.",
     )
+    hang_above_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Simulated: learning rates above this hang after the first step (as a stuck "
+        "collective or data loader does), for trying resources.trial_timeout.",
+    )
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> TrialConfig:

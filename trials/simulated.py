@@ -51,6 +51,8 @@ def run(
         loss = loss_at(config, step, rng)
         if step > 1 and config.diverge_above_lr and config.learning_rate > config.diverge_above_lr:
             loss = math.nan
+        while step > 1 and config.hang_above_lr and config.learning_rate > config.hang_above_lr:
+            time.sleep(1)  # only a kill ends it, as with a real hang
         timings["stopped_at_step"] = step
         reporter.report(loss, step, final=step == config.steps)
     timings["train_s"] = time.perf_counter() - started

@@ -74,6 +74,9 @@ def write_report(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(document)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a file to share, not mkstemp's private 0600
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -92,7 +95,7 @@ def write_report(
             encoding="utf-8",
         )
     drawn = len(sections) - len(skipped)
-    logger.info("report on %s: %d plots, %d not drawn", name, drawn, len(skipped))
+    logger.debug("report on %s: %d plots, %d not drawn", name, drawn, len(skipped))
     return Report(out, drawn, skipped, artifact_id)
 
 

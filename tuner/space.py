@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trials.config import SEARCHABLE, TrialConfig
 from tuner import algorithms
@@ -214,13 +222,19 @@ class Objective(BaseModel):
         return self
 
 
+# A number of seconds, or a duration as people write it: 90, "30m", "2h", "1h30m".
+Seconds = Annotated[
+    float, BeforeValidator(lambda v: parse_duration(v) if isinstance(v, str) else v)
+]
+
+
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_trials: int | None = Field(
         default=None, gt=0, description="Finished trials the study aims at."
     )
-    timeout: float | None = Field(
+    timeout: Seconds | None = Field(
         default=None, gt=0, description="Seconds (or 30m, 2h, 1h30m) after which no trial starts."
     )
     keep_adapters: int | None = Field(
@@ -232,11 +246,6 @@ class Budget(BaseModel):
         description="No trial starts once the study's trials have held this many GPU-hours "
         "(wall time × GPUs per trial, running trials included).",
     )
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return parse_duration(value) if isinstance(value, str) else value
 
 
 _DURATION = re.compile(
@@ -287,6 +296,12 @@ class Resources(BaseModel):
     cpus_per_trial: float = Field(default=1, gt=0)
     max_retries: int = Field(
         default=2, ge=0, description="Retries of a trial whose worker died (not of its own error)."
+    )
+    trial_timeout: Seconds | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds (or 30m, 2h) after which a running trial is ended: its worker is "
+        "killed (a hang does not answer anything gentler) and the trial fails, not retried.",
     )
 
     @model_validator(mode="after")

@@ -255,6 +255,7 @@ def run_study(
         cpus_per_trial=space.resources.cpus_per_trial,
         max_retries=max_retries,
         gpu_hours=space.budget.gpu_hours,
+        trial_timeout=space.resources.trial_timeout,
     )
     if backend == "ray":
         from tuner.backends.ray import RayBackend

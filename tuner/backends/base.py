@@ -19,6 +19,7 @@ class RunPlan:
     cpus_per_trial: float = 1
     max_retries: int = 2  # retries of a trial whose worker died
     gpu_hours: float | None = None  # no trial starts once the study's trials held this much
+    trial_timeout: float | None = None  # a trial running longer is killed and failed
 
     @property
     def ranks(self) -> int:
@@ -34,7 +35,8 @@ class Backend(Protocol):
       budget or an interrupt);
     - every trial it started is finished in the store (COMPLETE, PRUNED or FAIL) when `run`
       returns or raises, including on KeyboardInterrupt, which it re-raises after cleaning up;
-    - a worker that dies fails its running trial with the reason, and the run goes on.
+    - a worker that dies fails its running trial with the reason, and the run goes on;
+    - a trial running past `trial_timeout` has its worker killed and fails, not retried.
     """
 
     name: str

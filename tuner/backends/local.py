@@ -57,6 +57,8 @@ class LocalBackend:
         ctx = mp.get_context("spawn")  # fresh interpreters: no torch or DB state copied by fork
         slots = _Slots(ctx, plan.n_trials)
         running = ctx.Array("i", [-1] * plan.jobs)  # the trial id each worker is on
+        since = ctx.Array("d", [0.0] * plan.jobs)  # when it began (time.time())
+        timed_out: set[int] = set()
         deadline = time.time() + plan.timeout if plan.timeout else None
         threads = max(1, (os.cpu_count() or 1) // plan.jobs)
         level = logging.getLogger("tuner").getEffectiveLevel()
@@ -70,6 +72,7 @@ class LocalBackend:
                     plan,
                     slots,
                     running,
+                    since,
                     deadline,
                     threads,
                     level,
@@ -88,26 +91,45 @@ class LocalBackend:
                 for index, process in list(workers.items()):
                     process.join(timeout=0.2)
                     if process.exitcode is None:
+                        if index not in timed_out and _overdue(plan, running, since, index):
+                            logger.warning(
+                                "trial %d ran past resources.trial_timeout (%gs); killing its "
+                                "worker",
+                                running[index],
+                                plan.trial_timeout,
+                            )
+                            timed_out.add(index)
+                            process.kill()
                         continue
                     del workers[index]
                     if process.exitcode == 0:
                         continue
-                    reason = f"worker process died (exit code {process.exitcode})"
-                    if _fail_orphan(plan, running, index, reason, retry=True):
-                        slots.give_back()  # the retry takes the dead trial's place
+                    timed = index in timed_out
+                    if timed:
+                        timed_out.discard(index)
+                        reason = (
+                            f"timed out after {plan.trial_timeout:g}s (resources.trial_timeout)"
+                        )
+                        # It would hang again: failed, not retried; its slot is used up.
+                        _fail_orphan(plan, running, index, reason, retry=False)
+                    else:
+                        reason = f"worker process died (exit code {process.exitcode})"
+                        if _fail_orphan(plan, running, index, reason, retry=True):
+                            slots.give_back()  # the retry takes the dead trial's place
                     expired = deadline is not None and time.time() > deadline
                     if slots.left() and not expired:
-                        restarts += 1
-                        if restarts > MAX_RESTARTS_PER_JOB * plan.jobs:
-                            raise BackendError(
-                                f"worker processes keep dying (last exit code {process.exitcode});"
-                                " see the log above"
+                        if not timed:  # a hang is the trial's doing, not the worker's
+                            restarts += 1
+                            if restarts > MAX_RESTARTS_PER_JOB * plan.jobs:
+                                raise BackendError(
+                                    "worker processes keep dying (last exit code "
+                                    f"{process.exitcode}); see the log above"
+                                )
+                            logger.warning(
+                                "worker %d died (exit code %s); starting another",
+                                index,
+                                process.exitcode,
                             )
-                        logger.warning(
-                            "worker %d died (exit code %s); starting another",
-                            index,
-                            process.exitcode,
-                        )
                         workers[index] = start(index)
         except BaseException:
             _stop(workers)
@@ -116,6 +138,12 @@ class LocalBackend:
                     plan, running, index, "interrupted (Ctrl-C or a stop signal)", retry=False
                 )
             raise
+
+
+def _overdue(plan: RunPlan, running: Any, since: Any, index: int) -> bool:
+    if plan.trial_timeout is None or running[index] < 0:
+        return False
+    return time.time() - since[index] > plan.trial_timeout
 
 
 def visible_gpus() -> list[str]:
@@ -177,6 +205,7 @@ def _worker(
     plan: RunPlan,
     slots: _Slots,
     running: Any,
+    since: Any,
     deadline: float | None,
     threads: int,
     log_level: int,
@@ -197,7 +226,12 @@ def _worker(
     seed_offset = 7919 * index + n_existing
     opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
     objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
-    objective.on_trial_start = lambda trial: running.__setitem__(index, trial._trial_id)
+
+    def started(trial: Any) -> None:
+        since[index] = time.time()
+        running[index] = trial._trial_id
+
+    objective.on_trial_start = started
     objective.warm_up(threads=threads)
     try:
         while slots.take():

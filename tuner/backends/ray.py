@@ -114,6 +114,12 @@ class RayBackend:
                         # A worker that died before its trial began (it could not reach the
                         # store, say) leaves that trial to the next one.
                         remaining += retried if found else 1
+                for worker in _overdue(slots, pending, plan.trial_timeout):
+                    reason = f"timed out after {plan.trial_timeout:g}s (resources.trial_timeout)"
+                    logger.warning("%s: %s; killing its actors", worker, reason)
+                    # It would hang again: failed, not retried; its place in the budget is used.
+                    _fail_and_retry(study, plan, worker, reason, retry=False)
+                    _drop(slots[worker], slots, pending, idle)
                 for worker in _hung(slots, pending):
                     logger.warning("%s: ranks still busy after rank 0 ended; restarting", worker)
                     _drop(slots[worker], slots, pending, idle)
@@ -141,6 +147,7 @@ class _Slot:
         self.group = group
         self.ranks = len(actors)
         self.rank0_done: float | None = None
+        self.started: float | None = None  # when its current trial was handed out
 
     @classmethod
     def start(cls, plan: RunPlan) -> _Slot | None:
@@ -178,6 +185,7 @@ class _Slot:
     def run_one(self) -> list[Any]:
         """Futures of one trial: rank 0 runs it, the others follow."""
         self.rank0_done = None
+        self.started = time.monotonic()
         return [self.actors[0].run_one.remote()] + [a.follow.remote() for a in self.actors[1:]]
 
     def stop(self) -> None:
@@ -198,6 +206,19 @@ def _drop(slot: _Slot, slots: dict, pending: dict, idle: list) -> None:
     for future, (worker, _) in list(pending.items()):
         if worker == slot.worker:
             del pending[future]
+
+
+def _overdue(slots: dict[str, _Slot], pending: dict, timeout: float | None) -> list[str]:
+    """Slots whose trial has run past `resources.trial_timeout`."""
+    if timeout is None:
+        return []
+    busy = {w for w, _ in pending.values()}
+    now = time.monotonic()
+    return [
+        w
+        for w, slot in slots.items()
+        if w in busy and slot.started is not None and now - slot.started > timeout
+    ]
 
 
 def _hung(slots: dict[str, _Slot], pending: dict) -> list[str]:
