@@ -4,10 +4,13 @@ target, no trial is left RUNNING, trial numbers are contiguous, every value is f
 from __future__ import annotations
 
 import math
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-from conftest import write_space
+import pytest
+from conftest import run_cli, small_space, write_space
 from optuna.trial import TrialState
 
 from tuner.study import create_study, run_study
@@ -44,3 +47,53 @@ def test_a_hung_trial_is_killed_at_the_trial_timeout_and_the_run_goes_on(
         assert hung.user_attrs["fail_reason"] == "timed out after 3s (resources.trial_timeout)"
         assert hung.duration.total_seconds() < 20
     assert_nothing_lost(study, target=4)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 KB filesystem: an adapter of the demo (76 KB and up) does not fit."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, f"the disk-full test needs to mount a tmpfs: {made.stderr}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_while_the_adapter_is_stored_fails_the_trial_and_links_nothing(
+    sqlite_url: str,
+    demo_dir: Path,
+    tmp_path: Path,
+    small_disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Adapters go to the small disk; the tokenised data, kept beside them, does not.
+    (tmp_path / "tokenized").mkdir()
+    (small_disk / "tokenized").symlink_to(tmp_path / "tokenized")
+    monkeypatch.setenv("TUNER_ARTIFACTS", str(small_disk))
+    space = small_space(demo_dir, name="full", pruner="none", budget={"n_trials": 2})
+    name = create_study(write_space(tmp_path / "full.yaml", space), storage=sqlite_url)
+    progress = run_study(name, storage=sqlite_url)
+
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    assert progress.failed == 2
+    for trial in study.trials:
+        assert trial.state == TrialState.FAIL
+        assert trial.user_attrs["fail_reason"] == (
+            f"AdapterNotStored: could not store the adapter in {small_disk}: "
+            "No space left on device"
+        )
+        assert "adapter" not in trial.user_attrs
+    # Nothing half-written: no partial file, and no complete file of a half-stored adapter.
+    assert sorted(p.name for p in small_disk.iterdir()) == ["tokenized"]
+    assert_nothing_lost(study, target=2)
+    refused = run_cli(
+        "study", "export", name, "--storage", sqlite_url, "--out", str(tmp_path / "x")
+    )
+    assert refused.returncode == 2 and "no completed trial" in refused.stderr

@@ -221,10 +221,9 @@ class StudyArtifacts:
         raise ArtifactNotFound(f"no artifact {artifact_id}")
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        from optuna.artifacts import FileSystemArtifactStore
+        from tuner.artifacts import open_store
 
-        self._default.mkdir(parents=True, exist_ok=True)
-        FileSystemArtifactStore(str(self._default)).write(artifact_id, content_body)
+        open_store(self._default).write(artifact_id, content_body)
 
     def remove(self, artifact_id: str) -> None:
         from optuna.artifacts.exceptions import ArtifactNotFound

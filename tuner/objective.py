@@ -22,11 +22,16 @@ from typing import Any
 import optuna
 
 from tuner import recovery, retention
+from tuner.artifacts import open_store
 from tuner.space import Space
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class AdapterNotStored(RuntimeError):
+    """The trial trained, but its adapter could not be stored (the disk is full, say)."""
 
 
 class NonFiniteObjective(RuntimeError):
@@ -40,8 +45,8 @@ class Objective:
         self.space = space
         self.ranks = ranks  # above 1: this process is rank 0 of a multi-GPU trial
         self.shared = False  # whether this trial's config has reached the other ranks
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        self.artifact_store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+        self.artifact_dir = artifact_dir
+        self.artifact_store = open_store(artifact_dir)
         # Shared by every worker of the study, so its data is tokenised once, not once per worker.
         self.data_cache = artifact_dir / "tokenized"
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
@@ -180,14 +185,24 @@ class Objective:
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
         """Store the adapter's files in the study's artifact store, linked from the trial, so an
         export finds them from the study alone. Returns file name → artifact id."""
-        return {
-            name: optuna.artifacts.upload_artifact(
-                artifact_store=self.artifact_store,
-                file_path=str(adapter_dir / name),
-                study_or_trial=trial,
-            )
-            for name in ADAPTER_FILES
-        }
+        uploaded: dict[str, str] = {}
+        try:
+            for name in ADAPTER_FILES:
+                uploaded[name] = optuna.artifacts.upload_artifact(
+                    artifact_store=self.artifact_store,
+                    file_path=str(adapter_dir / name),
+                    study_or_trial=trial,
+                )
+        except OSError as e:
+            # A full disk, say: the trial fails, and the files stored so far go too, so nothing
+            # of a half-stored adapter is left (each write was atomic).
+            for artifact_id in uploaded.values():
+                with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
+                    self.artifact_store.remove(artifact_id)
+            raise AdapterNotStored(
+                f"could not store the adapter in {self.artifact_dir}: {e.strerror or e}"
+            ) from e
+        return uploaded
 
 
 def run_workload(

@@ -84,11 +84,12 @@ def write_report(
 
     artifact_id = None
     if attach:
-        from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+        from optuna.artifacts import upload_artifact
 
-        opened.artifact_dir.mkdir(parents=True, exist_ok=True)
+        from tuner.artifacts import open_store
+
         artifact_id = upload_artifact(
-            artifact_store=FileSystemArtifactStore(str(opened.artifact_dir)),
+            artifact_store=open_store(opened.artifact_dir),
             file_path=str(out),
             study_or_trial=study,
             mimetype="text/html",
