@@ -57,7 +57,8 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
     import sqlalchemy
 
     name = f"tuner_test_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    # Pre-ping: a test may restart the server between create and drop.
+    admin = sqlalchemy.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"

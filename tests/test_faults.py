@@ -4,7 +4,10 @@ target, no trial is left RUNNING, trial numbers are contiguous, every value is f
 from __future__ import annotations
 
 import math
+import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,3 +100,113 @@ def test_a_full_disk_while_the_adapter_is_stored_fails_the_trial_and_links_nothi
         "study", "export", name, "--storage", sqlite_url, "--out", str(tmp_path / "x")
     )
     assert refused.returncode == 2 and "no completed trial" in refused.stderr
+
+
+def _restart_postgres(*, after_s: float, down_s: float, times: dict) -> threading.Thread:
+    """Stop the server (fast: it drops every connection) after `after_s`, start it `down_s`
+    later, noting when in `times`. The caller joins the thread; the server is started again
+    whatever happens."""
+    version = os.listdir("/etc/postgresql")[0]
+    ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+    def cycle() -> None:
+        time.sleep(after_s)
+        try:
+            subprocess.run([*ctl, "stop", "-m", "fast"], check=True, capture_output=True)
+            times["down"] = time.monotonic()
+            time.sleep(down_s)
+        finally:
+            subprocess.run([*ctl, "start"], check=True, capture_output=True)
+            times["up"] = time.monotonic()
+
+    thread = threading.Thread(target=cycle, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    ("down_s", "grace_s"), [(1, 20), (8, 3)], ids=["shorter-than-grace", "longer-than-grace"]
+)
+def test_a_postgresql_restart_during_a_sweep_loses_nothing(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down_s: float, grace_s: float
+) -> None:
+    monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("TUNER_GRACE_PERIOD", str(grace_s))
+    monkeypatch.setenv("TUNER_ARTIFACTS", str(tmp_path / "artifacts"))
+    space = {**simulated(), "fixed": {"workload": "simulated", "steps": 10, "step_seconds": 0.3}}
+    name = create_study(write_space(tmp_path / "restart.yaml", space), storage=pg_url)
+    times: dict[str, float] = {}
+    restart = _restart_postgres(after_s=5, down_s=down_s, times=times)
+    progress = run_study(name, storage=pg_url, n_trials=8, jobs=2)
+    finished = time.monotonic()
+    restart.join()
+    assert times["up"] < finished  # the server went away and came back while trials ran
+
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert all(t.state.is_finished() for t in trials)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == progress.complete == 8
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if down_s < grace_s:
+        assert failed == []  # the workers waited for the server; no trial was lost
+    else:
+        # Trials whose heartbeats stopped for longer than the grace period were failed as
+        # stale and retried with the same params.
+        for t in failed:
+            (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
+            assert retry.params == t.params
+
+
+def test_a_connection_killed_in_the_middle_of_a_tell_costs_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The moment is made exact: a second session holds trial 1's row (FOR NO KEY UPDATE lets
+    its reports and heartbeats through), so its worker's tell waits inside its transaction,
+    and that backend is terminated there. The tell is made again on a new connection."""
+    import sqlalchemy
+
+    space = {**simulated(), "fixed": {"workload": "simulated", "steps": 6, "step_seconds": 0.3}}
+    name = create_study(write_space(tmp_path / "tell.yaml", space), storage=pg_url)
+    result: dict = {}
+    run = threading.Thread(
+        target=lambda: result.update(progress=run_study(name, storage=pg_url, n_trials=4, jobs=2))
+    )
+    run.start()
+
+    engine = sqlalchemy.create_engine(pg_url)
+    database = pg_url.rsplit("/", 1)[1]
+    killed = 0
+    with engine.connect() as holder, engine.connect() as admin:
+        admin.execution_options(isolation_level="AUTOCOMMIT")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            row = admin.execute(
+                sqlalchemy.text("select trial_id, state from trials where number = 1")
+            ).first()
+            if row is not None and row.state == "RUNNING":
+                break
+            time.sleep(0.05)
+        holder.execute(
+            sqlalchemy.text("select 1 from trials where trial_id = :t for no key update"),
+            {"t": row.trial_id},
+        )
+        while time.monotonic() < deadline and not killed:
+            killed = admin.execute(
+                sqlalchemy.text(
+                    "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                    "where datname = :d and wait_event_type = 'Lock' and query ilike '%for update%'"
+                ),
+                {"d": database},
+            ).scalar()
+            time.sleep(0.05)
+        holder.rollback()  # lets the retried tell through
+    engine.dispose()
+    run.join(timeout=120)
+
+    assert killed == 1
+    study = optuna.load_study(study_name=name, storage=pg_url)
+    assert_nothing_lost(study, target=4)
+    assert result["progress"].complete == 4
+    assert study.trials[1].state == TrialState.COMPLETE

@@ -25,8 +25,10 @@ import sqlalchemy.exc
 
 logger = logging.getLogger(__name__)
 
-ATTEMPTS = 4
-WAIT_S = 1.0  # then 2 s and 3 s: long enough for a server restart to accept connections
+# Waits between attempts: about 45 s in all, longer than a server restart and than the
+# heartbeat grace period a restart should not outlast.
+WAITS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 15.0)
+ATTEMPTS = len(WAITS_S) + 1
 
 # RDBStorage's methods that talk to the database, the private ones Optuna's own cache layer
 # (`_CachedStorage`, which every Study wraps around an RDBStorage) calls included.
@@ -63,10 +65,25 @@ _METHODS = (
 )
 
 
+# PostgreSQL's SQLSTATEs for a server that went away or is not up yet: class 08 (connection
+# exception) and the shutdown and start-up states of class 57.
+_GONE = ("08", "57P01", "57P02", "57P03")
+
+
 def connection_lost(error: BaseException) -> bool:
-    """Whether a storage error came from a connection the server closed."""
+    """Whether a storage error came from a server that closed the connection, or that cannot
+    be reached while it restarts (refused, shutting down, starting up)."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
-    return isinstance(cause, sqlalchemy.exc.DBAPIError) and bool(cause.connection_invalidated)
+    if not isinstance(cause, sqlalchemy.exc.DBAPIError):
+        return False
+    if cause.connection_invalidated:
+        return True
+    if not isinstance(cause, sqlalchemy.exc.OperationalError):
+        return False
+    # psycopg2 sets pgcode to None when no server answered (connection refused). SQLite's
+    # errors have no pgcode at all: a locked database is not a lost connection.
+    code = getattr(cause.orig, "pgcode", "no server code")
+    return code is None or code.startswith(_GONE)
 
 
 _calling = threading.local()  # set while a retried call runs: the calls it makes are not retried
@@ -90,7 +107,7 @@ def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
                     attempt + 1,
                     ATTEMPTS,
                 )
-                time.sleep(WAIT_S * attempt)
+                time.sleep(WAITS_S[attempt - 1])
             finally:
                 _calling.active = False
         raise AssertionError("unreachable")

@@ -27,6 +27,7 @@ from pydantic import (
 from trials.config import SEARCHABLE, TrialConfig
 from tuner import algorithms
 from tuner.errors import SpaceError, did_you_mean
+from tuner.text import shown
 
 Scalar = None | bool | int | float | str
 
@@ -97,7 +98,7 @@ class CategoricalParam(_Param):
     def _unique(cls, choices: list[Scalar]) -> list[Scalar]:
         seen = [c for i, c in enumerate(choices) if c in choices[:i]]
         if seen:
-            raise ValueError(f"must not repeat a value (got {seen[0]!r} twice)")
+            raise ValueError(f"must not repeat a value (got {shown(seen[0])} twice)")
         return choices
 
     def candidates(self) -> list[Any]:
@@ -258,7 +259,9 @@ def parse_duration(text: str) -> float:
     """`90`, `90s`, `15m`, `2h`, `1h30m`, `1d` → seconds."""
     match = _DURATION.match(text)
     if not text.strip() or not match or not any(match.groups()):
-        raise ValueError(f"must be seconds or a duration such as 30m, 2h, 1h30m (got {text!r})")
+        raise ValueError(
+            f"must be seconds or a duration such as 30m, 2h, 1h30m (got {shown(text)})"
+        )
     days, hours, minutes, seconds = (float(g or 0) for g in match.groups())
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
@@ -465,7 +468,7 @@ def read_yaml(path: Path, *, display: str) -> Any:
             f"{display}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
         ) from None
     try:
-        return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.constructor.ConstructorError as e:
         where = _mark(e.problem_mark)
         if e.problem and "constructor for the tag" in e.problem:
@@ -479,6 +482,31 @@ def read_yaml(path: Path, *, display: str) -> Any:
         raise SpaceError(
             f"{display}:{_mark(getattr(e, 'problem_mark', None))} invalid YAML: {problem}"
         ) from None
+    if _values(data) > MAX_VALUES:
+        # Aliases share one object, so loading a "billion laughs" file is cheap; printing it,
+        # validating it or storing it in the study is not.
+        raise SpaceError(
+            f"{display}: expands to more than {MAX_VALUES:,} values (YAML aliases repeated);"
+            " a space is a few dozen"
+        )
+    return data
+
+
+MAX_VALUES = 100_000
+
+
+def _values(data: Any) -> int:
+    """How many values `data` holds with every alias expanded; stops counting past the limit."""
+    count, stack = 0, [data]
+    while stack and count <= MAX_VALUES:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 def _mark(mark: Any) -> str:
@@ -565,7 +593,7 @@ def parse_space(
         if not isinstance(data.get(section), dict) or not data[section]:
             if section not in data or data[section] is None:
                 raise SpaceError(f"{section} is required")
-            raise SpaceError(f"{section} must be a non-empty mapping (got {data[section]!r})")
+            raise SpaceError(f"{section} must be a non-empty mapping (got {shown(data[section])})")
 
     params = {name: _parse_param(name, spec) for name, spec in data["params"].items()}
     fixed = dict(data["fixed"])
@@ -654,7 +682,7 @@ def _parse_param(name: Any, spec: Any) -> Param:
             f"(searchable: {', '.join(sorted(SEARCHABLE))})"
         )
     if not isinstance(spec, dict):
-        raise SpaceError(f"{where} must be a mapping with a `type` (got {spec!r})")
+        raise SpaceError(f"{where} must be a mapping with a `type` (got {shown(spec)})")
     kind = spec.get("type")
     if kind is None:
         raise SpaceError(f"{where}.type is required (one of {', '.join(PARAM_TYPES)})")
@@ -711,7 +739,7 @@ def _check_against_trial_config(space: Space) -> None:
 def _check_multiple(space: Space, name: str, p: MultipleParam) -> None:
     where = f"params.{name}"
     if p.of == name or p.of not in TrialConfig.model_fields:
-        raise SpaceError(f"{where}.of must name another option (got {p.of!r})")
+        raise SpaceError(f"{where}.of must name another option (got {shown(p.of)})")
     of = space.params.get(p.of)
     if isinstance(of, MultipleParam):
         raise SpaceError(f"{where}.of names {p.of}, itself a multiple; chain them through fixed")
@@ -742,7 +770,7 @@ def _check_baseline(space: Space) -> None:
         name, allowed = misfit
         value = values[name]
         origin = "" if name in space.baseline else f" (not given; the default is {value!r})"
-        raise SpaceError(f"baseline.{name} must be {allowed} (got {value!r}){origin}")
+        raise SpaceError(f"baseline.{name} must be {allowed} (got {shown(value)}){origin}")
 
 
 def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
@@ -773,7 +801,9 @@ def _resolve_deepspeed(value: Any, base_dir: Path) -> str:
 
     allowed = f"allowed: {', '.join(DEEPSPEED_PRESETS)}, or a path to a DeepSpeed JSON"
     if not isinstance(value, str) or not value.strip():
-        raise SpaceError(f"fixed.deepspeed must be a name or a path ({allowed}; got {value!r})")
+        raise SpaceError(
+            f"fixed.deepspeed must be a name or a path ({allowed}; got {shown(value)})"
+        )
     if value in DEEPSPEED_PRESETS:
         return value
     path = (base_dir / Path(value).expanduser()).resolve()
@@ -833,7 +863,7 @@ def _explain(error: ValidationError, model: type[BaseModel], *, prefix: str = ""
         [prefix] * bool(prefix) + [str(p) if isinstance(p, str) else f"[{p}]" for p in loc]
     ).replace(".[", "[")
     kind = err["type"]
-    got = f" (got {err['input']!r})" if kind != "missing" else ""
+    got = f" (got {shown(err['input'])})" if kind != "missing" else ""
     if kind == "extra_forbidden":
         fields = _fields_at(model, loc[:-1])
         hint = did_you_mean(loc[-1], fields)

@@ -1,8 +1,10 @@
-"""Numbers as people read them, shared by the CLI's tables and the HTML report."""
+"""Values as people read them: numbers for the CLI's tables and the HTML report, and the
+short form of a bad value an error message quotes."""
 
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 
@@ -13,3 +15,14 @@ def number(value: Any) -> str:
             return f"{value:.3g}"
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 6, 6
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut short, so that an error quoting a 10 MB string or a deeply nested
+    list stays one readable line."""
+    return _SHORT.repr(value)
