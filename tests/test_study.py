@@ -119,7 +119,7 @@ def test_workers_share_the_store_and_any_machine_can_continue(
         "study", "run", name, "--storage", sqlite_url, "--n-trials", "1", cwd=elsewhere
     )
     assert result.returncode == 0, result.stderr
-    assert "1 trial finished: 1 complete" in result.stdout
+    assert "1 trial finished:" in result.stdout
 
     study = optuna.load_study(study_name=name, storage=sqlite_url)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4

@@ -306,6 +306,13 @@ class Resources(BaseModel):
         description="Seconds (or 30m, 2h) after which a running trial is ended: its worker is "
         "killed (a hang does not answer anything gentler) and the trial fails, not retried.",
     )
+    lookahead: int | None = Field(
+        default=None,
+        ge=0,
+        description="Trials the driver samples ahead, so that a worker that becomes free starts "
+        "one at once (tuner/feed.py). Default: one per trial slot; 0: each worker samples for "
+        "itself, as plain Optuna does.",
+    )
 
     @model_validator(mode="after")
     def _whole_ranks(self) -> Resources:

@@ -256,6 +256,7 @@ def run_study(
         max_retries=max_retries,
         gpu_hours=space.budget.gpu_hours,
         trial_timeout=space.resources.trial_timeout,
+        lookahead=space.resources.lookahead,
     )
     if backend == "ray":
         from tuner.backends.ray import RayBackend

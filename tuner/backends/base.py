@@ -20,11 +20,18 @@ class RunPlan:
     max_retries: int = 2  # retries of a trial whose worker died
     gpu_hours: float | None = None  # no trial starts once the study's trials held this much
     trial_timeout: float | None = None  # a trial running longer is killed and failed
+    lookahead: int | None = None  # suggestions the driver keeps ready; None: by the slots
 
     @property
     def ranks(self) -> int:
         """Processes that train one trial: one per GPU when it needs several."""
         return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
+
+    def feed_depth(self, slots: int) -> int:
+        """How many suggestions the driver keeps ready for `slots` trials at once."""
+        if self.lookahead is not None:
+            return self.lookahead
+        return max(1, slots)
 
 
 class Backend(Protocol):

@@ -1,7 +1,8 @@
 """Trials on this machine: `jobs` worker processes, each running Optuna's own optimize loop
 against the shared study store (which is what makes median pruning see every trial).
 
-Workers take trials from a shared counter, so a run finishes exactly the trials asked for. A
+Workers take trials from a shared counter, so a run finishes exactly the trials asked for. The
+driver samples ahead and feeds the workers through a queue (tuner/feed.py). A
 worker that dies has its trial failed and retried (up to the space's `max_retries`), and a new
 worker takes its place.
 They live in their own process group: Ctrl-C reaches the driver only, which interrupts each
@@ -20,6 +21,7 @@ from typing import Any
 from tuner.backends.base import RunPlan
 from tuner.budget import spent
 from tuner.errors import BackendError
+from tuner.feed import FedSampler, TrialFeed, read_while, take
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class LocalBackend:
         threads = max(1, (os.cpu_count() or 1) // plan.jobs)
         level = logging.getLogger("tuner").getEffectiveLevel()
         gpus = assign_gpus(plan.jobs, visible_gpus())
+        depth = plan.feed_depth(plan.jobs)
+        fed = ctx.Queue(maxsize=max(depth, plan.jobs)) if depth else None
+        feed = TrialFeed(plan, fed, first=plan.jobs, depth=depth).start() if depth else None
 
         def start(index: int) -> Any:
             process = ctx.Process(
@@ -78,6 +83,7 @@ class LocalBackend:
                     level,
                     os.getpid(),
                     gpus[index],
+                    fed,
                 ),
                 name=f"tuner-worker-{index}",
             )
@@ -138,6 +144,10 @@ class LocalBackend:
                     plan, running, index, "interrupted (Ctrl-C or a stop signal)", retry=False
                 )
             raise
+        finally:
+            if feed is not None:
+                feed.stop()
+                fed.cancel_join_thread()  # suggestions left in the queue are dropped
 
 
 def _overdue(plan: RunPlan, running: Any, since: Any, index: int) -> bool:
@@ -211,6 +221,7 @@ def _worker(
     log_level: int,
     driver_pid: int,
     gpu: str | None,
+    fed: Any,
 ) -> None:
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
     if gpu is not None:
@@ -225,6 +236,7 @@ def _worker(
     n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))
     seed_offset = 7919 * index + n_existing
     opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
+    sampler = opened.study.sampler = FedSampler(opened.study.sampler)
     objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
 
     def started(trial: Any) -> None:
@@ -232,7 +244,8 @@ def _worker(
         running[index] = trial._trial_id
 
     objective.on_trial_start = started
-    objective.warm_up(threads=threads)
+    with read_while(opened.study):
+        objective.warm_up(threads=threads)
     try:
         while slots.take():
             expired = deadline is not None and time.time() > deadline
@@ -243,6 +256,8 @@ def _worker(
             ):
                 slots.give_back()
                 break
+            if fed is not None and sampler.wants():
+                sampler.offer(take(fed))
             try:
                 opened.study.optimize(
                     objective, n_trials=1, catch=(Exception,), gc_after_trial=True

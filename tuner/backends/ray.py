@@ -4,7 +4,8 @@ One actor per trial slot, each asking Ray for the space's `resources` (`gpus_per
 `cpus_per_trial`) and running Optuna's own optimize loop against the shared store, one trial at
 a time. An actor runs trials back to back, so a GPU freed by a finished or pruned trial gets the
 next trial at once: no batches, no barrier. The number of slots follows the cluster's resources,
-so a node that joins mid-sweep gets work.
+so a node that joins mid-sweep gets work. The driver samples ahead and sends each actor its next
+trial's params with the call that starts it (tuner/feed.py).
 
 A trial that needs several GPUs (`gpus_per_trial: 4`) gets a slot of one actor per GPU, placed
 together by a placement group and joined in one torch process group: rank 0 runs the Optuna
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import time
 import uuid
 from typing import Any
@@ -30,6 +32,7 @@ from optuna.trial import TrialState
 from tuner.backends.base import RunPlan
 from tuner.budget import spent
 from tuner.errors import BackendError
+from tuner.feed import FedSampler, TrialFeed, read_while, take
 from tuner.storage import mask_url, strip_password
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ class RayBackend:
                 mask_url(plan.storage_url),
             )
         study = _driver_study(plan)
+        capacity = min(_capacity(plan), plan.n_trials or 1 << 30)
+        depth = plan.feed_depth(capacity)
+        fed: queue.Queue | None = queue.Queue(maxsize=max(depth, capacity)) if depth else None
+        feed = TrialFeed(plan, fed, first=capacity, depth=depth).start() if depth else None
         remaining = plan.n_trials
         deadline = time.time() + plan.timeout if plan.timeout else None
         slots: dict[str, _Slot] = {}  # worker id → slot
@@ -78,7 +85,7 @@ class RayBackend:
                     idle.append(slot.worker)
                 while idle and remaining != 0 and not expired:
                     worker = idle.pop()
-                    for rank, future in enumerate(slots[worker].run_one()):
+                    for rank, future in enumerate(slots[worker].run_one(take(fed))):
                         pending[future] = (worker, rank)
                     if remaining is not None:
                         remaining -= 1
@@ -130,6 +137,8 @@ class RayBackend:
                 )
             raise
         finally:
+            if feed is not None:
+                feed.stop()
             for slot in list(slots.values()):
                 slot.stop()
 
@@ -182,11 +191,13 @@ class _Slot:
         ray.get([actor.join.remote(address) for actor in actors])
         return cls(worker, actors, group)
 
-    def run_one(self) -> list[Any]:
-        """Futures of one trial: rank 0 runs it, the others follow."""
+    def run_one(self, params: dict | None = None) -> list[Any]:
+        """Futures of one trial: rank 0 runs it (with `params` fed by the driver, if any), the
+        others follow."""
         self.rank0_done = None
         self.started = time.monotonic()
-        return [self.actors[0].run_one.remote()] + [a.follow.remote() for a in self.actors[1:]]
+        first = self.actors[0].run_one.remote(params)
+        return [first] + [a.follow.remote() for a in self.actors[1:]]
 
     def stop(self) -> None:
         import ray
@@ -246,12 +257,14 @@ class TrialActor:
         self.opened = open_study(
             plan.study_name, plan.storage_url, heartbeat=rank == 0, seed_offset=seed_offset
         )
+        self.sampler = self.opened.study.sampler = FedSampler(self.opened.study.sampler)
         self.rank, self.world = rank, world
         self.objective = Objective(
             self.opened.space, artifact_dir=self.opened.artifact_dir, ranks=world
         )
         self.objective.worker = worker  # the driver fails the trial by this if the actor dies
-        self.objective.warm_up(threads=max(1, int(plan.cpus_per_trial / world)))
+        with read_while(self.opened.study):
+            self.objective.warm_up(threads=max(1, int(plan.cpus_per_trial / world)))
 
     def rendezvous(self) -> str:
         from trials import distributed
@@ -263,7 +276,8 @@ class TrialActor:
 
         distributed.init_group(rank=self.rank, world=self.world, address=address)
 
-    def run_one(self) -> None:
+    def run_one(self, params: dict | None = None) -> None:
+        self.sampler.offer(params)
         self.opened.study.optimize(
             self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True
         )

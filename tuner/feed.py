@@ -1,0 +1,274 @@
+"""One asking process per run: the driver samples the next trials ahead, over an in-memory view
+of the study, and a worker that becomes free starts one at once.
+
+In plain distributed Optuna every worker samples for itself, in the moment between finishing
+one trial and starting the next: it brings its own cache of the study up to date (the whole
+study, the first time) and runs the sampler, whose cost grows with the trials (TPE: ~0.1 s of
+CPU at 10,000), with every other worker doing the same against the same store. Here the driver
+keeps one view of the study in an `InMemoryStorage` (loaded once, then only the trials that
+finished since) and one sampler, and keeps `lookahead` suggestions ready in a queue.
+
+The worker's side is Optuna's own sampler interface: `FedSampler` wraps the study's sampler and
+answers a trial's suggestions from the values it was fed, so the trial is an ordinary Optuna
+trial (its params, distributions and pruning as before). With nothing fed (the feed is behind,
+or `resources.lookahead: 0`) the wrapped sampler samples, as plain Optuna does. A trial popped
+from Optuna's queue (the baseline, a warm start, a retry) keeps its fixed params, and the fed
+values wait for the worker's next trial.
+
+What the driver's sampler sees differs from plain Optuna's only in timing: a suggestion may wait
+in the queue while trials finish. `lookahead` bounds that: one suggestion per trial slot by
+default, so the search behaves as if it ran up to twice the trials at once (TPE with 32 or 64
+trials pending differs little once it has a few hundred results; `resources.lookahead: 4` trades
+hand-out latency for fresher suggestions). Fewer ready suggestions would not do: trials of one
+sweep tend to end together (the pruner stops the weak ones at the same step), and each suggestion
+costs the sampler its full time (TPE: ~75 ms at 10,000 trials), so a burst of free workers would
+wait in line for the sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.backends.base import RunPlan
+
+logger = logging.getLogger(__name__)
+
+FEED_SEED_OFFSET = 104_729  # the driver's sampler draws apart from every worker's own
+FED_ATTR = "tuner_fed"  # system attr of a trial whose params the driver sampled
+MAX_UNUSED = 256  # fed suggestions never run (dropped by a worker) stop counting as pending
+
+
+class FedSampler(BaseSampler):
+    """The study's sampler, answering from fed values when there are some."""
+
+    def __init__(self, base: BaseSampler) -> None:
+        self.base = base
+        self._next: dict[str, Any] | None = None  # fed, waiting for a trial that samples
+        self._current: dict[str, Any] = {}  # fed, for the trial now running
+
+    @property
+    def feeding(self) -> bool:
+        """Whether the trial now running was fed."""
+        return bool(self._current)
+
+    def wants(self) -> bool:
+        return self._next is None
+
+    def offer(self, params: dict[str, Any] | None) -> None:
+        if params is not None:
+            self._next = params
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._current = {}
+        if self._next is not None and "fixed_params" not in trial.system_attrs:
+            self._current, self._next = self._next, None
+            study._storage.set_trial_system_attr(trial._trial_id, FED_ATTR, True)
+        self.base.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        if self._current:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if self._current:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        if param_name in self._current and _fits(param_distribution, self._current[param_name]):
+            return self._current[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Any,
+    ) -> None:
+        self._current = {}
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+FEED_WAIT_S = 0.5  # a free worker waits this long for a suggestion before sampling itself
+
+
+def take(fed: Any, wait_s: float = FEED_WAIT_S) -> dict[str, Any] | None:
+    """The next suggestion from a feed's queue, or None when none comes within `wait_s`: the
+    trial then samples for itself (the feed is behind, or gone) rather than wait longer."""
+    if fed is None:
+        return None
+    try:
+        return fed.get(timeout=wait_s)
+    except queue.Empty:
+        return None
+
+
+class TrialFeed:
+    """The driver's side: a thread that fills `out`, a queue of param dicts, sampling with the
+    study's sampler over an in-memory view of the study.
+
+    At the start every slot needs a trial at once, so the first `first` suggestions are made
+    without pause (`out` must hold that many); after that `depth` are kept ready, so that what
+    waits in the queue was sampled knowing all but the last few results."""
+
+    def __init__(self, plan: RunPlan, out: Any, *, first: int, depth: int) -> None:
+        self.plan = plan
+        self.out = out
+        self.first, self.depth = max(first, depth), depth
+        self.made = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tuner-feed", daemon=True)
+
+    def start(self) -> TrialFeed:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            view = StudyView(self.plan)
+            while not self._stop.is_set():
+                if self.made >= self.first and _ready(self.out) >= self.depth:
+                    self._stop.wait(0.02)
+                    continue
+                view.sync()
+                params = view.suggest()
+                self.made += 1
+                while not self._stop.is_set():
+                    try:
+                        self.out.put(params, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception:
+            # Workers sample for themselves when nothing is fed: a slower run, not a lost one.
+            logger.warning("the trial feed stopped; workers sample for themselves", exc_info=True)
+
+
+@contextlib.contextmanager
+def read_while(study: Study) -> Iterator[None]:
+    """Read the study into the worker's cache while the block runs (the base model loads): a
+    worker needs the whole study for the pruner, and at 10,000 trials reading it takes seconds
+    that would otherwise come before its first trial."""
+
+    def read() -> None:
+        with contextlib.suppress(Exception):  # the first trial meets the same error and says it
+            study.get_trials(deepcopy=False)
+
+    reader = threading.Thread(target=read, name="tuner-read", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        reader.join()
+
+
+def _ready(out: Any) -> int:
+    try:
+        return out.qsize()
+    except NotImplementedError:  # multiprocessing queues on macOS: bounded by maxsize alone
+        return 0
+
+
+class StudyView:
+    """The study as the driver's sampler sees it: the store's finished trials, mirrored into
+    memory as they finish, and the suggestions handed out and not yet finished."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        from tuner import algorithms
+        from tuner.study import open_study
+
+        opened = open_study(plan.study_name, plan.storage_url)
+        self.study, self.space = opened.study, opened.space
+        self.view = optuna.create_study(
+            storage=optuna.storages.InMemoryStorage(),
+            directions=self.study.directions,
+            sampler=algorithms.build_sampler(
+                self.space.sampler,
+                seed_offset=FEED_SEED_OFFSET + len(self.study.get_trials(deepcopy=False)),
+            ),
+        )
+        self._seen: set[int] = set()
+        self._pending: dict[tuple, deque[int]] = {}  # params → numbers of view trials running
+        self._handed: deque[tuple[tuple, int]] = deque()  # (params, number), oldest first
+
+    def sync(self) -> None:
+        for trial in self.study.get_trials(deepcopy=False):
+            if trial.state.is_finished() and trial._trial_id not in self._seen:
+                self._seen.add(trial._trial_id)
+                self._mirror(trial)
+
+    def suggest(self) -> dict[str, Any]:
+        trial = self.view.ask()
+        self.space.suggest(trial)
+        key = _key(trial.params)
+        self._pending.setdefault(key, deque()).append(trial.number)
+        self._handed.append((key, trial.number))
+        if len(self._handed) > MAX_UNUSED:
+            self._forget(*self._handed.popleft())
+        return dict(trial.params)
+
+    def _mirror(self, trial: FrozenTrial) -> None:
+        numbers = self._pending.get(_key(trial.params))
+        if not numbers:
+            # A trial Optuna would not take back (a FAIL without its params) is left out.
+            with contextlib.suppress(ValueError):
+                self.view.add_trial(trial)
+            return
+        storage, number = self.view._storage, numbers.popleft()
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.view._study_id, number)
+        for step, value in trial.intermediate_values.items():
+            storage.set_trial_intermediate_value(trial_id, step, value)
+        for key, value in trial.system_attrs.items():
+            storage.set_trial_system_attr(trial_id, key, value)
+        storage.set_trial_state_values(trial_id, trial.state, trial.values)
+
+    def _forget(self, key: tuple, number: int) -> None:
+        """A suggestion no worker ran stops being pending (a FAIL, which samplers ignore)."""
+        numbers = self._pending.get(key)
+        if numbers and number in numbers:
+            numbers.remove(number)
+            storage = self.view._storage
+            trial_id = storage.get_trial_id_from_study_id_trial_number(self.view._study_id, number)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _fits(distribution: BaseDistribution, value: Any) -> bool:
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
