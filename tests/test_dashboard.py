@@ -181,7 +181,8 @@ def test_the_dashboard_shows_the_study_its_history_and_a_trials_curve(
 
 def test_intermediate_values_appear_while_trials_run(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    space = simulated_space(steps=40, step_seconds=0.25)
+    # Whatever learning rate is drawn, the one trial must run long enough to be watched.
+    space = simulated_space(steps=40, step_seconds=0.25, diverge_above_lr=None)
     name = create_study(write_space(tmp_path / "slow.yaml", space), storage=url)
     runner = threading.Thread(
         target=run_study, args=(name,), kwargs={"storage": url, "n_trials": 1}
