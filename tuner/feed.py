@@ -50,18 +50,18 @@ FED_ATTR = "tuner_fed"  # system attr of a trial whose params the driver sampled
 MAX_UNUSED = 256  # fed suggestions never run (dropped by a worker) stop counting as pending
 
 
-class FedSampler(BaseSampler):
-    """The study's sampler, answering from fed values when there are some."""
+class FedSampler(optuna.samplers.PartialFixedSampler):
+    """Optuna's `PartialFixedSampler` whose fixed params change from trial to trial: the values
+    fed for the trial, or none, and then the wrapped sampler samples."""
 
     def __init__(self, base: BaseSampler) -> None:
-        self.base = base
+        super().__init__({}, base)
         self._next: dict[str, Any] | None = None  # fed, waiting for a trial that samples
-        self._current: dict[str, Any] = {}  # fed, for the trial now running
 
     @property
     def feeding(self) -> bool:
         """Whether the trial now running was fed."""
-        return bool(self._current)
+        return bool(self._fixed_params)
 
     def wants(self) -> bool:
         return self._next is None
@@ -71,49 +71,23 @@ class FedSampler(BaseSampler):
             self._next = params
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._current = {}
+        self._fixed_params = {}
         if self._next is not None and "fixed_params" not in trial.system_attrs:
-            self._current, self._next = self._next, None
+            self._fixed_params, self._next = self._next, None
             study._storage.set_trial_system_attr(trial._trial_id, FED_ATTR, True)
-        self.base.before_trial(study, trial)
+        super().before_trial(study, trial)
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
-        if self._current:
+        # Every param is fed: the wrapped sampler need not model the study for this trial.
+        if self._fixed_params:
             return {}
-        return self.base.infer_relative_search_space(study, trial)
+        return super().infer_relative_search_space(study, trial)
 
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        if self._current:
-            return {}
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        if param_name in self._current and _fits(param_distribution, self._current[param_name]):
-            return self._current[param_name]
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Any,
-    ) -> None:
-        self._current = {}
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self._fixed_params = {}
+        super().after_trial(study, trial, state, values)
 
 
 FEED_WAIT_S = 0.5  # a free worker waits this long for a suggestion before sampling itself
@@ -265,10 +239,3 @@ class StudyView:
 
 def _key(params: dict[str, Any]) -> tuple:
     return tuple(sorted(params.items()))
-
-
-def _fits(distribution: BaseDistribution, value: Any) -> bool:
-    try:
-        return distribution._contains(distribution.to_internal_repr(value))
-    except (ValueError, TypeError):
-        return False

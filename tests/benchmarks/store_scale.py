@@ -225,6 +225,10 @@ class _Connections(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.pids, self.peak = url, pids + [os.getpid()], 0
         self.done = threading.Event()
+        # One watching connection, to the server's `postgres` database: not counted itself.
+        self.engine = None
+        if not url.startswith("sqlite"):
+            self.engine = sqlalchemy.create_engine(url.rsplit("/", 1)[0] + "/postgres")
 
     def run(self) -> None:
         while not self.done.wait(0.2):
@@ -233,6 +237,8 @@ class _Connections(threading.Thread):
     def stop(self) -> None:
         self.done.set()
         self.join()
+        if self.engine is not None:
+            self.engine.dispose()
 
     def _count(self) -> int:
         if self.url.startswith("sqlite"):
@@ -247,16 +253,11 @@ class _Connections(threading.Thread):
                     with contextlib.suppress(OSError):  # closed since listed
                         count += os.readlink(f"/proc/{pid}/fd/{fd}") == path
             return count
-        database = self.url.rsplit("/", 1)[1]
-        engine = sqlalchemy.create_engine(self.url.rsplit("/", 1)[0] + "/postgres")
-        try:
-            with engine.connect() as conn:
-                return conn.execute(
-                    sqlalchemy.text("select count(*) from pg_stat_activity where datname = :d"),
-                    {"d": database},
-                ).scalar()
-        finally:
-            engine.dispose()
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sqlalchemy.text("select count(*) from pg_stat_activity where datname = :d"),
+                {"d": self.url.rsplit("/", 1)[1]},
+            ).scalar()
 
 
 # ----------------------------------------------------------------------------- studies

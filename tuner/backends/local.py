@@ -226,17 +226,12 @@ def _worker(
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
+    from tuner.algorithms import build_sampler
     from tuner.objective import Objective, quiet_worker_logs
-    from tuner.storage import open_storage
     from tuner.study import open_study
 
     quiet_worker_logs(log_level)
-    # Distinct seeds per worker and per run, so that no two draw the same random trials.
-    store = open_storage(plan.storage_url)
-    n_existing = len(store.get_all_trials(store.get_study_id_from_name(plan.study_name)))
-    seed_offset = 7919 * index + n_existing
-    opened = open_study(plan.study_name, plan.storage_url, heartbeat=True, seed_offset=seed_offset)
-    sampler = opened.study.sampler = FedSampler(opened.study.sampler)
+    opened = open_study(plan.study_name, plan.storage_url, heartbeat=True)
     objective = Objective(opened.space, artifact_dir=opened.artifact_dir)
 
     def started(trial: Any) -> None:
@@ -246,6 +241,12 @@ def _worker(
     objective.on_trial_start = started
     with read_while(opened.study):
         objective.warm_up(threads=threads)
+    # Distinct seeds per worker and per run, so that no two draw the same random trials; the
+    # study was just read into the cache, so counting its trials costs no query.
+    seed_offset = 7919 * index + len(opened.study.get_trials(deepcopy=False))
+    sampler = opened.study.sampler = FedSampler(
+        build_sampler(opened.space.sampler, seed_offset=seed_offset)
+    )
     try:
         while slots.take():
             expired = deadline is not None and time.time() > deadline
