@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 JOBS   ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python tests/benchmarks/trial_overhead.py
+
+# Search quality on the demo LoRA and the simulated workload, 5 seeds each (~60 min on 2 cores):
+# the table, JSON and plot the README shows, in docs/search-quality/.
+quality: setup
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python tests/benchmarks/search_quality.py --out docs/search-quality
 
 clean:
 	rm -rf demo tuner.db tuner.db-* tuner_artifacts

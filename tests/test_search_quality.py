@@ -7,40 +7,39 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.search_quality import BASELINE, ROOT, sweep
+from benchmarks.search_quality import (
+    Ran,
+    _best,
+    _best_so_far,
+    default_pruner,
+    simulated_value,
+    simulated_workload,
+    sweep,
+)
 
 from tuner import algorithms
-from tuner.space import load_space
 
 SEEDS, TRIALS = range(5), 40
 
 
-def _trials_to_reach(ran: list[tuple[float, int, bool]], target: float) -> int:
-    best = float("inf")
-    for number, (value, _, pruned) in enumerate(ran, start=1):
-        best = best if pruned else min(best, value)
-        if best <= target:
-            return number
-    return TRIALS + 1  # never: worse than any seed that got there
-
-
-def _best(ran: list[tuple[float, int, bool]]) -> float:
-    return min(value for value, _, pruned in ran if not pruned)
+def _trials_to_reach(ran: list[Ran], target: float) -> int:
+    reached = [n for n, best in enumerate(_best_so_far(ran), start=1) if best <= target]
+    return reached[0] if reached else TRIALS + 1  # never: worse than any seed that got there
 
 
 def test_the_default_strategy_reaches_random_searchs_best_sooner_and_prunes_steps() -> None:
-    space = load_space(ROOT / "search_spaces" / "simulated.yaml")
-    assert space.trial_config(BASELINE).steps == 10
+    workload = simulated_workload()
+    assert workload.steps == 10
 
-    def runs(sampler: dict, pruner: dict) -> list:
-        return [sweep(space, sampler, pruner, seed, TRIALS) for seed in SEEDS]
+    def runs(sampler: dict, pruner: dict) -> list[list[Ran]]:
+        return [sweep(workload.space, sampler, pruner, seed, TRIALS) for seed in SEEDS]
 
     random_runs = runs({"name": "random"}, {"name": "none"})
-    default_runs = runs(algorithms.DEFAULT_SAMPLER, algorithms.DEFAULT_PRUNER)
+    default_runs = runs(algorithms.DEFAULT_SAMPLER, default_pruner(workload))
     unpruned_runs = runs(algorithms.DEFAULT_SAMPLER, {"name": "none"})
     targets = [_best(run) for run in random_runs]
 
-    def needs(strategy: list) -> float:
+    def needs(strategy: list[list[Ran]]) -> float:
         return statistics.median(
             _trials_to_reach(run, target) for run, target in zip(strategy, targets, strict=True)
         )
@@ -48,11 +47,13 @@ def test_the_default_strategy_reaches_random_searchs_best_sooner_and_prunes_step
     assert needs(default_runs) < needs(random_runs)
     assert needs(default_runs) <= TRIALS / 2
 
-    steps = sum(s for run in default_runs for _, s, _ in run)
-    unpruned_steps = sum(s for run in unpruned_runs for _, s, _ in run)
+    steps = sum(r.steps for run in default_runs for r in run)
+    unpruned_steps = sum(r.steps for run in unpruned_runs for r in run)
     assert steps <= 0.6 * unpruned_steps  # pruning saves at least 40 % of the training steps
     spread = statistics.stdev(map(_best, unpruned_runs))
     assert (
         statistics.mean(map(_best, default_runs))
         <= statistics.mean(map(_best, unpruned_runs)) + spread
     )
+    baseline = simulated_value(workload.space, workload.baseline)
+    assert all(_best(run) < baseline for run in default_runs)  # every sweep beats the defaults

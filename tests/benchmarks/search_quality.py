@@ -1,157 +1,302 @@
 """Does a sweep beat the hand-picked defaults and random search, and what does pruning save?
 
-    python tests/benchmarks/search_quality.py                  # 5 seeds x 40 trials
-    python tests/benchmarks/search_quality.py --seeds 10 --trials 60 --plot build/quality.html
+    python tests/benchmarks/search_quality.py --out docs/search-quality   # both, 5 seeds (~35 min)
+    python tests/benchmarks/search_quality.py --workload simulated --seeds 10 --trials 60
+    python tests/benchmarks/search_quality.py --resume      # keep the sweeps OUT/runs.jsonl holds
+    python tests/benchmarks/search_quality.py --sampler-grid --seeds 20   # TPE settings only
 
-On the simulated workload (`search_spaces/simulated.yaml`: 10 evaluations per trial on a curve
-whose floor is set by learning rate, rank and dropout; `trials/simulated.py`), evaluated in this
-process without its sleeps, every strategy gets the same trial budget and the same seeds, side
-by side in one run:
+Two workloads, each with every strategy on the same seeds and trial budget, side by side in one
+run:
 
-- baseline: the hand-picked defaults alone (learning rate 5e-5, rank 16, dropout 0.05);
-- random search, no pruning;
-- TPE (tuner's, as `sampler: tpe` builds it), no pruning;
-- TPE with tuner's default pruner (median), and with Optuna's Hyperband and successive halving.
+- `lora`: the quickstart's real LoRA fine-tune (`search_spaces/quickstart.yaml`: a tiny local
+  Llama learns word games, 60 training steps, a validation loss every 15), trained by the
+  objective `tuner study run` uses, on in-memory studies, `--jobs` sweeps at a time;
+- `simulated`: `search_spaces/simulated.yaml`'s synthetic curves, evaluated without their sleeps.
 
-Printed for each: the best value (mean and spread over seeds), the trial at which it beat the
-baseline, the trials it needed to reach random search's final best (per seed), the training
-steps spent and the share pruning saved. Ends with one JSON line; `--plot` writes best-so-far
-against steps spent for every strategy and seed as one HTML file (plotly, no network needed).
+Strategies: the space's baseline alone (the hand-picked defaults: learning rate 5e-5, rank 16,
+alpha 32, dropout 0.05, ...); random search, no pruning; TPE as tuner builds it by default, no
+pruning; TPE with the default pruner (median); TPE with Optuna's Hyperband and with successive
+halving. The seed is the sampler's; a trial's training seed stays the space's, so a
+configuration trains the same way whichever strategy proposed it.
+
+Printed for each: the best validation loss (mean and spread over seeds) and its margin over the
+baseline, the trial at which it beat the baseline, the trials it needed to reach random search's
+final best of the same seed, the training steps and the seconds spent, and the share of steps
+saved against a full run of every trial. Then the pruner settings replayed on the unpruned
+sweeps' real curves (what each would have saved, and whether it would have kept the best
+trial), which is what tuner's default pruner settings are chosen from. Writes report.txt,
+search_quality.json and search_quality.png (best-so-far against training steps) to `--out`, and
+ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import multiprocessing
 import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stdout
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trials import simulated  # noqa: E402
 from tuner import algorithms  # noqa: E402
-from tuner.space import load_space  # noqa: E402
+from tuner.space import Space, load_space  # noqa: E402
 
-BASELINE = {"learning_rate": 5e-5, "lora_rank": 16, "lora_dropout": 0.05}
-STRATEGIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # name: (sampler spec, pruner spec), as a space would write them
-    "random": ({"name": "random"}, {"name": "none"}),
-    "tpe": (algorithms.DEFAULT_SAMPLER, {"name": "none"}),
-    "tpe+median (default)": (algorithms.DEFAULT_SAMPLER, algorithms.DEFAULT_PRUNER),
-    "tpe+hyperband": (
-        algorithms.DEFAULT_SAMPLER,
-        {"name": "hyperband", "min_resource": 1, "max_resource": 10},
-    ),
-    "tpe+successive_halving": (
-        algorithms.DEFAULT_SAMPLER,
-        {"name": "successive_halving", "min_resource": 1},
-    ),
-}
+# simulated.yaml names no baseline (its tests count its trials); these are the blog-post values.
+SIMULATED_BASELINE = {"learning_rate": 5e-5, "lora_rank": 16, "lora_dropout": 0.05}
+BASELINE = SIMULATED_BASELINE  # the name tests/test_search_quality.py imports
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+@dataclass
+class Ran:
+    """One trial of a sweep, as the benchmark counts it."""
 
-    space = load_space(ROOT / "search_spaces" / "simulated.yaml")
-    steps = space.trial_config(BASELINE).steps
-    baseline = objective_value(space, BASELINE)
-    runs = {
-        name: [sweep(space, sampler, pruner, seed, args.trials) for seed in range(args.seeds)]
-        for name, (sampler, pruner) in STRATEGIES.items()
+    params: dict[str, Any]
+    value: float | None  # None: pruned or failed (it does not count as a result)
+    steps: int  # training steps it ran
+    state: str  # COMPLETE, PRUNED or FAIL
+    curve: dict[int, float] = field(default_factory=dict)  # reported step → validation loss
+    seconds: float = 0.0
+
+    @property
+    def pruned(self) -> bool:
+        return self.state == "PRUNED"
+
+
+@dataclass
+class Workload:
+    name: str
+    space: Space
+    baseline: dict[str, Any]
+    report_steps: list[int]  # the steps a trial reports at; the last is the end of training
+    run: Callable[[Space, dict, dict, int, int], list[Ran]]  # (space, sampler, pruner, seed, n)
+
+    @property
+    def steps(self) -> int:
+        return self.report_steps[-1]
+
+
+def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
+    """name → (sampler spec, pruner spec), as a space would write them."""
+    first, last = workload.report_steps[0], workload.steps
+    return {
+        "random": ({"name": "random"}, {"name": "none"}),
+        "tpe": (algorithms.DEFAULT_SAMPLER, {"name": "none"}),
+        "tpe+median (default)": (algorithms.DEFAULT_SAMPLER, default_pruner(workload)),
+        "tpe+hyperband": (
+            algorithms.DEFAULT_SAMPLER,
+            {"name": "hyperband", "min_resource": first, "max_resource": last},
+        ),
+        "tpe+successive_halving": (
+            algorithms.DEFAULT_SAMPLER,
+            {"name": "successive_halving", "min_resource": first},
+        ),
     }
-    rows = summarise(runs, baseline, steps, args.trials)
-    print(f"baseline (hand-picked defaults): {baseline:.4f}\n")
-    print(
-        f"{'strategy':24} {'best (mean ± sd)':>18} {'beat baseline at':>17} "
-        f"{'trials to random best':>22} {'steps':>7} {'saved':>6}"
+
+
+def default_pruner(workload: Workload) -> dict[str, Any]:
+    """The pruner a space gets when it names none, resolved for this workload's steps."""
+    return resolve_pruner(algorithms.DEFAULT_PRUNER, workload.report_steps)
+
+
+def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, Any]:
+    """A pruner spec whose warm-up and interval are counted in evaluations
+    (`n_warmup_evaluations`, `interval_evaluations`) → Optuna's, in reported steps."""
+    spec = dict(spec)
+    warmup = spec.pop("n_warmup_evaluations", None)
+    interval = spec.pop("interval_evaluations", None)
+    if warmup is not None:
+        # Optuna checks from the step that reaches n_warmup_steps: the (warmup + 1)-th report.
+        spec["n_warmup_steps"] = report_steps[warmup] if warmup else 0
+    if interval is not None:
+        spacing = report_steps[1] - report_steps[0] if len(report_steps) > 1 else 1
+        spec["interval_steps"] = interval * spacing
+    return spec
+
+
+# ----------------------------------------------------------------------------- simulated
+
+
+def simulated_workload() -> Workload:
+    space = load_space(ROOT / "search_spaces" / "simulated.yaml")
+    steps = space.trial_config(SIMULATED_BASELINE).steps
+    return Workload(
+        "simulated", space, SIMULATED_BASELINE, list(range(1, steps + 1)), simulated_sweep
     )
-    for row in rows:
-        print(
-            f"{row['strategy']:24} {row['best_mean']:>10.4f} ± {row['best_sd']:<6.4f}"
-            f"{_fmt(row['beat_baseline_at']):>17} {_fmt(row['trials_to_random_best']):>22} "
-            f"{row['steps_mean']:>7.0f} {row['saved_pct']:>5.0f}%"
-        )
-    if args.plot:
-        plot(runs, args.plot)
-        print(f"\nplot: {args.plot}")
-    print(json.dumps({"search_quality": {"baseline": baseline, "strategies": rows}}))
 
 
-def objective_value(space: Any, values: dict[str, Any]) -> float:
+def sweep(space: Space, sampler: dict, pruner: dict, seed: int, n_trials: int) -> list[Ran]:
+    """The simulated workload: one in-memory study, each trial's curve computed without sleeps."""
+    study = optuna.create_study(
+        sampler=algorithms.build_sampler({**sampler, "seed": seed}),
+        pruner=algorithms.build_pruner(pruner),
+    )
+    ran: list[Ran] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        values = space.suggest(trial)
+        config = space.trial_config(values)
+        rng = simulated.rng_for(config)
+        curve: dict[int, float] = {}
+        for step in range(1, config.steps + 1):
+            curve[step] = loss = simulated.loss_at(config, step, rng)
+            trial.report(loss, step)
+            if step < config.steps and trial.should_prune():
+                ran.append(Ran(values, None, step, "PRUNED", curve))
+                raise optuna.TrialPruned()
+        ran.append(Ran(values, loss, config.steps, "COMPLETE", curve))
+        return loss
+
+    study.optimize(objective, n_trials=n_trials)
+    return ran
+
+
+simulated_sweep = sweep
+
+
+def simulated_value(space: Space, values: dict[str, Any]) -> float:
     config = space.trial_config(values)
     rng = simulated.rng_for(config)
     return [simulated.loss_at(config, step, rng) for step in range(1, config.steps + 1)][-1]
 
 
-def sweep(space: Any, sampler: dict, pruner: dict, seed: int, n_trials: int) -> list[tuple]:
-    """One study; returns (value, steps trained) per trial in the order they ran."""
-    study = optuna.create_study(
-        sampler=algorithms.build_sampler({**sampler, "seed": seed}),
-        pruner=algorithms.build_pruner(pruner),
-    )
-    spent: list[tuple[float, int, bool]] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        config = space.trial_config(space.suggest(trial))
-        rng = simulated.rng_for(config)
-        loss = float("inf")
-        for step in range(1, config.steps + 1):
-            loss = simulated.loss_at(config, step, rng)
-            trial.report(loss, step)
-            if step < config.steps and trial.should_prune():
-                spent.append((loss, step, True))
-                raise optuna.TrialPruned()
-        spent.append((loss, config.steps, False))
-        return loss
-
-    study.optimize(objective, n_trials=n_trials)
-    return spent
+# ----------------------------------------------------------------------------- LoRA
 
 
-def summarise(runs: dict, baseline: float, steps: int, n_trials: int) -> list[dict]:
-    random_best = [min(v for v, _, pruned in run if not pruned) for run in runs["random"]]
+class LoraRunner:
+    """The quickstart's fine-tune, through tuner's own objective, one in-memory study a sweep.
+
+    The demo model and data are built once under `workdir` (`tuner demo prepare`); the base model
+    stays loaded between trials as in a warm worker, and the data is tokenised once.
+    """
+
+    def __init__(self, workdir: Path, threads: int) -> None:
+        from tuner.demo import prepare_demo
+        from tuner.objective import Objective, quiet_worker_logs
+
+        prepare_demo(workdir / "demo")
+        self.space = load_space(ROOT / "search_spaces" / "quickstart.yaml", base_dir=workdir)
+        self.objective = Objective(self.space, artifact_dir=workdir / "artifacts")
+        self.objective.warm_up(threads=threads)
+        quiet_worker_logs(40)
+
+    def workload(self) -> Workload:
+        config = self.space.trial_config(self.space.baseline_values() or {})
+        every, last = config.eval_steps, config.max_steps
+        report_steps = [*range(every, last, every), last]
+        return Workload("lora", self.space, self.space.baseline_values() or {}, report_steps, self)
+
+    def __call__(self, space: Space, sampler: dict, pruner: dict, seed: int, n: int) -> list[Ran]:
+        study = optuna.create_study(
+            sampler=algorithms.build_sampler({**sampler, "seed": seed}),
+            pruner=algorithms.build_pruner(pruner),
+        )
+        return self.trials(study, n)
+
+    def value(self, values: dict[str, Any]) -> float:
+        study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+        study.enqueue_trial(self.space.optuna_params(values))
+        (ran,) = self.trials(study, 1)
+        if ran.value is None:
+            raise RuntimeError(f"the baseline trial ended {ran.state}")
+        return ran.value
+
+    def trials(self, study: optuna.Study, n: int) -> list[Ran]:
+        seconds: list[float] = []
+
+        def timed(trial: optuna.Trial) -> float:
+            started = time.perf_counter()
+            try:
+                return self.objective(trial)
+            finally:
+                seconds.append(time.perf_counter() - started)
+
+        # A diverged trial (NaN at a high learning rate) fails; the sweep goes on, as tuner's does.
+        study.optimize(timed, n_trials=n, catch=(Exception,))
+        ran = []
+        for trial, took in zip(study.trials, seconds, strict=True):
+            curve = dict(sorted(trial.intermediate_values.items()))
+            if trial.state == TrialState.COMPLETE:
+                steps = int(trial.user_attrs.get("steps", max(curve)))
+            else:
+                stopped = trial.user_attrs.get("timings", {}).get("stopped_at_step")
+                steps = int(stopped or (max(curve) if curve else 0))
+            ran.append(
+                Ran(
+                    trial.user_attrs.get("hparams", trial.params),
+                    trial.value if trial.state == TrialState.COMPLETE else None,
+                    steps,
+                    trial.state.name,
+                    curve,
+                    took,
+                )
+            )
+        return ran
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def summarise(
+    runs: dict[str, list[list[Ran]]], baseline: float, steps: int, n_trials: int
+) -> list[dict]:
+    random_best = [_best(run) for run in runs["random"]]
     rows = []
     for name, seeds in runs.items():
-        bests, beat_at, to_random, used = [], [], [], []
+        bests, beat_at, to_random, used, seconds = [], [], [], [], []
         for seed, run in enumerate(seeds):
             best_so_far = _best_so_far(run)
             bests.append(best_so_far[-1])
             beat_at.append(_first(best_so_far, lambda b: b < baseline))
             to_random.append(_first(best_so_far, lambda b, s=seed: b <= random_best[s]))
-            used.append(sum(s for _, s, _ in run))
+            used.append(sum(r.steps for r in run))
+            seconds.append(sum(r.seconds for r in run))
+        best_mean = statistics.mean(bests)
         rows.append(
             {
                 "strategy": name,
-                "best_mean": round(statistics.mean(bests), 4),
+                "best_mean": round(best_mean, 4),
                 "best_sd": round(statistics.stdev(bests), 4) if len(bests) > 1 else 0.0,
+                "better_than_baseline_by": round(baseline - best_mean, 4),
+                "better_than_baseline_pct": round(100 * (baseline - best_mean) / baseline, 1),
+                "seeds_beating_baseline": sum(b < baseline for b in bests),
                 "beat_baseline_at": _median(beat_at),
                 "trials_to_random_best": _median(to_random),
                 "reached_random_best": sum(t is not None for t in to_random),
                 "seeds": len(seeds),
                 "steps_mean": statistics.mean(used),
+                "seconds_mean": round(statistics.mean(seconds), 1),
                 "saved_pct": round(100 * (1 - statistics.mean(used) / (n_trials * steps)), 1),
-                "better_than_baseline_by": round(baseline - statistics.mean(bests), 4),
+                "failed": sum(r.state == "FAIL" for run in seeds for r in run),
             }
         )
     return rows
 
 
-def _best_so_far(run: list[tuple]) -> list[float]:
-    """Best finished value after each trial (a pruned trial's value does not count)."""
+def _best(run: list[Ran]) -> float:
+    return min((r.value for r in run if r.value is not None), default=float("inf"))
+
+
+def _best_so_far(run: list[Ran]) -> list[float]:
+    """Best finished value after each trial (a pruned or failed trial's value does not count)."""
     out, best = [], float("inf")
-    for value, _, pruned in run:
-        if not pruned:
-            best = min(best, value)
+    for r in run:
+        if r.value is not None:
+            best = min(best, r.value)
         out.append(best)
     return out
 
@@ -167,41 +312,353 @@ def _median(values: list[int | None]) -> float | None:
     return None if middle is None else float(middle)
 
 
+# ----------------------------------------------------------------------------- pruner replay
+
+
+def pruner_candidates(workload: Workload) -> dict[str, dict[str, Any]]:
+    """Median-pruner settings worth comparing, in evaluations (tuner resolves them to steps)."""
+    out: dict[str, dict[str, Any]] = {}
+    n_reports = len(workload.report_steps)
+    for startup in (3, 5, 10):
+        for warmup in sorted({0, 1, n_reports // 2}):
+            for interval in (1, 2):
+                if warmup >= n_reports - 1 or (interval > 1 and n_reports < 4):
+                    continue
+                spec = {
+                    "name": "median",
+                    "n_startup_trials": startup,
+                    "n_warmup_evaluations": warmup,
+                    "interval_evaluations": interval,
+                }
+                out[f"median startup {startup}, warm-up {warmup} eval, every {interval}"] = spec
+    for keep in (33.0, 25.0):  # stricter than the median: keep the best third, quarter
+        out[f"percentile {keep:.0f} startup 3, warm-up 0 eval"] = {
+            "name": "percentile",
+            "percentile": keep,
+            "n_startup_trials": 3,
+            "n_warmup_steps": 0,
+        }
+    return out
+
+
+def replay(runs: list[list[Ran]], pruner_spec: dict[str, Any], report_steps: list[int]) -> dict:
+    """Each unpruned sweep's trials again, in order, with the same curves, under `pruner_spec`:
+    the steps it would have trained and the best it would have kept. Optuna's own pruner decides,
+    on a study that holds what it would have held."""
+    spent, kept, regrets = 0, 0, []
+    full = 0
+    for run in runs:
+        study = optuna.create_study(
+            pruner=algorithms.build_pruner(resolve_pruner(pruner_spec, report_steps))
+        )
+        best = float("inf")
+        for r in run:
+            full += r.steps
+            if r.state != "COMPLETE":
+                spent += r.steps
+                continue
+            trial = study.ask()
+            stopped = None
+            for step, loss in r.curve.items():
+                trial.report(loss, step)
+                if step < report_steps[-1] and trial.should_prune():
+                    stopped = step
+                    break
+            if stopped is None:
+                study.tell(trial, r.value)
+                best = min(best, r.value)
+                spent += r.steps
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+                spent += stopped
+        kept += best <= _best(run)
+        regrets.append(best - _best(run))
+    return {
+        "saved_pct": round(100 * (1 - spent / full), 1),
+        "kept_best": kept,
+        "regret_mean": round(statistics.mean(regrets), 4),
+        "seeds": len(runs),
+    }
+
+
+def sampler_grid(workload: Workload, seeds: range) -> None:
+    """TPE's start-up length and multivariate modelling, without pruning: the trials each needs
+    to reach random search's final best of the same seed (median), and its best."""
+    for budget in (16, 40):
+        random_runs = [
+            workload.run(workload.space, {"name": "random"}, {"name": "none"}, s, budget)
+            for s in seeds
+        ]
+        targets = [_best(run) for run in random_runs]
+        settings = {"random": {"name": "random"}}
+        for startup in (5, 10):
+            for multivariate in (False, True):
+                spec = {"name": "tpe", "n_startup_trials": startup, "multivariate": multivariate}
+                label = f"tpe startup {startup}{', multivariate' if multivariate else ''}"
+                settings[label] = spec
+        for label, spec in settings.items():
+            runs = [workload.run(workload.space, spec, {"name": "none"}, s, budget) for s in seeds]
+            needs = [
+                _first(_best_so_far(run), lambda b, t=t: b <= t) or budget + 1
+                for run, t in zip(runs, targets, strict=True)
+            ]
+            bests = [_best(run) for run in runs]
+            print(
+                f"budget {budget:>2}  {label:34} to random's best {statistics.median(needs):>5.1f}"
+                f"  best {statistics.mean(bests):.4f} ± {statistics.stdev(bests):.4f}"
+            )
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def table(workload: Workload, baseline: float, rows: list[dict], replays: dict) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print(f"== {workload.name}: {len(rows[0:1]) and rows[0]['seeds']} seeds")
+        print(f"baseline (the space's hand-picked defaults): {baseline:.4f}\n")
+        print(
+            f"{'strategy':24} {'best (mean ± sd)':>18} {'vs baseline':>12} {'beat it at':>10} "
+            f"{'to random best':>15} {'steps':>7} {'saved':>6} {'seconds':>8}"
+        )
+        for row in rows:
+            print(
+                f"{row['strategy']:24} {row['best_mean']:>10.4f} ± {row['best_sd']:<6.4f}"
+                f"{-row['better_than_baseline_pct']:>+11.1f}% {_fmt(row['beat_baseline_at']):>10}"
+                f" {_fmt(row['trials_to_random_best']):>15} {row['steps_mean']:>7.0f}"
+                f" {row['saved_pct']:>5.0f}% {_seconds(row['seconds_mean']):>8}"
+            )
+        print(
+            "\nmedian-pruner settings replayed on the unpruned sweeps' curves "
+            "(random and TPE; saved: share of their steps; kept: seeds whose best survived)"
+        )
+        for name, result in replays.items():
+            print(
+                f"  {name:44} saved {result['saved_pct']:>5.1f}%  kept "
+                f"{result['kept_best']}/{result['seeds']}  regret {result['regret_mean']:.4f}"
+            )
+        print()
+    return out.getvalue()
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value else "-"  # the simulated workload runs without its sleeps
+
+
 def _fmt(value: float | None) -> str:
     return "never" if value is None else f"{value:.0f}"
 
 
-def plot(runs: dict, path: Path) -> None:
-    import plotly.graph_objects as go
+def plot(results: dict[str, dict], path: Path) -> None:
+    """Best-so-far against training steps spent: one panel per workload, per strategy the mean
+    over seeds (the spread is in the table), the baseline dashed. matplotlib, no display needed."""
+    import matplotlib
 
-    figure = go.Figure()
-    colours = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3"]
-    for colour, (name, seeds) in zip(colours, runs.items(), strict=False):
-        for seed, run in enumerate(seeds):
-            spent, x = 0, []
-            for _, steps, _ in run:
-                spent += steps
-                x.append(spent)
-            figure.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=_best_so_far(run),
-                    mode="lines",
-                    line={"color": colour, "shape": "hv"},
-                    name=name,
-                    legendgroup=name,
-                    showlegend=seed == 0,
-                    opacity=0.7,
-                )
-            )
-    figure.update_layout(
-        title="Best validation loss so far against training steps spent (one line per seed)",
-        xaxis_title="training steps spent",
-        yaxis_title="best validation loss",
-        yaxis_type="log",
-    )
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    figure, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
+        for colour, (strategy, seeds) in zip(colours, result["runs"].items(), strict=False):
+            x, curves = _on_common_steps(seeds)
+            mean = [statistics.mean(values) for values in curves]
+            ax.step(x, mean, where="post", color=colour, lw=1.8, label=strategy)
+        ax.axhline(result["baseline"], color="black", ls="--", lw=1, label="baseline")
+        ax.set_title(f"{name}: best validation loss so far, mean of {len(seeds)} seeds")
+        ax.set_xlabel("training steps spent")
+        ax.set_ylabel("best validation loss")
+        ax.set_xscale("log")
+        lowest = min(r["best_mean"] - r["best_sd"] for r in result["strategies"])
+        ax.set_ylim(lowest * 0.97, result["baseline"] * 1.08)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.write_html(path, include_plotlyjs=True)
+    figure.savefig(path, dpi=110)
+
+
+def _on_common_steps(seeds: list[list[Ran]]) -> tuple[list[int], list[list[float]]]:
+    """Each seed's best-so-far at every step count where any seed finished a trial, from the
+    first point at which every seed has a result."""
+    series = []
+    for run in seeds:
+        spent, points = 0, []
+        for r, best in zip(run, _best_so_far(run), strict=True):
+            spent += r.steps
+            points.append((spent, best))
+        series.append(points)
+    xs = sorted({x for points in series for x, _ in points})
+    curves = []
+    for x in xs:
+        values = [min((b for s, b in points if s <= x), default=float("inf")) for points in series]
+        if all(v < float("inf") for v in values):
+            curves.append((x, values))
+    return [x for x, _ in curves], [values for _, values in curves]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["lora", "simulated", "both"], default="both")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=None, help="lora 16, simulated 40")
+    parser.add_argument(
+        "--strategies", default=None, help="comma-separated subset (random is always run)"
+    )
+    parser.add_argument("--jobs", type=int, default=2, help="lora sweeps run side by side")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "search_quality")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the sweeps already in OUT/runs.jsonl (same workload, strategy, seed, budget)",
+    )
+    parser.add_argument(
+        "--sampler-grid",
+        action="store_true",
+        help="only compare TPE settings (random trials first, multivariate) on the simulated "
+        "workload at budgets of 16 and 40, over --seeds seeds",
+    )
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.sampler_grid:
+        sampler_grid(simulated_workload(), range(args.seeds))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = _load_runs(args.out / "runs.jsonl") if args.resume else {}
+    if not args.resume:
+        (args.out / "runs.jsonl").unlink(missing_ok=True)
+
+    names = ["lora", "simulated"] if args.workload == "both" else [args.workload]
+    results: dict[str, dict] = {}
+    text = ""
+    with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
+        for name in names:
+            if name == "lora":
+                runner = LoraRunner(Path(tmp), threads=max(1, 2 // args.jobs))
+                workload = runner.workload()
+                n_trials = args.trials or 16
+            else:
+                workload = simulated_workload()
+                n_trials = args.trials or 40
+            chosen = strategies(workload)
+            if args.strategies:
+                wanted = {"random", *args.strategies.split(",")}
+                chosen = {k: v for k, v in chosen.items() if k.split(" ")[0] in wanted}
+            plan = {
+                (strategy, seed): (sampler, pruner)
+                for strategy, (sampler, pruner) in chosen.items()
+                for seed in range(args.seeds)
+            }
+            keys = {task: _key(name, *task, *plan[task], n_trials) for task in plan}
+            todo = [task for task in plan if keys[task] not in done]
+            if name == "lora":
+                baseline = done.get(_key(name, "baseline", 0, {}, {}, 1))
+                if baseline is None:
+                    baseline = runner.value(workload.baseline)
+                    _save_run(args.out, _key(name, "baseline", 0, {}, {}, 1), baseline)
+                finished = _run_lora(Path(tmp), args.jobs, todo, plan, n_trials, runner)
+            else:
+                baseline = simulated_value(workload.space, workload.baseline)
+                finished = (
+                    (task, workload.run(workload.space, *plan[task], task[1], n_trials))
+                    for task in todo
+                )
+            for task, run in finished:
+                done[keys[task]] = run
+                _save_run(args.out, keys[task], run)
+                print(
+                    f"{name} {task[0]} seed {task[1]}: best {_best(run):.4f}, "
+                    f"{sum(r.steps for r in run)} steps, {sum(r.seconds for r in run):.0f} s",
+                    file=sys.stderr,
+                )
+            runs: dict[str, list[list[Ran]]] = {}
+            for strategy, seed in plan:
+                runs.setdefault(strategy, []).append(done[keys[strategy, seed]])
+            rows = summarise(runs, baseline, workload.steps, n_trials)
+            unpruned = runs["random"] + runs.get("tpe", [])
+            replays = {
+                label: replay(unpruned, spec, workload.report_steps)
+                for label, spec in pruner_candidates(workload).items()
+            }
+            block = table(workload, baseline, rows, replays)
+            print(block, end="")
+            text += block
+            results[name] = {
+                "baseline": baseline,
+                "trials": n_trials,
+                "steps_per_trial": workload.steps,
+                "sampler": algorithms.DEFAULT_SAMPLER,
+                "default_pruner": default_pruner(workload),
+                "strategies": rows,
+                "pruner_replay": replays,
+                "runs": runs,
+            }
+
+    figures = {
+        name: {k: v for k, v in result.items() if k != "runs"} for name, result in results.items()
+    }
+    (args.out / "report.txt").write_text(text)
+    (args.out / "search_quality.json").write_text(json.dumps(figures, indent=1) + "\n")
+    try:
+        plot(results, args.out / "search_quality.png")
+        print(f"plot: {args.out / 'search_quality.png'}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+    print(json.dumps({"search_quality": figures}))
+
+
+def _key(workload: str, strategy: str, seed: int, sampler: dict, pruner: dict, n: int) -> str:
+    return json.dumps([workload, strategy, seed, sampler, pruner, n], sort_keys=True)
+
+
+def _save_run(out: Path, key: str, run: list[Ran] | float) -> None:
+    record = run if isinstance(run, float) else [asdict(r) for r in run]
+    with (out / "runs.jsonl").open("a") as f:
+        f.write(json.dumps({"key": key, "run": record}) + "\n")
+
+
+def _load_runs(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    done: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        run = record["run"]
+        if isinstance(run, list):
+            run = [Ran(**{**r, "curve": {int(k): v for k, v in r["curve"].items()}}) for r in run]
+        done[record["key"]] = run
+    return done
+
+
+# Each LoRA sweep process keeps its own warm objective (the base model stays loaded).
+_RUNNER: LoraRunner | None = None
+
+
+def _start_worker(workdir: Path, threads: int) -> None:
+    global _RUNNER
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _RUNNER = LoraRunner(workdir, threads)
+
+
+def _lora_sweep(task: tuple, sampler: dict, pruner: dict, n: int) -> tuple[tuple, list[Ran]]:
+    assert _RUNNER is not None
+    return task, _RUNNER(_RUNNER.space, sampler, pruner, task[1], n)
+
+
+def _run_lora(workdir: Path, jobs: int, todo: list, plan: dict, n: int, runner: LoraRunner):
+    """The sweeps, `jobs` at a time in fresh processes (torch does not survive a fork)."""
+    if jobs <= 1:
+        for task in todo:
+            yield task, runner(runner.space, *plan[task], task[1], n)
+        return
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, 2 // jobs)
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(workdir, threads)
+    ) as pool:
+        futures = [pool.submit(_lora_sweep, task, *plan[task], n) for task in todo]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 if __name__ == "__main__":
