@@ -210,6 +210,21 @@ def _fail_orphan(plan: RunPlan, running: Any, index: int, reason: str, *, retry:
         storage.engine.dispose()
 
 
+def _retried_elsewhere(opened: Any, trial_id: int, plan: RunPlan) -> bool:
+    """Whether this worker's trial was failed by another process while it ran: a worker's
+    heartbeat check fails a trial whose heartbeats stopped for the grace period (the store was
+    away longer than that) and enqueues its retry (recovery.RetryStale), which needs a slot."""
+    from optuna.trial import TrialState
+
+    from tuner import recovery
+
+    try:
+        trial = opened.store.get_trial(trial_id)
+    except Exception:
+        return False
+    return trial.state == TrialState.FAIL and recovery.retries(trial) < plan.max_retries
+
+
 def _worker(
     index: int,
     plan: RunPlan,
@@ -264,8 +279,10 @@ def _worker(
                     objective, n_trials=1, catch=(Exception,), gc_after_trial=True
                 )
             except Exception:
-                if running[index] < 0:
-                    slots.give_back()  # no trial began (the store failed first): not one lost
+                # No trial began (the store failed first), or another process failed this one
+                # as stale and enqueued its retry: either way the slot is not spent.
+                if running[index] < 0 or _retried_elsewhere(opened, running[index], plan):
+                    slots.give_back()
                 raise
             running[index] = -1
     except KeyboardInterrupt:
