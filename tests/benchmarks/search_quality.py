@@ -58,7 +58,6 @@ from tuner.space import Space, load_space  # noqa: E402
 
 # simulated.yaml names no baseline (its tests count its trials); these are the blog-post values.
 SIMULATED_BASELINE = {"learning_rate": 5e-5, "lora_rank": 16, "lora_dropout": 0.05}
-BASELINE = SIMULATED_BASELINE  # the name tests/test_search_quality.py imports
 
 
 @dataclass
@@ -134,9 +133,7 @@ def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, A
 def simulated_workload() -> Workload:
     space = load_space(ROOT / "search_spaces" / "simulated.yaml")
     steps = space.trial_config(SIMULATED_BASELINE).steps
-    return Workload(
-        "simulated", space, SIMULATED_BASELINE, list(range(1, steps + 1)), simulated_sweep
-    )
+    return Workload("simulated", space, SIMULATED_BASELINE, list(range(1, steps + 1)), sweep)
 
 
 def sweep(space: Space, sampler: dict, pruner: dict, seed: int, n_trials: int) -> list[Ran]:
@@ -163,9 +160,6 @@ def sweep(space: Space, sampler: dict, pruner: dict, seed: int, n_trials: int) -
 
     study.optimize(objective, n_trials=n_trials)
     return ran
-
-
-simulated_sweep = sweep
 
 
 def simulated_value(space: Space, values: dict[str, Any]) -> float:
