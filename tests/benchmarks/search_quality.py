@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from trials import simulated  # noqa: E402
 from tuner import algorithms  # noqa: E402
-from tuner.space import Space, load_space  # noqa: E402
+from tuner.space import Space, load_space, parse_space, read_yaml  # noqa: E402
 
 # simulated.yaml names no baseline (its tests count its trials); these are the blog-post values.
 SIMULATED_BASELINE = {"learning_rate": 5e-5, "lora_rank": 16, "lora_dropout": 0.05}
@@ -82,7 +82,8 @@ class Workload:
     space: Space
     baseline: dict[str, Any]
     report_steps: list[int]  # the steps a trial reports at; the last is the end of training
-    run: Callable[[Space, dict, dict, int, int], list[Ran]]  # (space, sampler, pruner, seed, n)
+    # (space, sampler, pruner, seed, n) → the sweep's trials; None: run by LoraRunner
+    run: Callable[[Space, dict, dict, int, int], list[Ran]] | None
 
     @property
     def steps(self) -> int:
@@ -171,6 +172,17 @@ def simulated_value(space: Space, values: dict[str, Any]) -> float:
 # ----------------------------------------------------------------------------- LoRA
 
 
+def lora_workload() -> Workload:
+    """The quickstart's evaluation steps and baseline, read without the demo's files (they are
+    built only when something is to be trained). LoraRunner trains its sweeps."""
+    path = ROOT / "search_spaces" / "quickstart.yaml"
+    space = parse_space(read_yaml(path, display=path.name), resolve_paths=False)
+    baseline = space.baseline_values() or {}
+    config = space.trial_config(baseline)
+    every, last = config.eval_steps, config.max_steps
+    return Workload("lora", space, baseline, [*range(every, last, every), last], run=None)
+
+
 class LoraRunner:
     """The quickstart's fine-tune, through tuner's own objective, one in-memory study a sweep.
 
@@ -187,12 +199,6 @@ class LoraRunner:
         self.objective = Objective(self.space, artifact_dir=workdir / "artifacts")
         self.objective.warm_up(threads=threads)
         quiet_worker_logs(40)
-
-    def workload(self) -> Workload:
-        config = self.space.trial_config(self.space.baseline_values() or {})
-        every, last = config.eval_steps, config.max_steps
-        report_steps = [*range(every, last, every), last]
-        return Workload("lora", self.space, self.space.baseline_values() or {}, report_steps, self)
 
     def __call__(self, space: Space, sampler: dict, pruner: dict, seed: int, n: int) -> list[Ran]:
         study = optuna.create_study(
@@ -528,8 +534,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
         for name in names:
             if name == "lora":
-                runner = LoraRunner(Path(tmp), threads=max(1, 2 // args.jobs))
-                workload = runner.workload()
+                workload = lora_workload()
                 n_trials = args.trials or 16
             else:
                 workload = simulated_workload()
@@ -547,6 +552,13 @@ def main() -> None:
             todo = [task for task in plan if keys[task] not in done]
             if name == "lora":
                 baseline = done.get(_key(name, "baseline", 0, {}, {}, 1))
+                runner = None
+                if todo:  # built here once: the sweep processes would race to build it
+                    from tuner.demo import prepare_demo
+
+                    prepare_demo(Path(tmp) / "demo")
+                if baseline is None or (todo and args.jobs <= 1):
+                    runner = LoraRunner(Path(tmp), threads=max(1, 2 // args.jobs))
                 if baseline is None:
                     baseline = runner.value(workload.baseline)
                     _save_run(args.out, _key(name, "baseline", 0, {}, {}, 1), baseline)
@@ -639,9 +651,12 @@ def _lora_sweep(task: tuple, sampler: dict, pruner: dict, n: int) -> tuple[tuple
     return task, _RUNNER(_RUNNER.space, sampler, pruner, task[1], n)
 
 
-def _run_lora(workdir: Path, jobs: int, todo: list, plan: dict, n: int, runner: LoraRunner):
+def _run_lora(workdir: Path, jobs: int, todo: list, plan: dict, n: int, runner: LoraRunner | None):
     """The sweeps, `jobs` at a time in fresh processes (torch does not survive a fork)."""
+    if not todo:
+        return
     if jobs <= 1:
+        assert runner is not None
         for task in todo:
             yield task, runner(runner.space, *plan[task], task[1], n)
         return
