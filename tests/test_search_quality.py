@@ -11,6 +11,7 @@ from benchmarks.search_quality import (
     Ran,
     _best,
     _best_so_far,
+    _first,
     default_pruner,
     simulated_value,
     simulated_workload,
@@ -23,8 +24,8 @@ SEEDS, TRIALS = range(5), 40
 
 
 def _trials_to_reach(ran: list[Ran], target: float) -> int:
-    reached = [n for n, best in enumerate(_best_so_far(ran), start=1) if best <= target]
-    return reached[0] if reached else TRIALS + 1  # never: worse than any seed that got there
+    reached = _first(_best_so_far(ran), lambda best: best <= target)
+    return reached or TRIALS + 1  # never: worse than any seed that got there
 
 
 def test_the_default_strategy_reaches_random_searchs_best_sooner_and_prunes_steps() -> None:

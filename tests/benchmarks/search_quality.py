@@ -109,8 +109,8 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
 
 
 def default_pruner(workload: Workload) -> dict[str, Any]:
-    """The pruner a space gets when it names none, resolved for this workload's steps."""
-    return resolve_pruner(algorithms.DEFAULT_PRUNER, workload.report_steps)
+    """The pruner a space gets when it names none (its steps are the same for any workload)."""
+    return dict(algorithms.DEFAULT_PRUNER)
 
 
 def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, Any]:
@@ -415,7 +415,7 @@ def sampler_grid(workload: Workload, seeds: range) -> None:
 def table(workload: Workload, baseline: float, rows: list[dict], replays: dict) -> str:
     out = io.StringIO()
     with redirect_stdout(out):
-        print(f"== {workload.name}: {len(rows[0:1]) and rows[0]['seeds']} seeds")
+        print(f"== {workload.name}: {rows[0]['seeds']} seeds")
         print(f"baseline (the space's hand-picked defaults): {baseline:.4f}\n")
         print(
             f"{'strategy':24} {'best (mean ± sd)':>18} {'vs baseline':>12} {'beat it at':>10} "
