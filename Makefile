@@ -35,7 +35,7 @@ lint: setup
 bench: setup
 	$(BIN)/python tests/benchmarks/trial_overhead.py
 
-# Search quality on the demo LoRA and the simulated workload, 5 seeds each (~60 min on 2 cores):
+# Search quality on the demo LoRA and the simulated workload, 5 seeds × 40 trials (~50 min, 2 cores):
 # the table, JSON and plot the README shows, in docs/search-quality/.
 quality: setup
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -1,9 +1,12 @@
 """Does a sweep beat the hand-picked defaults and random search, and what does pruning save?
 
-    python tests/benchmarks/search_quality.py --out docs/search-quality   # both, 5 seeds (~35 min)
+    python tests/benchmarks/search_quality.py --out docs/search-quality  # both, 5 seeds × 40 trials
     python tests/benchmarks/search_quality.py --workload simulated --seeds 10 --trials 60
     python tests/benchmarks/search_quality.py --resume      # keep the sweeps OUT/runs.jsonl holds
-    python tests/benchmarks/search_quality.py --sampler-grid --seeds 20   # TPE settings only
+    python tests/benchmarks/search_quality.py --sampler-grid --resume     # TPE settings, unpruned
+    python tests/benchmarks/search_quality.py --workload lora --eval-steps 5 --strategies tpe+median
+
+The first takes about 50 minutes on 2 cores (the LoRA sweeps; the simulated ones take seconds).
 
 Two workloads, each with every strategy on the same seeds and trial budget, side by side in one
 run:
@@ -27,6 +30,11 @@ sweeps' real curves (what each would have saved, and whether it would have kept 
 trial), which is what tuner's default pruner settings are chosen from. Writes report.txt,
 search_quality.json and search_quality.png (best-so-far against training steps) to `--out`, and
 ends with one JSON line.
+
+`--sampler-grid` runs, instead of the strategies, TPE with 5 or 10 random trials first,
+multivariate or independent, unpruned, beside random search (sampler_grid_WORKLOAD_TRIALS.txt):
+what tuner's TPE defaults are chosen from. `--eval-steps N` evaluates the LoRA workload every N
+training steps instead of every 15: a pruner can stop a trial sooner, at the evaluations' cost.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import argparse
 import io
 import json
 import multiprocessing
+import re
 import statistics
 import sys
 import tempfile
@@ -43,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stdout
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -172,15 +182,25 @@ def simulated_value(space: Space, values: dict[str, Any]) -> float:
 # ----------------------------------------------------------------------------- LoRA
 
 
-def lora_workload() -> Workload:
+def quickstart(eval_steps: int | None = None) -> dict[str, Any]:
+    """quickstart.yaml's data; `eval_steps` replaces how often it evaluates (and so how often
+    the pruner can act)."""
+    path = ROOT / "search_spaces" / "quickstart.yaml"
+    data = read_yaml(path, display=path.name)
+    if eval_steps:
+        data["fixed"]["eval_steps"] = data["fixed"]["logging_steps"] = eval_steps
+    return data
+
+
+def lora_workload(eval_steps: int | None = None) -> Workload:
     """The quickstart's evaluation steps and baseline, read without the demo's files (they are
     built only when something is to be trained). LoraRunner trains its sweeps."""
-    path = ROOT / "search_spaces" / "quickstart.yaml"
-    space = parse_space(read_yaml(path, display=path.name), resolve_paths=False)
+    space = parse_space(quickstart(eval_steps), resolve_paths=False)
     baseline = space.baseline_values() or {}
     config = space.trial_config(baseline)
     every, last = config.eval_steps, config.max_steps
-    return Workload("lora", space, baseline, [*range(every, last, every), last], run=None)
+    name = f"lora, evaluated every {every} steps" if eval_steps else "lora"
+    return Workload(name, space, baseline, [*range(every, last, every), last], run=None)
 
 
 class LoraRunner:
@@ -190,12 +210,12 @@ class LoraRunner:
     stays loaded between trials as in a warm worker, and the data is tokenised once.
     """
 
-    def __init__(self, workdir: Path, threads: int) -> None:
+    def __init__(self, workdir: Path, threads: int, eval_steps: int | None = None) -> None:
         from tuner.demo import prepare_demo
         from tuner.objective import Objective, quiet_worker_logs
 
         prepare_demo(workdir / "demo")
-        self.space = load_space(ROOT / "search_spaces" / "quickstart.yaml", base_dir=workdir)
+        self.space = parse_space(quickstart(eval_steps), base_dir=workdir)
         self.objective = Objective(self.space, artifact_dir=workdir / "artifacts")
         self.objective.warm_up(threads=threads)
         quiet_worker_logs(40)
@@ -257,12 +277,14 @@ def summarise(
     random_best = [_best(run) for run in runs["random"]]
     rows = []
     for name, seeds in runs.items():
-        bests, beat_at, to_random, used, seconds = [], [], [], [], []
+        bests, beat_at, to_random, steps_to_random, used, seconds = [], [], [], [], [], []
         for seed, run in enumerate(seeds):
             best_so_far = _best_so_far(run)
             bests.append(best_so_far[-1])
             beat_at.append(_first(best_so_far, lambda b: b < baseline))
             to_random.append(_first(best_so_far, lambda b, s=seed: b <= random_best[s]))
+            spent = list(accumulate(r.steps for r in run))
+            steps_to_random.append(spent[to_random[-1] - 1] if to_random[-1] else None)
             used.append(sum(r.steps for r in run))
             seconds.append(sum(r.seconds for r in run))
         best_mean = statistics.mean(bests)
@@ -277,6 +299,7 @@ def summarise(
                 "beat_baseline_at": _median(beat_at),
                 "trials_to_random_best": _median(to_random),
                 "reached_random_best": sum(t is not None for t in to_random),
+                "steps_to_random_best": _median(steps_to_random),
                 "seeds": len(seeds),
                 "steps_mean": statistics.mean(used),
                 "seconds_mean": round(statistics.mean(seconds), 1),
@@ -381,32 +404,16 @@ def replay(runs: list[list[Ran]], pruner_spec: dict[str, Any], report_steps: lis
     }
 
 
-def sampler_grid(workload: Workload, seeds: range) -> None:
-    """TPE's start-up length and multivariate modelling, without pruning: the trials each needs
-    to reach random search's final best of the same seed (median), and its best."""
-    for budget in (16, 40):
-        random_runs = [
-            workload.run(workload.space, {"name": "random"}, {"name": "none"}, s, budget)
-            for s in seeds
-        ]
-        targets = [_best(run) for run in random_runs]
-        settings = {"random": {"name": "random"}}
-        for startup in (5, 10):
-            for multivariate in (False, True):
-                spec = {"name": "tpe", "n_startup_trials": startup, "multivariate": multivariate}
-                label = f"tpe startup {startup}{', multivariate' if multivariate else ''}"
-                settings[label] = spec
-        for label, spec in settings.items():
-            runs = [workload.run(workload.space, spec, {"name": "none"}, s, budget) for s in seeds]
-            needs = [
-                _first(_best_so_far(run), lambda b, t=t: b <= t) or budget + 1
-                for run, t in zip(runs, targets, strict=True)
-            ]
-            bests = [_best(run) for run in runs]
-            print(
-                f"budget {budget:>2}  {label:34} to random's best {statistics.median(needs):>5.1f}"
-                f"  best {statistics.mean(bests):.4f} ± {statistics.stdev(bests):.4f}"
-            )
+def sampler_settings() -> dict[str, tuple[dict, dict]]:
+    """TPE's start-up length and multivariate modelling, unpruned, beside random search. The
+    default keeps the name `tpe` (and random `random`), so a `--resume` reuses the main run's."""
+    settings = {"random": ({"name": "random"}, {"name": "none"})}
+    for startup, multivariate in [(5, True), (10, True), (5, False), (10, False)]:
+        spec = {**algorithms.DEFAULT_SAMPLER, "n_startup_trials": startup}
+        spec["multivariate"] = multivariate
+        label = f"tpe startup {startup} {'multivariate' if multivariate else 'independent'}"
+        settings["tpe" if spec == algorithms.DEFAULT_SAMPLER else label] = (spec, {"name": "none"})
+    return settings
 
 
 # ----------------------------------------------------------------------------- output
@@ -418,20 +425,22 @@ def table(workload: Workload, baseline: float, rows: list[dict], replays: dict) 
         print(f"== {workload.name}: {rows[0]['seeds']} seeds")
         print(f"baseline (the space's hand-picked defaults): {baseline:.4f}\n")
         print(
-            f"{'strategy':24} {'best (mean ± sd)':>18} {'vs baseline':>12} {'beat it at':>10} "
-            f"{'to random best':>15} {'steps':>7} {'saved':>6} {'seconds':>8}"
+            f"{'strategy':38} {'best (mean ± sd)':>18} {'vs baseline':>12} {'beat it at':>10} "
+            f"{'to random best':>15} {'(steps)':>8} {'steps':>7} {'saved':>6} {'seconds':>8}"
         )
         for row in rows:
             print(
-                f"{row['strategy']:24} {row['best_mean']:>10.4f} ± {row['best_sd']:<6.4f}"
+                f"{row['strategy']:38} {row['best_mean']:>10.4f} ± {row['best_sd']:<6.4f}"
                 f"{-row['better_than_baseline_pct']:>+11.1f}% {_fmt(row['beat_baseline_at']):>10}"
-                f" {_fmt(row['trials_to_random_best']):>15} {row['steps_mean']:>7.0f}"
+                f" {_fmt(row['trials_to_random_best']):>15}"
+                f" {_fmt(row['steps_to_random_best']):>8} {row['steps_mean']:>7.0f}"
                 f" {row['saved_pct']:>5.0f}% {_seconds(row['seconds_mean']):>8}"
             )
-        print(
-            "\nmedian-pruner settings replayed on the unpruned sweeps' curves "
-            "(random and TPE; saved: share of their steps; kept: seeds whose best survived)"
-        )
+        if replays:
+            print(
+                "\nmedian-pruner settings replayed on the unpruned sweeps' curves "
+                "(random and TPE; saved: share of their steps; kept: seeds whose best survived)"
+            )
         for name, result in replays.items():
             print(
                 f"  {name:44} saved {result['saved_pct']:>5.1f}%  kept "
@@ -450,29 +459,39 @@ def _fmt(value: float | None) -> str:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    """Best-so-far against training steps spent: one panel per workload, per strategy the mean
-    over seeds (the spread is in the table), the baseline dashed. matplotlib, no display needed."""
+    """Best-so-far against training steps spent: per workload, one panel of the whole run and
+    one zoomed on the last stretch, where the strategies part; per strategy the mean over seeds
+    (the spread is in the table), the baseline dashed. matplotlib, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    figure, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), squeeze=False)
-    for ax, (name, result) in zip(axes[0], results.items(), strict=True):
-        for colour, (strategy, seeds) in zip(colours, result["runs"].items(), strict=False):
-            x, curves = _on_common_steps(seeds)
-            mean = [statistics.mean(values) for values in curves]
-            ax.step(x, mean, where="post", color=colour, lw=1.8, label=strategy)
-        ax.axhline(result["baseline"], color="black", ls="--", lw=1, label="baseline")
-        ax.set_title(f"{name}: best validation loss so far, mean of {len(seeds)} seeds")
-        ax.set_xlabel("training steps spent")
-        ax.set_ylabel("best validation loss")
-        ax.set_xscale("log")
-        lowest = min(r["best_mean"] - r["best_sd"] for r in result["strategies"])
-        ax.set_ylim(lowest * 0.97, result["baseline"] * 1.08)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+    figure, axes = plt.subplots(
+        2, len(results), figsize=(7 * len(results), 9), squeeze=False, sharex="col"
+    )
+    for column, (name, result) in enumerate(results.items()):
+        rows = result["strategies"]
+        lowest = min(r["best_mean"] - r["best_sd"] for r in rows)
+        spread = max(r["best_sd"] for r in rows)
+        for row, ax in enumerate(axes[:, column]):
+            for colour, (strategy, seeds) in zip(colours, result["runs"].items(), strict=False):
+                x, curves = _on_common_steps(seeds)
+                mean = [statistics.mean(values) for values in curves]
+                ax.step(x, mean, where="post", color=colour, lw=1.8, label=strategy)
+            ax.axhline(result["baseline"], color="black", ls="--", lw=1, label="baseline")
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_ylabel("best validation loss")
+            if row == 0:
+                ax.set_title(f"{name}: best validation loss so far, mean of {len(seeds)} seeds")
+                ax.set_ylim(lowest * 0.97, result["baseline"] * 1.08)
+                ax.legend(fontsize=8)
+            else:
+                ax.set_title(f"{name}: zoomed on the best (the sd over seeds is ~{spread:.3f})")
+                ax.set_ylim(lowest - spread / 2, lowest + 6 * spread)
+                ax.set_xlabel("training steps spent")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -501,11 +520,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=["lora", "simulated", "both"], default="both")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=None, help="lora 16, simulated 40")
+    parser.add_argument("--trials", type=int, default=40, help="trials per sweep")
     parser.add_argument(
-        "--strategies", default=None, help="comma-separated subset (random is always run)"
+        "--strategies",
+        default=None,
+        help="comma-separated names without their '(…)', e.g. tpe,tpe+median (random always runs)",
     )
     parser.add_argument("--jobs", type=int, default=2, help="lora sweeps run side by side")
+    parser.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="lora: evaluate every N training steps instead of quickstart.yaml's 15",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "search_quality")
     parser.add_argument(
         "--resume",
@@ -515,14 +542,11 @@ def main() -> None:
     parser.add_argument(
         "--sampler-grid",
         action="store_true",
-        help="only compare TPE settings (random trials first, multivariate) on the simulated "
-        "workload at budgets of 16 and 40, over --seeds seeds",
+        help="instead of the strategies, compare TPE settings (random trials first, "
+        "multivariate), unpruned, beside random search; writes sampler_grid_WORKLOAD_TRIALS.txt",
     )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.sampler_grid:
-        sampler_grid(simulated_workload(), range(args.seeds))
-        return
     args.out.mkdir(parents=True, exist_ok=True)
     done = _load_runs(args.out / "runs.jsonl") if args.resume else {}
     if not args.resume:
@@ -533,16 +557,13 @@ def main() -> None:
     text = ""
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
         for name in names:
-            if name == "lora":
-                workload = lora_workload()
-                n_trials = args.trials or 16
-            else:
-                workload = simulated_workload()
-                n_trials = args.trials or 40
-            chosen = strategies(workload)
+            workload = lora_workload(args.eval_steps) if name == "lora" else simulated_workload()
+            name = workload.name
+            n_trials = args.trials
+            chosen = sampler_settings() if args.sampler_grid else strategies(workload)
             if args.strategies:
-                wanted = {"random", *args.strategies.split(",")}
-                chosen = {k: v for k, v in chosen.items() if k.split(" ")[0] in wanted}
+                wanted = {"random", *(w.strip() for w in args.strategies.split(","))}
+                chosen = {k: v for k, v in chosen.items() if k.split(" (")[0] in wanted}
             plan = {
                 (strategy, seed): (sampler, pruner)
                 for strategy, (sampler, pruner) in chosen.items()
@@ -550,7 +571,7 @@ def main() -> None:
             }
             keys = {task: _key(name, *task, *plan[task], n_trials) for task in plan}
             todo = [task for task in plan if keys[task] not in done]
-            if name == "lora":
+            if workload.run is None:  # LoRA: trained by LoraRunner
                 baseline = done.get(_key(name, "baseline", 0, {}, {}, 1))
                 runner = None
                 if todo:  # built here once: the sweep processes would race to build it
@@ -558,11 +579,13 @@ def main() -> None:
 
                     prepare_demo(Path(tmp) / "demo")
                 if baseline is None or (todo and args.jobs <= 1):
-                    runner = LoraRunner(Path(tmp), threads=max(1, 2 // args.jobs))
+                    runner = LoraRunner(Path(tmp), max(1, 2 // args.jobs), args.eval_steps)
                 if baseline is None:
                     baseline = runner.value(workload.baseline)
                     _save_run(args.out, _key(name, "baseline", 0, {}, {}, 1), baseline)
-                finished = _run_lora(Path(tmp), args.jobs, todo, plan, n_trials, runner)
+                finished = _run_lora(
+                    Path(tmp), args.jobs, todo, plan, n_trials, runner, args.eval_steps
+                )
             else:
                 baseline = simulated_value(workload.space, workload.baseline)
                 finished = (
@@ -581,14 +604,30 @@ def main() -> None:
             for strategy, seed in plan:
                 runs.setdefault(strategy, []).append(done[keys[strategy, seed]])
             rows = summarise(runs, baseline, workload.steps, n_trials)
+            if args.sampler_grid:
+                default = algorithms.DEFAULT_SAMPLER
+                for row in rows:
+                    if row["strategy"] == "tpe":
+                        row["strategy"] = (
+                            f"tpe startup {default['n_startup_trials']} "
+                            f"{'multivariate' if default['multivariate'] else 'independent'} "
+                            "(default)"
+                        )
             unpruned = runs["random"] + runs.get("tpe", [])
-            replays = {
-                label: replay(unpruned, spec, workload.report_steps)
-                for label, spec in pruner_candidates(workload).items()
-            }
+            replays = (
+                {}
+                if args.sampler_grid
+                else {
+                    label: replay(unpruned, spec, workload.report_steps)
+                    for label, spec in pruner_candidates(workload).items()
+                }
+            )
             block = table(workload, baseline, rows, replays)
             print(block, end="")
             text += block
+            if args.sampler_grid:
+                slug = re.sub(r"\W+", "_", name)
+                (args.out / f"sampler_grid_{slug}_{n_trials}.txt").write_text(block)
             results[name] = {
                 "baseline": baseline,
                 "trials": n_trials,
@@ -603,6 +642,9 @@ def main() -> None:
     figures = {
         name: {k: v for k, v in result.items() if k != "runs"} for name, result in results.items()
     }
+    if args.sampler_grid:
+        print(json.dumps({"sampler_grid": figures}))
+        return
     (args.out / "report.txt").write_text(text)
     (args.out / "search_quality.json").write_text(json.dumps(figures, indent=1) + "\n")
     try:
@@ -640,10 +682,10 @@ def _load_runs(path: Path) -> dict[str, Any]:
 _RUNNER: LoraRunner | None = None
 
 
-def _start_worker(workdir: Path, threads: int) -> None:
+def _start_worker(workdir: Path, threads: int, eval_steps: int | None) -> None:
     global _RUNNER
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _RUNNER = LoraRunner(workdir, threads)
+    _RUNNER = LoraRunner(workdir, threads, eval_steps)
 
 
 def _lora_sweep(task: tuple, sampler: dict, pruner: dict, n: int) -> tuple[tuple, list[Ran]]:
@@ -651,7 +693,15 @@ def _lora_sweep(task: tuple, sampler: dict, pruner: dict, n: int) -> tuple[tuple
     return task, _RUNNER(_RUNNER.space, sampler, pruner, task[1], n)
 
 
-def _run_lora(workdir: Path, jobs: int, todo: list, plan: dict, n: int, runner: LoraRunner | None):
+def _run_lora(
+    workdir: Path,
+    jobs: int,
+    todo: list,
+    plan: dict,
+    n: int,
+    runner: LoraRunner | None,
+    eval_steps: int | None,
+):
     """The sweeps, `jobs` at a time in fresh processes (torch does not survive a fork)."""
     if not todo:
         return
@@ -663,7 +713,10 @@ def _run_lora(workdir: Path, jobs: int, todo: list, plan: dict, n: int, runner: 
     context = multiprocessing.get_context("spawn")
     threads = max(1, 2 // jobs)
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_start_worker, initargs=(workdir, threads)
+        jobs,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(workdir, threads, eval_steps),
     ) as pool:
         futures = [pool.submit(_lora_sweep, task, *plan[task], n) for task in todo]
         for future in as_completed(futures):
