@@ -552,12 +552,12 @@ def main() -> None:
     if not args.resume:
         (args.out / "runs.jsonl").unlink(missing_ok=True)
 
-    names = ["lora", "simulated"] if args.workload == "both" else [args.workload]
+    kinds = ["lora", "simulated"] if args.workload == "both" else [args.workload]
     results: dict[str, dict] = {}
     text = ""
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
-        for name in names:
-            workload = lora_workload(args.eval_steps) if name == "lora" else simulated_workload()
+        for kind in kinds:
+            workload = lora_workload(args.eval_steps) if kind == "lora" else simulated_workload()
             name = workload.name
             n_trials = args.trials
             chosen = sampler_settings() if args.sampler_grid else strategies(workload)
