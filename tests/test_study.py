@@ -221,7 +221,16 @@ def _start_run(name: str, url: str, *extra: str, env: dict | None = None) -> sub
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=_as_from_a_terminal,
     )
+
+
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches the run as it does from a shell. A child inherits its parent's blocked and
+    ignored signals, and after the Ray tests this test process may hold SIGINT so (Ray starts its
+    processes with SIGINT blocked); the run would then never see the test's Ctrl-C."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_training(study: optuna.Study, timeout: float = 120) -> optuna.trial.FrozenTrial:
