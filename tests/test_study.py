@@ -226,9 +226,9 @@ def _start_run(name: str, url: str, *extra: str, env: dict | None = None) -> sub
 
 
 def _as_from_a_terminal() -> None:
-    """Ctrl-C reaches the run as it does from a shell. A child inherits its parent's blocked and
-    ignored signals, and after the Ray tests this test process may hold SIGINT so (Ray starts its
-    processes with SIGINT blocked); the run would then never see the test's Ctrl-C."""
+    """Ctrl-C reaches the run as it does from a terminal. A child inherits ignored and blocked
+    signals: a suite started in the background by a script (`cmd &` ignores SIGINT) would hand
+    that on, and the run would never see the test's Ctrl-C."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
