@@ -12,7 +12,6 @@ from benchmarks.search_quality import (
     _best,
     _best_so_far,
     _first,
-    default_pruner,
     simulated_value,
     simulated_workload,
     sweep,
@@ -36,7 +35,7 @@ def test_the_default_strategy_reaches_random_searchs_best_sooner_and_prunes_step
         return [sweep(workload.space, sampler, pruner, seed, TRIALS) for seed in SEEDS]
 
     random_runs = runs({"name": "random"}, {"name": "none"})
-    default_runs = runs(algorithms.DEFAULT_SAMPLER, default_pruner(workload))
+    default_runs = runs(algorithms.DEFAULT_SAMPLER, algorithms.DEFAULT_PRUNER)
     unpruned_runs = runs(algorithms.DEFAULT_SAMPLER, {"name": "none"})
     targets = [_best(run) for run in random_runs]
 

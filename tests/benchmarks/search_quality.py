@@ -106,7 +106,7 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
     return {
         "random": ({"name": "random"}, {"name": "none"}),
         "tpe": (algorithms.DEFAULT_SAMPLER, {"name": "none"}),
-        "tpe+median (default)": (algorithms.DEFAULT_SAMPLER, default_pruner(workload)),
+        "tpe+median (default)": (algorithms.DEFAULT_SAMPLER, algorithms.DEFAULT_PRUNER),
         "tpe+hyperband": (
             algorithms.DEFAULT_SAMPLER,
             {"name": "hyperband", "min_resource": first, "max_resource": last},
@@ -116,11 +116,6 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
             {"name": "successive_halving", "min_resource": first},
         ),
     }
-
-
-def default_pruner(workload: Workload) -> dict[str, Any]:
-    """The pruner a space gets when it names none (its steps are the same for any workload)."""
-    return dict(algorithms.DEFAULT_PRUNER)
 
 
 def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, Any]:
@@ -633,7 +628,7 @@ def main() -> None:
                 "trials": n_trials,
                 "steps_per_trial": workload.steps,
                 "sampler": algorithms.DEFAULT_SAMPLER,
-                "default_pruner": default_pruner(workload),
+                "default_pruner": algorithms.DEFAULT_PRUNER,
                 "strategies": rows,
                 "pruner_replay": replays,
                 "runs": runs,
