@@ -7,7 +7,6 @@ from); the default is the local server with trust auth.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,6 +32,21 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     prepare_demo(root, pretrain_steps=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's files without its pre-training: the data, and a model folder holding only the
+    tokenizer. For tests that create studies and read data but train nothing (a second)."""
+    import random
+
+    from tuner.demo import build_tokenizer, write_data
+
+    root = tmp_path_factory.mktemp("files") / "demo"
+    (root / "model").mkdir(parents=True)
+    build_tokenizer().save_pretrained(root / "model")
+    write_data(root / "data.jsonl", random.Random(0))
     return root
 
 
@@ -130,7 +144,3 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
-
-
-def load_json(text: str) -> dict:
-    return json.loads(text)

@@ -18,3 +18,12 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatc
     assert visible_gpus() == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+def test_without_a_gpu_driver_there_is_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No NVIDIA or AMD kernel driver: no GPU, learnt without importing torch in the driver."""
+    from tuner.backends import local
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(local, "GPU_DRIVERS", ("/nonexistent/nvidia",))
+    assert visible_gpus() == []

@@ -153,7 +153,7 @@ def test_a_space_file_gone_wrong_is_refused_with_one_line(
 )
 def test_a_bad_data_file_is_refused_before_the_study_is_made(
     tmp_path: Path,
-    demo_dir: Path,
+    demo_files: Path,
     capsys: pytest.CaptureFixture,
     content: bytes,
     fmt: str,
@@ -161,7 +161,7 @@ def test_a_bad_data_file_is_refused_before_the_study_is_made(
 ) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_bytes(content)
-    space = small_space(demo_dir)
+    space = small_space(demo_files)
     space["fixed"]["dataset"] = {"path": str(data), "format": fmt}
     path = write_space(tmp_path / "s.yaml", space)
     db = tmp_path / "studies.db"

@@ -201,13 +201,13 @@ def test_split_is_fixed_by_the_seed() -> None:
         split(examples, val_size=50, seed=0)
 
 
-def test_prepare_reports_truncation(tmp_path: Path, demo_dir: Path) -> None:
+def test_prepare_reports_truncation(tmp_path: Path) -> None:
     path = _jsonl(
         tmp_path / "d.jsonl",
         [{"instruction": "w" * (10 if i % 2 else 200), "output": "ok"} for i in range(20)],
     )
     config = TrialConfig(
-        model_name_or_path=str(demo_dir / "model"),
+        model_name_or_path="the tokenizer is given",
         dataset=DatasetSpec(path=str(path)),
         cutoff_len=120,
         val_size=4,

@@ -170,9 +170,9 @@ def test_the_model_card_names_no_password(pg_url: str, demo_dir: Path, tmp_path:
             assert "s3cret-pw" not in path.read_text(), path.name
 
 
-def test_export_refuses_a_study_without_a_completed_trial(sqlite_url: str, demo_dir: Path,
+def test_export_refuses_a_study_without_a_completed_trial(sqlite_url: str, demo_files: Path,
                                                           tmp_path: Path) -> None:  # fmt: skip
-    name = create_study(write_space(tmp_path / "e.yaml", small_space(demo_dir, name="empty")),
+    name = create_study(write_space(tmp_path / "e.yaml", small_space(demo_files, name="empty")),
                         storage=sqlite_url)  # fmt: skip
     with pytest.raises(ExportError, match="no completed trial"):
         export_trial(name, out=tmp_path / "o", storage=sqlite_url)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -102,15 +102,17 @@ def test_a_full_disk_while_the_adapter_is_stored_fails_the_trial_and_links_nothi
     assert refused.returncode == 2 and "no completed trial" in refused.stderr
 
 
-def _restart_postgres(*, after_s: float, down_s: float, times: dict) -> threading.Thread:
-    """Stop the server (fast: it drops every connection) after `after_s`, start it `down_s`
+def _restart_postgres(*, when: Callable[[], bool], down_s: float, times: dict) -> threading.Thread:
+    """Stop the server (fast: it drops every connection) once `when()` holds, start it `down_s`
     later, noting when in `times`. The caller joins the thread; the server is started again
     whatever happens."""
     version = os.listdir("/etc/postgresql")[0]
     ctl = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
 
     def cycle() -> None:
-        time.sleep(after_s)
+        deadline = time.monotonic() + 120
+        while not when() and time.monotonic() < deadline:
+            time.sleep(0.2)
         try:
             subprocess.run([*ctl, "stop", "-m", "fast"], check=True, capture_output=True)
             times["down"] = time.monotonic()
@@ -124,39 +126,67 @@ def _restart_postgres(*, after_s: float, down_s: float, times: dict) -> threadin
     return thread
 
 
+def _training(url: str, name: str, n: int) -> Callable[[], bool]:
+    """Whether `n` trials of the study are RUNNING and have reported a value."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+
+    def check() -> bool:
+        with engine.connect() as db:
+            return (
+                db.execute(
+                    sqlalchemy.text(
+                        "select count(distinct t.trial_id) from trials t join "
+                        "trial_intermediate_values v on v.trial_id = t.trial_id "
+                        "where t.state = 'RUNNING'"
+                    )
+                ).scalar()
+                >= n
+            )
+
+    return check
+
+
 @pytest.mark.parametrize(
     ("down_s", "grace_s"), [(1, 20), (8, 3)], ids=["shorter-than-grace", "longer-than-grace"]
 )
 def test_a_postgresql_restart_during_a_sweep_loses_nothing(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, down_s: float, grace_s: float
 ) -> None:
+    """The server goes away while both workers train. Shorter than the heartbeat grace period:
+    the workers wait for it, and nothing fails. Longer: the running trials are stale for every
+    process (their heartbeats stop once they could not be recorded for the grace period), so
+    the driver's heartbeat check fails them when the server is back, while they still have many
+    steps to go; each is retried with the same params, and the run still finishes its target."""
     monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("TUNER_GRACE_PERIOD", str(grace_s))
     monkeypatch.setenv("TUNER_ARTIFACTS", str(tmp_path / "artifacts"))
-    space = {**simulated(), "fixed": {"workload": "simulated", "steps": 10, "step_seconds": 0.3}}
+    steps = 10 if down_s < grace_s else 40  # the longer case: 20 s of steps left at least
+    space = {**simulated(), "fixed": {"workload": "simulated", "steps": steps, "step_seconds": 0.5}}
     name = create_study(write_space(tmp_path / "restart.yaml", space), storage=pg_url)
     times: dict[str, float] = {}
-    restart = _restart_postgres(after_s=5, down_s=down_s, times=times)
-    progress = run_study(name, storage=pg_url, n_trials=8, jobs=2)
+    restart = _restart_postgres(when=_training(pg_url, name, 2), down_s=down_s, times=times)
+    progress = run_study(name, storage=pg_url, n_trials=2, jobs=2)
     finished = time.monotonic()
     restart.join()
-    assert times["up"] < finished  # the server went away and came back while trials ran
+    assert times["down"] < times["up"] < finished  # it went and came back while trials ran
 
     study = optuna.load_study(study_name=name, storage=pg_url)
     trials = study.get_trials()
     assert [t.number for t in trials] == list(range(len(trials)))
     assert all(t.state.is_finished() for t in trials)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == progress.complete == 8
+    assert len(done) == progress.complete == 2
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if down_s < grace_s:
         assert failed == []  # the workers waited for the server; no trial was lost
-    else:
-        # Trials whose heartbeats stopped for longer than the grace period were failed as
-        # stale and retried with the same params.
-        for t in failed:
-            (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
-            assert retry.params == t.params
+        return
+    assert len(failed) == 2, [(t.number, t.state, t.user_attrs) for t in trials]
+    for t in failed:
+        (retry,) = [r for r in trials if r.system_attrs.get("failed_trial") == t.number]
+        assert retry.params == t.params and retry.state == TrialState.COMPLETE
 
 
 def test_a_connection_killed_in_the_middle_of_a_tell_costs_nothing(

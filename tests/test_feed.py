@@ -1,6 +1,6 @@
-"""The driver samples ahead for its workers (tuner/feed.py): what it hands out is what runs, its
-view of the study is the store's, and Optuna's own queue (baseline, warm starts, retries) goes
-first."""
+"""The driver samples ahead for its workers (tuner/backends/feed.py): what it hands out is what
+runs, its view of the study is the store's, and Optuna's own queue (baseline, warm starts,
+retries) goes first."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from conftest import write_space
 from optuna.trial import TrialState
 
 from tuner.backends.base import RunPlan
-from tuner.feed import FED_ATTR, FedSampler, StudyView
-from tuner.study import create_study, open_study, run_study
+from tuner.backends.feed import FED_ATTR, FedSampler, StudyView
+from tuner.store import open_study
+from tuner.study import create_study, run_study
 
 
 def _space(**resources: object) -> dict:

@@ -94,9 +94,9 @@ def test_in_a_maximised_study_the_pruner_stops_the_worst_trial(
 
 
 def test_a_searched_temperature_needs_a_generation_objective(
-    sqlite_url: str, demo_dir: Path, tmp_path: Path
+    sqlite_url: str, demo_files: Path, tmp_path: Path
 ) -> None:
-    space = _generation_space(demo_dir, tmp_path)
+    space = _generation_space(demo_files, tmp_path)
     del space["objective"]
     path = write_space(tmp_path / "bad.yaml", space)
     result = run_cli("study", "create", "--space", str(path), "--storage", sqlite_url)
@@ -117,9 +117,9 @@ def test_a_searched_temperature_needs_a_generation_objective(
     ],
 )
 def test_a_bad_objective_is_named_at_create(
-    objective: dict, expected: str, sqlite_url: str, demo_dir: Path, tmp_path: Path
+    objective: dict, expected: str, sqlite_url: str, demo_files: Path, tmp_path: Path
 ) -> None:
-    space = _generation_space(demo_dir, tmp_path)
+    space = _generation_space(demo_files, tmp_path)
     space["objective"] = objective
     if objective["metric"] == "eval_loss":
         del space["params"]["temperature"]

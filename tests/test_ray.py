@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,69 +17,58 @@ import optuna
 import pytest
 from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
+from ray_nodes import RAY, RayNode, free_port, start_head
 
 from tuner.study import create_study, run_study
 
-RAY = str(Path(sys.executable).with_name("ray"))
 GPUS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
 class Cluster:
     address: str  # HOST:PORT of the head (what `tuner study run --address` takes)
     dashboard: str  # http://HOST:PORT of the job API (what `tuner study submit` takes)
+    env: dict[str, str]
+    logs: Path
+    nodes: list[RayNode]  # what the module started, the head first; stopped at its end
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """`ray start --head` with 4 logical GPUs, the job API and token auth; RAY_ADDRESS points
-    at it."""
+    """A head with 4 logical GPUs, the job API and token auth; RAY_ADDRESS points at it. The
+    nodes the module starts are stopped by their process group alone (tests/ray_nodes.py)."""
     # The cluster runs jobs' `python` from this environment, as a cluster image would.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port, dashboard_port = _free_port(), _free_port()
-    temp = Path(f"/tmp/ray-tuner-{os.getpid()}")  # Ray's socket paths must stay short
-    started = subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            f"--num-gpus={GPUS}",
-            "--num-cpus=8",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
+    dashboard_port = free_port()
+    logs = tmp_path_factory.mktemp("ray-logs")
+    head, address = start_head(
+        f"--num-gpus={GPUS}",
+        "--num-cpus=8",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        temp_dir=Path(f"/tmp/ray-tuner-{os.getpid()}"),  # Ray's socket paths must stay short
+        log=logs / "head.log",
     )
-    assert started.returncode == 0, started.stderr[-2000:]
-    address = f"127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
-    yield Cluster(address, f"http://127.0.0.1:{dashboard_port}")
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    import ray
+    cluster = Cluster(address, f"http://127.0.0.1:{dashboard_port}", env, logs, [head])
+    try:
+        yield cluster
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        import ray
 
-    ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        ray.shutdown()
+        for node in reversed(cluster.nodes):
+            node.stop()
 
 
 @pytest.fixture
@@ -485,12 +473,12 @@ def test_a_node_that_joins_mid_sweep_gets_trials(
     while len(study.get_trials(states=(TrialState.RUNNING,))) < GPUS:
         assert time.monotonic() < deadline, "the sweep did not fill the cluster in time"
         time.sleep(0.2)
-    joined = subprocess.run(
-        [RAY, "start", f"--address={ray_cluster.address}", "--num-gpus=2", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=180,
+    ray_cluster.nodes.append(
+        RayNode(
+            f"--address={ray_cluster.address}", "--num-gpus=2", "--num-cpus=2",
+            "--node-ip-address=127.0.0.1", env=ray_cluster.env, log=ray_cluster.logs / "joined.log",
+        )
     )  # fmt: skip
-    assert joined.returncode == 0, joined.stderr[-2000:]
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 24

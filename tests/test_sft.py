@@ -70,7 +70,7 @@ def test_lora_options_reach_the_adapter_and_the_optimizer(demo_dir: Path, tmp_pa
     tokenizer = sft._setup_tokenizer(config)
     data = data_mod.prepare(config, tokenizer)
     trainer = sft._setup_trainer(
-        config, sft._setup_model(config), tokenizer, data, tmp_path / "b", sft.PruningCallback(None)
+        config, sft._setup_model(config), tokenizer, data, tmp_path / "b", trial=None
     )
     try:
         groups = [g for g in trainer.create_optimizer().param_groups if g["params"]]

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from conftest import run_cli, small_space, write_space
 
+from trials.config import SEARCHABLE
 from tuner.errors import SpaceError
 from tuner.space import load_space, packaged_spaces
 
@@ -206,6 +207,33 @@ def test_bad_space_is_one_clear_line(workdir: Path, text: str, expected: str) ->
     assert "\n" not in message
 
 
+SIMULATED = """
+params:
+  learning_rate: {type: float, low: 1e-4, high: 1e-2, log: true}
+fixed:
+  workload: simulated
+"""
+
+
+def test_the_simulated_settings_are_a_group_and_the_flat_spelling_still_reads(
+    workdir: Path,
+) -> None:
+    """`fixed.simulated: {steps: 4}`, and `fixed.steps: 4` as spaces (and stored studies)
+    wrote it before the group: the same trial. Both at once is refused."""
+    grouped = load_space(write_space(workdir / "g.yaml", SIMULATED + "  simulated: {steps: 4}\n"))
+    flat = load_space(write_space(workdir / "f.yaml", SIMULATED + "  steps: 4\n"))
+    for space in (grouped, flat):
+        config = space.trial_config({"learning_rate": 1e-3})
+        assert config.simulated.steps == 4 and config.simulated.step_seconds == 0.3
+    assert "steps" not in space.params and "simulated" not in SEARCHABLE
+    both = write_space(workdir / "b.yaml", SIMULATED + "  steps: 4\n  simulated: {steps: 5}\n")
+    with pytest.raises(SpaceError, match="give steps or simulated.steps, not both"):
+        load_space(both)
+    bad = write_space(workdir / "x.yaml", SIMULATED + "  simulated: {steps: 0}\n")
+    with pytest.raises(SpaceError, match=r"fixed.simulated.steps must be > 0 \(got 0\)"):
+        load_space(bad)
+
+
 def test_baseline_default_outside_the_range_says_so(workdir: Path) -> None:
     text = GOOD.replace("low: 1e-5, high: 1e-2", "low: 1e-3, high: 1e-2") + "baseline: {}\n"
     with pytest.raises(SpaceError, match=r"not given; the default is 5e-05"):
@@ -233,10 +261,10 @@ def test_cli_refuses_a_bad_space_with_status_2_and_writes_nothing(workdir: Path)
 
 
 def test_cli_refuses_a_bad_data_file_before_creating_the_study(
-    workdir: Path, demo_dir: Path
+    workdir: Path, demo_files: Path
 ) -> None:
     (workdir / "chat.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    space = small_space(demo_dir)
+    space = small_space(demo_files)
     space["fixed"]["dataset"] = {"path": "chat.jsonl", "format": "alpaca"}
     write_space(workdir / "s.yaml", space)
     result = run_cli("study", "create", "--space", "s.yaml", cwd=workdir)

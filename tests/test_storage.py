@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 
 from tuner.errors import StorageError
-from tuner.storage import mask_text, mask_url, open_storage, resolve_url
+from tuner.store import mask_text, mask_url, open_storage, resolve_url
 
 SENTINEL = "s3cr3t-SENTINEL-pw"
 
@@ -60,7 +60,7 @@ def test_postgres_store_opens_with_optuna(pg_url: str) -> None:
 
 
 def test_strip_password_keeps_the_rest() -> None:
-    from tuner.storage import strip_password
+    from tuner.store import strip_password
 
     assert strip_password(f"postgresql+psycopg2://tuner:{SENTINEL}@db/t") == (
         "postgresql+psycopg2://tuner@db/t"
@@ -113,7 +113,7 @@ def test_a_call_cut_off_by_a_server_restart_is_made_again(pg_url: str) -> None:
     import optuna
     import sqlalchemy
 
-    from tuner.reconnect import ReconnectingRDBStorage
+    from tuner.store.reconnect import ReconnectingRDBStorage
 
     storage = ReconnectingRDBStorage(
         pg_url, engine_kwargs={"pool_pre_ping": False, "pool_size": 1, "max_overflow": 1}

@@ -81,9 +81,9 @@ def _assert_adapter_loads(study: optuna.Study, trial, demo_dir: Path, tmp_path: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuner.study import ARTIFACTS_ATTR
+    from tuner.store.attrs import ARTIFACT_DIR
 
-    store = optuna.artifacts.FileSystemArtifactStore(study.user_attrs[ARTIFACTS_ATTR])
+    store = optuna.artifacts.FileSystemArtifactStore(study.user_attrs[ARTIFACT_DIR])
     target = tmp_path / "adapter"
     target.mkdir()
     for meta in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage):
@@ -320,8 +320,8 @@ def test_heartbeats_fail_the_trials_of_a_crashed_run(
     _assert_nothing_lost(study)
 
 
-def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: Path) -> None:
-    space = small_space(demo_dir, name="race", baseline={"lora_rank": 4, "lora_alpha": 8})
+def test_concurrent_creates_of_one_name(pg_url: str, demo_files: Path, tmp_path: Path) -> None:
+    space = small_space(demo_files, name="race", baseline={"lora_rank": 4, "lora_alpha": 8})
     path = write_space(tmp_path / "race.yaml", space)
 
     def create_many(*extra: str) -> list[subprocess.CompletedProcess]:
@@ -349,7 +349,7 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: P
     assert optuna.get_all_study_names(pg_url) == ["race"]
     assert len(study.get_trials()) == 1  # the baseline, enqueued once
 
-    changed = write_space(tmp_path / "race.yaml", small_space(demo_dir, name="race"))
+    changed = write_space(tmp_path / "race.yaml", small_space(demo_files, name="race"))
     result = run_cli(
         "study", "create", "--space", str(changed), "--storage", pg_url, "--load-if-exists"
     )
@@ -359,31 +359,50 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_dir: Path, tmp_path: P
 def test_out_of_memory_halves_the_batch_once_then_fails_with_a_constraint(
     sqlite_url: str, demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real torch.cuda.OutOfMemoryError, raised from inside the training step by the test
-    hook: batch 8 → 4 with twice the accumulation trains; when 4 runs out of memory too, the
-    trial ends FAIL with `fail_reason=oom` and a constraint the sampler learns from."""
+    """The real torch.cuda.OutOfMemoryError, raised from inside the training step above a
+    per-device batch (there is no GPU here to fill): batch 8 → 4 with twice the accumulation
+    trains; when 4 runs out of memory too, the trial ends FAIL with `fail_reason=oom` and a
+    constraint the sampler learns from. The trials run through tuner's own worker, in this
+    process, so that the step patched here is the one that trains."""
+    import torch
+
+    from tuner.backends.worker import Worker, WorkerSpec
+
     space = small_space(demo_dir, name="oom", budget={"n_trials": 1})
     space["params"] = {"lora_rank": {"type": "categorical", "choices": [4]}}
     space["fixed"] = {**space["fixed"], "per_device_train_batch_size": 8}
     path = write_space(tmp_path / "oom.yaml", space)
 
-    monkeypatch.setenv(sft.OOM_TEST_HOOK, "4")
-    name = create_study(path, storage=sqlite_url)
-    assert run_study(name, storage=sqlite_url, n_trials=1).finished == 1
-    (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    trainer_class = sft._trainer_class()
+    train_step = trainer_class.training_step
+    fits = {"batch": 4}
+
+    def short_of_memory(trainer: object, *args: object, **kwargs: object) -> object:
+        if trainer.args.per_device_train_batch_size > fits["batch"]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "training_step", short_of_memory)
+
+    def run_here(name: str, n_trials: int) -> list:
+        worker = Worker(WorkerSpec(name, sqlite_url, worker="here", index=0, threads=2))
+        for _ in range(n_trials):
+            worker.run_one()
+        return optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+
+    (trial,) = run_here(create_study(path, storage=sqlite_url), 1)
     assert trial.state == TrialState.COMPLETE and math.isfinite(trial.value)
     attrs = trial.user_attrs
     assert (attrs["per_device_train_batch_size"], attrs["gradient_accumulation_steps"]) == (4, 2)
     assert attrs["oom_retries"] == 1 and attrs["steps"] == 30
     assert trial.constraints == {}
 
-    monkeypatch.setenv(sft.OOM_TEST_HOOK, "2")
+    fits["batch"] = 2
     name = create_study(
         write_space(tmp_path / "oom2.yaml", {**space, "name": "oom2"}), storage=sqlite_url
     )
-    progress = run_study(name, storage=sqlite_url, n_trials=2)
-    trials = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
-    assert progress.failed == 2 and _states_of(trials) == [TrialState.FAIL] * 2
+    trials = run_here(name, 2)
+    assert _states_of(trials) == [TrialState.FAIL] * 2
     for trial in trials:  # the second trial ran: the first one's memory did not stay behind
         assert trial.user_attrs["fail_reason"] == "oom"
         assert "per-device batch 4, already halved once" in trial.user_attrs["fail_detail"]

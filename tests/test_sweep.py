@@ -16,7 +16,7 @@ import pytest
 from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
-from tuner.locks import Busy, series_lock
+from tuner.store.locks import Busy, series_lock
 from tuner.study import best_trial
 from tuner.sweep import WARM_START_ATTR, list_sweeps, run_sweep
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,6 +41,31 @@ class DatasetSpec(BaseModel):
         description="Rename columns to the format's names, e.g. {instruction: question}.",
     )
     split: str = Field(default="train", description="Split to read from a hub data set.")
+
+
+class SimulatedArgs(BaseModel):
+    """The simulated workload (trials/simulated.py), which trains nothing: it sleeps for each
+    step and reports a synthetic curve, for trying scheduling, pruning and faults without GPUs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=10, gt=0, description="Steps, each reported to the trial.")
+    step_seconds: float = Field(default=0.3, ge=0, description="The sleep of each step.")
+    diverge_above_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Learning rates above this diverge (the loss turns NaN after the first "
+        "step), as real ones do; for trying failed trials without GPUs.",
+    )
+    hang_above_lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="Learning rates above this hang after the first step (as a stuck collective "
+        "or data loader does), for trying resources.trial_timeout.",
+    )
+
+
+SIMULATED_FIELDS = frozenset(SimulatedArgs.model_fields)
 
 
 class TrialConfig(BaseModel):
@@ -119,21 +144,27 @@ class TrialConfig(BaseModel):
     temperature: float = Field(default=0.6, gt=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
 
-    # The simulated workload: reported steps and the sleep of each.
-    steps: int = Field(default=10, gt=0)
-    step_seconds: float = Field(default=0.3, ge=0)
-    diverge_above_lr: float | None = Field(
-        default=None,
-        gt=0,
-        description="Simulated: learning rates above this diverge (the loss turns NaN after the "
-        "first step), as real ones do; for trying failed trials without GPUs.",
+    simulated: SimulatedArgs = Field(
+        default_factory=lambda: SimulatedArgs(),
+        description="The simulated workload's own settings (`workload: simulated`).",
     )
-    hang_above_lr: float | None = Field(
-        default=None,
-        gt=0,
-        description="Simulated: learning rates above this hang after the first step (as a stuck "
-        "collective or data loader does), for trying resources.trial_timeout.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_simulated(cls, data: Any) -> Any:
+        """`steps: 4` beside the other fields (how spaces and stored studies wrote it before
+        the group existed) means `simulated: {steps: 4}`."""
+        if not isinstance(data, dict) or not SIMULATED_FIELDS & set(data):
+            return data
+        flat = {k: v for k, v in data.items() if k in SIMULATED_FIELDS}
+        grouped = data.get("simulated") or {}
+        if isinstance(grouped, dict):
+            both = sorted(set(flat) & set(grouped))
+            if both:
+                raise ValueError(f"give {both[0]} or simulated.{both[0]}, not both")
+            grouped = {**grouped, **flat}
+        rest = {k: v for k, v in data.items() if k not in SIMULATED_FIELDS}
+        return {**rest, "simulated": grouped}
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> TrialConfig:
@@ -162,6 +193,7 @@ SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "template",
     "trust_remote_code",
     "attn_implementation",
+    "simulated",
 }
 
 

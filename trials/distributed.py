@@ -1,7 +1,7 @@
 """The ranks of one multi-GPU trial: one process per GPU, trained as one torch-distributed job.
 
 Rank 0 owns the Optuna trial: it draws the params and shares them, reports each evaluation and
-decides whether to prune (see `trials.report`). The other ranks train on what rank 0 shares and
+decides whether to prune (see `trials.reporter`). The other ranks train on what rank 0 shares and
 report nothing. The HF Trainer (and DeepSpeed, when the space names a config) finds the process
 group already made, from the same RANK/WORLD_SIZE/MASTER_ADDR variables `torchrun` would set.
 """
@@ -13,14 +13,13 @@ import socket
 from typing import Any
 
 
-def rendezvous_address() -> str:
-    """HOST:PORT for rank 0 to listen on: this node's address and a free port."""
-    import ray
-
+def rendezvous_address(host: str) -> str:
+    """HOST:PORT for rank 0 to listen on: this node's address (as the cluster knows it, which
+    the backend gives) and a free port."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    return f"{ray.util.get_node_ip_address()}:{port}"
+    return f"{host}:{port}"
 
 
 def init_group(*, rank: int, world: int, address: str) -> None:

@@ -1,16 +1,14 @@
-"""A TrainerCallback that reports every evaluation to the Optuna trial and stops training the
-moment the trial is pruned."""
+"""Trainer callback (trials/callbacks.py) that reports every evaluation to the Optuna trial and
+stops training the moment the trial is pruned."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback
-
-from trials.report import Reporter
+from trials.reporter import Reporter
 
 
-class PruningCallback(TrainerCallback):
+class PruningCallback:
     """Reports `eval_loss` at the Trainer's `global_step` (so a pruner's `n_warmup_steps` counts
     training steps) and raises `optuna.TrialPruned` out of `trainer.train()` when pruned."""
 

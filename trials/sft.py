@@ -12,20 +12,22 @@ reporting each validation loss → final validation → adapter saved as safeten
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from trials import data as data_mod
+from trials.callbacks import trainer_callback
 from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
 from trials.evaluate import best_eval_step, final_metrics, last_train_loss
 from trials.generate import score_adapter
 from trials.pruning import PruningCallback
-from trials.report import NonFiniteLoss, TrialResult
+from trials.reporter import NonFiniteLoss, TrialResult
 from trials.speed import StepTimer
 
 logger = logging.getLogger(__name__)
@@ -64,51 +66,39 @@ def run(
     data = data_mod.prepare(config, tokenizer, cache_dir=data_cache)
     clock.lap("data_s")
 
+    attempt = _Attempt(config, tokenizer, data, output_dir, trial, timings, clock, generation)
     oom_retries = 0
     while True:
         try:
-            trained = _train(
-                config, model, tokenizer, data, output_dir, trial, timings, clock, generation
-            )
+            trained = _train(attempt, model)
             break
         except torch.OutOfMemoryError as e:  # torch.cuda's is this class
             reason = _first_line(e)
             if oom_retries:
                 raise torch.OutOfMemoryError(
-                    f"{reason} (at per-device batch {config.per_device_train_batch_size}, "
+                    f"{reason} (at per-device batch {attempt.config.per_device_train_batch_size}, "
                     "already halved once)"
                 ) from None
-            if not _can_retry_oom(config):
+            if not _can_retry_oom(attempt.config):
                 raise
         # Outside the except block: the traceback held the failed step's tensors until here.
         model = None
         _release_memory()
-        smaller = {
-            "per_device_train_batch_size": config.per_device_train_batch_size // 2,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps * 2,
-        }
-        logger.warning(
-            "out of memory at per-device batch %d (%s); retrying with batch %d x accumulation %d",
-            config.per_device_train_batch_size,
-            reason,
-            smaller["per_device_train_batch_size"],
-            smaller["gradient_accumulation_steps"],
-        )
-        config = config.model_copy(update=smaller)
+        attempt = dataclasses.replace(attempt, config=_halved_batch(attempt.config, reason))
         oom_retries += 1
-        model = _setup_model(config)  # the kept base when it survived, else loaded again
+        model = _setup_model(attempt.config)  # the kept base when it survived, else loaded again
 
-    trainer, metrics, adapter_dir, (trainable, total), scores = trained
+    config, trainer = attempt.config, trained.trainer
     return TrialResult(
-        score=scores[0] if scores else None,
-        temperature_scores=scores[1] if scores else {},
-        eval_loss=metrics["eval_loss"],
-        perplexity=metrics["perplexity"],
+        score=trained.scores[0] if trained.scores else None,
+        temperature_scores=trained.scores[1] if trained.scores else {},
+        eval_loss=trained.metrics["eval_loss"],
+        perplexity=trained.metrics["perplexity"],
         train_loss=last_train_loss(trainer),
         steps=trainer.state.global_step,
         tokens_seen=int(trainer.state.num_input_tokens_seen),
-        trainable_params=trainable,
-        total_params=total,
+        trainable_params=trained.trainable_params,
+        total_params=trained.total_params,
         truncation_ratio=data.truncation_ratio,
         data_source=data.source,
         deepspeed_stage=deepspeed_stage(config.deepspeed) if trainer.is_deepspeed_enabled else 0,
@@ -117,31 +107,65 @@ def run(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         oom_retries=oom_retries,
         **_usage(trainer, timings, started),
-        adapter_dir=str(adapter_dir),
+        adapter_dir=str(trained.adapter_dir),
         timings=timings,
     )
 
 
-def _train(
-    config: TrialConfig,
-    model: Any,
-    tokenizer: Any,
-    data: data_mod.Tokenized,
-    output_dir: Path,
-    trial: Any | None,
-    timings: dict[str, float],
-    clock: _Clock,
-    generation: Any | None,
-) -> tuple:
+@dataclass(frozen=True)
+class _Attempt:
+    """What an attempt at the trial trains with; an out-of-memory retry is a second attempt
+    with a smaller per-device batch."""
+
+    config: TrialConfig
+    tokenizer: Any
+    data: data_mod.Tokenized
+    output_dir: Path
+    trial: Any | None  # the Optuna trial to report to; None: a run by hand
+    timings: dict[str, float]
+    clock: _Clock
+    generation: Any | None  # the generation objective's settings, when it scores answers
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What one attempt left."""
+
+    trainer: Any
+    metrics: dict[str, float]
+    adapter_dir: Path
+    trainable_params: int
+    total_params: int
+    scores: tuple[float, dict[str, float]] | None  # mean score, and by temperature
+
+
+def _halved_batch(config: TrialConfig, reason: str) -> TrialConfig:
+    smaller = {
+        "per_device_train_batch_size": config.per_device_train_batch_size // 2,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps * 2,
+    }
+    logger.warning(
+        "out of memory at per-device batch %d (%s); retrying with batch %d x accumulation %d",
+        config.per_device_train_batch_size,
+        reason,
+        smaller["per_device_train_batch_size"],
+        smaller["gradient_accumulation_steps"],
+    )
+    return config.model_copy(update=smaller)
+
+
+def _train(attempt: _Attempt, model: Any) -> _Trained:
     """One attempt: a fresh adapter on `model`, trained, evaluated and saved; the adapter is
     taken off the base again whatever happens."""
     import transformers
 
+    config, timings, clock = attempt.config, attempt.timings, attempt.clock
     # Seed after loading and before the adapter is created: LoRA's initial weights and the data
     # order then depend on the seed alone, not on what this process ran before.
     transformers.set_seed(config.seed)
-    pruning = PruningCallback(trial, metric="eval_loss")
-    trainer = _setup_trainer(config, model, tokenizer, data, output_dir, pruning)
+    trainer = _setup_trainer(
+        config, model, attempt.tokenizer, attempt.data, attempt.output_dir, attempt.trial
+    )
     clock.lap("setup_s")
     try:
         try:
@@ -149,23 +173,23 @@ def _train(
             metrics = final_metrics(trainer)
         finally:
             clock.lap("train_s")
-            timings["store_s"] = timings.get("store_s", 0.0) + pruning.store_seconds
+            timings["store_s"] = timings.get("store_s", 0.0) + trainer.pruning.store_seconds
 
-        adapter_dir = output_dir / "adapter"
+        adapter_dir = attempt.output_dir / "adapter"
         # The Trainer's own save: under ZeRO-3 it gathers the sharded LoRA weights first (a
         # plain save_pretrained would write empty tensors); safetensors, tokenizer included.
         trainer.save_model(str(adapter_dir))
         clock.lap("save_s")
-        counts = _count_params(trainer.model)
+        trainable, total = _count_params(trainer.model)
         scores = None
-        if generation is not None:
+        if attempt.generation is not None:
             scores = score_adapter(
                 trainer.model,
-                tokenizer,
-                data.val,
-                data.val_answers,
-                metric=generation.metric,
-                settings=generation.generation,
+                attempt.tokenizer,
+                attempt.data.val,
+                attempt.data.val_answers,
+                metric=attempt.generation.metric,
+                settings=attempt.generation.generation,
                 temperature=config.temperature,
                 top_p=config.top_p,
                 seed=config.seed,
@@ -174,7 +198,7 @@ def _train(
     finally:
         timings["stopped_at_step"] = trainer.state.global_step
         _release(trainer)
-    return trainer, metrics, adapter_dir, counts, scores
+    return _Trained(trainer, metrics, adapter_dir, trainable, total, scores)
 
 
 def _can_retry_oom(config: TrialConfig) -> bool:
@@ -299,8 +323,9 @@ def _setup_trainer(
     tokenizer: Any,
     data: data_mod.Tokenized,
     output_dir: Path,
-    pruning: PruningCallback,
+    trial: Any | None,
 ) -> Any:
+    """TRL's SFTTrainer for one attempt, reporting to `trial` (None: to nobody)."""
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig
@@ -359,12 +384,15 @@ def _setup_trainer(
         eval_dataset=data.val,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[pruning, timer := StepTimer()],
+        callbacks=[
+            pruning := trainer_callback(PruningCallback, trial, metric="eval_loss"),
+            timer := trainer_callback(StepTimer),
+        ],
     )
     # With the progress bar off the Trainer prints every log dict; the store has them already.
     trainer.remove_callback(PrinterCallback)
     trainer.loraplus_lr_ratio = config.loraplus_lr_ratio if config.use_loraplus else None
-    trainer.step_timer = timer
+    trainer.pruning, trainer.step_timer = pruning, timer
     return trainer
 
 
@@ -418,7 +446,6 @@ def _trainer_class() -> type:
             return self.optimizer
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
-            _test_oom(self.args.per_device_train_batch_size)
             loss = super().training_step(*args, **kwargs)
             if not torch.isfinite(loss).all():
                 step = self.state.global_step + 1
@@ -426,23 +453,6 @@ def _trainer_class() -> type:
             return loss
 
     return Trainer
-
-
-OOM_TEST_HOOK = "TUNER_TEST_OOM_ABOVE_BATCH"
-
-
-def _test_oom(batch: int) -> None:
-    """For the tests, which have no GPU to fill: a training step at a per-device batch above
-    $TUNER_TEST_OOM_ABOVE_BATCH raises the error CUDA raises when memory runs out."""
-    import os
-
-    limit = os.environ.get(OOM_TEST_HOOK)
-    if limit and batch > int(limit):
-        import torch
-
-        raise torch.cuda.OutOfMemoryError(
-            f"CUDA out of memory. Tried to allocate 2.00 GiB ({OOM_TEST_HOOK}={limit})"
-        )
 
 
 def _single_process_env() -> None:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from trials.config import TrialConfig
-from trials.report import Reporter, TrialResult
+from trials.reporter import Reporter, TrialResult
 
 
 def floor(config: TrialConfig) -> float:
@@ -46,21 +46,22 @@ def run(
     reporter = Reporter(trial)
     started = time.perf_counter()
     loss = 4.0
-    for step in range(1, config.steps + 1):
-        time.sleep(config.step_seconds)
+    knobs = config.simulated
+    for step in range(1, knobs.steps + 1):
+        time.sleep(knobs.step_seconds)
         loss = loss_at(config, step, rng)
-        if step > 1 and config.diverge_above_lr and config.learning_rate > config.diverge_above_lr:
+        if step > 1 and knobs.diverge_above_lr and config.learning_rate > knobs.diverge_above_lr:
             loss = math.nan
-        while step > 1 and config.hang_above_lr and config.learning_rate > config.hang_above_lr:
+        while step > 1 and knobs.hang_above_lr and config.learning_rate > knobs.hang_above_lr:
             time.sleep(1)  # only a kill ends it, as with a real hang
         timings["stopped_at_step"] = step
-        reporter.report(loss, step, final=step == config.steps)
+        reporter.report(loss, step, final=step == knobs.steps)
     timings["train_s"] = time.perf_counter() - started
     timings["store_s"] = reporter.store_seconds
     return TrialResult(
         eval_loss=loss,
         perplexity=math.exp(loss),
         train_loss=loss,
-        steps=config.steps,
+        steps=knobs.steps,
         timings=timings,
     )

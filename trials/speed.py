@@ -1,14 +1,13 @@
 """Training throughput as a person tuning a GPU means it: tokens per second inside the training
-steps, after the first step (allocator warm-up, kernel selection) and without evaluations."""
+steps, after the first step (allocator warm-up, kernel selection) and without evaluations. A
+Trainer callback (trials/callbacks.py)."""
 
 from __future__ import annotations
 
 import time
 
-from transformers import TrainerCallback
 
-
-class StepTimer(TrainerCallback):
+class StepTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.tokens = 0

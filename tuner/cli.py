@@ -156,8 +156,8 @@ def study_submit(
     ] = None,
 ) -> None:
     """Submit the sweep to a Ray cluster as a job; prints the job id."""
+    from tuner.backends import submit_study
     from tuner.space import parse_duration
-    from tuner.submit import submit_study
 
     _duration(timeout, parse_duration)  # a bad value fails here, not on the cluster
     job = submit_study(
@@ -328,7 +328,7 @@ def sweep_run(
     """One sweep of a series: create or resume today's study, run it to the budget, promote."""
     import datetime as dt
 
-    from tuner.locks import Busy
+    from tuner.store.locks import Busy
     from tuner.sweep import ExportFailed, run_sweep
 
     try:
@@ -418,7 +418,7 @@ def dashboard(
 ) -> None:
     """optuna-dashboard over the study store, with trial artifacts; live while trials run."""
     from tuner.dashboard import Access, serve
-    from tuner.storage import resolve_url
+    from tuner.store import resolve_url
 
     def ready(url: str) -> None:
         hint = " (open it once with ?token=...)" if token else ""
@@ -485,7 +485,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _masked(url: str | None) -> str:
-    from tuner.storage import mask_url
+    from tuner.store import mask_url
 
     return mask_url(url or "")
 
@@ -554,14 +554,16 @@ class _ProgressBar:
     def _log(self, trial: Any, progress: Any) -> None:
         from tqdm import tqdm
 
+        from tuner.store import attrs
+
         state = trial.state.name.lower()
         value = f" {_num(trial.value)}" if trial.value is not None else ""
         where = f" at step {trial.last_step}" if state == "pruned" else ""
-        reason = " ".join(
-            filter(None, (trial.user_attrs.get("fail_reason"), trial.user_attrs.get("fail_detail")))
-        )
+        said = (trial.user_attrs.get(attrs.FAIL_REASON), trial.user_attrs.get(attrs.FAIL_DETAIL))
+        reason = " ".join(filter(None, said))
         reason = f": {reason}" if reason else ""
-        params = " ".join(f"{k}={_num(v)}" for k, v in trial.user_attrs.get("hparams", {}).items())
+        values = trial.user_attrs.get(attrs.HPARAMS, {})
+        params = " ".join(f"{k}={_num(v)}" for k, v in values.items())
         best = f" | best {_num(progress.best_value)} (trial {progress.best_trial})"
         tqdm.write(
             f"trial {trial.number} {state}{value}{where}{reason} [{params}]{best}", file=sys.stderr

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tuner.errors import TunerError
-from tuner.storage import default_artifact_dir, open_storage, resolve_url
+from tuner.store import default_artifact_dir, open_storage, resolve_url
 
 logger = logging.getLogger(__name__)
 
@@ -194,21 +194,21 @@ class StudyArtifacts:
         self._default = Path(default_artifact_dir(url))
 
     def _dirs(self) -> list[Path]:
-        from tuner.study import ARTIFACTS_ATTR
+        from tuner.store import attrs
 
         dirs = [self._default]
         for study in self._store.get_all_studies():
-            recorded = study.user_attrs.get(ARTIFACTS_ATTR)
+            recorded = study.user_attrs.get(attrs.ARTIFACT_DIR)
             if recorded and Path(recorded) not in dirs:
                 dirs.append(Path(recorded))
         return dirs
 
     def _stores(self) -> Iterator[Any]:
-        from optuna.artifacts import FileSystemArtifactStore
+        from tuner.store.artifacts import read_store
 
         for folder in self._dirs():
             if folder.is_dir():
-                yield FileSystemArtifactStore(str(folder))
+                yield read_store(folder)
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
         from optuna.artifacts.exceptions import ArtifactNotFound
@@ -221,7 +221,7 @@ class StudyArtifacts:
         raise ArtifactNotFound(f"no artifact {artifact_id}")
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        from tuner.artifacts import open_store
+        from tuner.store.artifacts import open_store
 
         open_store(self._default).write(artifact_id, content_body)
 

@@ -56,8 +56,7 @@ def prepare_demo(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     rng = random.Random(seed)
-    words = _words(rng, 3000)
-    _write_instructions(staging / "data.jsonl", words[:1200], rng)
+    words = write_data(staging / "data.jsonl", rng)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(staging / "model")
     started = time.perf_counter()
@@ -72,6 +71,14 @@ def prepare_demo(
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def write_data(path: Path, rng: random.Random) -> list[str]:
+    """The instruction data: alpaca records asking for the word games about the first 1,200 of
+    3,000 made-up words. Returns the words (the base pre-trains on all of them)."""
+    words = _words(rng, 3000)
+    _write_instructions(path, words[:1200], rng)
+    return words
 
 
 def _words(rng: random.Random, n: int) -> list[str]:

@@ -28,8 +28,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import TunerError
 from tuner.objective import ADAPTER_FILES
-from tuner.storage import mask_url
-from tuner.study import _better, _counts_as_best, best_trial, open_study
+from tuner.store import attrs, mask_url, open_study
+from tuner.store.artifacts import read_store
+from tuner.store.ranking import best_trial, better, counts_as_best
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +89,11 @@ def export_trial(
     opened = open_study(name, storage)
     study, space = opened.study, opened.space
     trial = _pick(study, trial_number)
-    if not trial.user_attrs.get("adapter"):
-        dropped = trial.user_attrs.get("adapter_dropped")
+    if not trial.user_attrs.get(attrs.ADAPTER):
+        dropped = trial.user_attrs.get(attrs.ADAPTER_DROPPED)
         why = f"{dropped}, budget.keep_adapters" if dropped else "the workload trains none"
         raise ExportError(f"trial {trial.number} has no adapter in the artifact store ({why})")
-    config = space.trial_config(trial.user_attrs["hparams"])
+    config = space.trial_config(trial.user_attrs[attrs.HPARAMS])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
@@ -137,7 +138,7 @@ def _pick(study: optuna.Study, number: int | None) -> FrozenTrial:
     if not 0 <= number < len(trials):
         raise ExportError(f"--trial {number}: the study has trials 0..{len(trials) - 1}")
     trial = trials[number]
-    if not _counts_as_best(trial):
+    if not counts_as_best(trial):
         raise ExportError(
             f"--trial {number} is {trial.state.name}; only a COMPLETE trial with a finite value "
             "can be exported"
@@ -146,10 +147,10 @@ def _pick(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 
 def _fetch_adapter(artifact_dir: Path, trial: FrozenTrial, dest: Path) -> None:
-    store = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+    store = read_store(artifact_dir)
     dest.mkdir(parents=True)
     for file_name in ADAPTER_FILES:
-        artifact_id = trial.user_attrs["adapter"].get(file_name)
+        artifact_id = trial.user_attrs[attrs.ADAPTER].get(file_name)
         try:
             optuna.artifacts.download_artifact(
                 artifact_store=store, file_path=str(dest / file_name), artifact_id=artifact_id
@@ -164,7 +165,7 @@ def _fetch_adapter(artifact_dir: Path, trial: FrozenTrial, dest: Path) -> None:
 def _sampling(trial: FrozenTrial, config: Any) -> tuple[float, float]:
     """The temperature the export samples with: the grid's best when the generation objective
     scored one, else the trial's own."""
-    best = trial.user_attrs.get("best_temperature")
+    best = trial.user_attrs.get(attrs.BEST_TEMPERATURE)
     return float(best if best is not None else config.temperature), float(config.top_p)
 
 
@@ -343,8 +344,8 @@ def _provenance(
 ) -> dict[str, Any]:
     study = opened.study
     finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    finished = [t for t in finished if _counts_as_best(t)]
-    rank = 1 + sum(_better(t.value, trial.value, study.direction) for t in finished)
+    finished = [t for t in finished if counts_as_best(t)]
+    rank = 1 + sum(better(t.value, trial.value, study.direction) for t in finished)
     return {
         "format": "tuner-export/1",
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -360,7 +361,7 @@ def _provenance(
             "number": trial.number,
             "value": trial.value,
             "rank": rank,
-            "params": trial.user_attrs.get("hparams", trial.params),
+            "params": trial.user_attrs.get(attrs.HPARAMS, trial.params),
             "eval_loss": trial.user_attrs.get("eval_loss"),
             "steps": trial.user_attrs.get("steps"),
             "temperature_scores": trial.user_attrs.get("temperature_scores"),

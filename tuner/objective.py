@@ -21,9 +21,10 @@ from typing import Any
 
 import optuna
 
-from tuner import recovery, retention
-from tuner.artifacts import open_store
 from tuner.space import Space
+from tuner.store import attrs, recovery, retention
+from tuner.store.artifacts import open_store
+from tuner.store.ranking import rank_key
 
 logger = logging.getLogger(__name__)
 
@@ -81,29 +82,29 @@ class Objective:
         if self.on_trial_start is not None:
             self.on_trial_start(trial)
         values = self.space.suggest(trial)
-        trial.set_user_attr("hparams", values)
+        trial.set_user_attr(attrs.HPARAMS, values)
         timings: dict[str, float] = {}
         self.shared = False
         try:
             return self._train(trial, values, timings)
         except optuna.TrialPruned:
-            trial.set_user_attr("timings", timings)
+            trial.set_user_attr(attrs.TIMINGS, timings)
             self._record_rank_steps(trial, timings)
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or a stop signal)")
+            trial.set_user_attr(attrs.FAIL_REASON, "interrupted (Ctrl-C or a stop signal)")
             raise
         except Exception as e:
             kind = _failure_kind(e)
             # `nan` and `oom` are codes to filter on; other errors are their own first line.
-            trial.set_user_attr("fail_reason", kind or _one_line(e))
+            trial.set_user_attr(attrs.FAIL_REASON, kind or _one_line(e))
             if kind:
-                trial.set_user_attr("fail_detail", _one_line(e))
+                trial.set_user_attr(attrs.FAIL_DETAIL, _one_line(e))
                 # Optuna's samplers skip FAIL trials; a violated constraint is what makes TPE
                 # (tuner.algorithms.TPESampler) steer away from the region that ran out of
                 # memory or diverged.
                 trial.set_constraint(kind, 1.0)
-            trial.set_user_attr("timings", timings)
+            trial.set_user_attr(attrs.TIMINGS, timings)
             raise
 
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
@@ -127,10 +128,10 @@ class Objective:
                     trial.study, self.artifact_store, number=trial.number, value=value, keep=keep
                 ):
                     trial.set_user_attr(
-                        "adapter", self._upload_adapter(trial, Path(result.adapter_dir))
+                        attrs.ADAPTER, self._upload_adapter(trial, Path(result.adapter_dir))
                     )
                 else:
-                    trial.set_user_attr("adapter_dropped", f"not among the best {keep}")
+                    trial.set_user_attr(attrs.ADAPTER_DROPPED, f"not among the best {keep}")
                 result.timings["upload_s"] = time.perf_counter() - upload_started
         facts = asdict(result)
         facts.pop("adapter_dir")
@@ -139,8 +140,9 @@ class Objective:
             # The temperature an export should sample the adapter at: the grid's best, or the
             # trial's own when that scored better.
             scores = {**result.temperature_scores, f"{config.temperature:g}": value}
-            pick = max if self.space.objective.direction == "maximize" else min
-            facts["best_temperature"] = float(pick(scores, key=scores.__getitem__))
+            direction = self.space.objective.direction
+            best = min(scores, key=lambda t: rank_key(scores[t], direction))
+            facts[attrs.BEST_TEMPERATURE] = float(best)
         for key, fact in facts.items():
             trial.set_user_attr(key, fact)
         return value
@@ -151,7 +153,8 @@ class Objective:
         if self.ranks > 1 and self.shared:
             from trials import distributed
 
-            trial.set_user_attr("rank_steps", distributed.gather(timings.get("stopped_at_step")))
+            steps = distributed.gather(timings.get("stopped_at_step"))
+            trial.set_user_attr(attrs.RANK_STEPS, steps)
 
     def follow(self) -> int | None:
         """A rank other than 0: train the trial rank 0 shares, reporting nothing (rank 0 decides
@@ -247,7 +250,7 @@ def _one_line(error: BaseException) -> str:
 
 def _failure_kind(error: BaseException) -> str | None:
     """`nan` for a diverged run, `oom` for out of memory, else None."""
-    from trials.report import NonFiniteLoss
+    from trials.reporter import NonFiniteLoss
 
     if isinstance(error, NonFiniteLoss | NonFiniteObjective):
         return "nan"

@@ -22,8 +22,9 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner.errors import TunerError
-from tuner.storage import mask_url
-from tuner.study import TrialRow, best_trial, open_study, study_rows
+from tuner.store import attrs, mask_url, open_study
+from tuner.store.ranking import best_trial, gain
+from tuner.study import TrialRow, baseline_trial, study_rows
 from tuner.text import number as _num
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def write_report(
     if attach:
         from optuna.artifacts import upload_artifact
 
-        from tuner.artifacts import open_store
+        from tuner.store.artifacts import open_store
 
         artifact_id = upload_artifact(
             artifact_store=open_store(opened.artifact_dir),
@@ -141,7 +142,7 @@ def _summary(name: str, opened: Any, study: optuna.Study) -> str:
     if best is None:
         best_html = "<p>No trial has completed yet.</p>"
     else:
-        params = best.user_attrs.get("hparams", best.params)
+        params = best.user_attrs.get(attrs.HPARAMS, best.params)
         listed = "".join(
             f"<li><code>{_e(k)}</code> = {_e(_num(v))}</li>" for k, v in params.items()
         )
@@ -155,15 +156,12 @@ def _summary(name: str, opened: Any, study: optuna.Study) -> str:
 
 
 def _baseline_text(study: optuna.Study, best: Any) -> str:
-    from tuner.study import baseline_trial
-
     base = baseline_trial(study)
     if base is None or base.state != TrialState.COMPLETE or base.value is None:
         return ""
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    gain = sign * (base.value - best.value)
+    margin = gain(base.value, best.value, study.direction)
     return (
-        f"; the baseline (trial {base.number}) reached {_num(base.value)}, better by {_num(gain)}"
+        f"; the baseline (trial {base.number}) reached {_num(base.value)}, better by {_num(margin)}"
     )
 
 

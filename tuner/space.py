@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from trials.config import SEARCHABLE, TrialConfig
+from trials.config import SEARCHABLE, SIMULATED_FIELDS, TrialConfig
 from tuner import algorithms
 from tuner.errors import SpaceError, did_you_mean
 from tuner.text import shown
@@ -189,7 +189,7 @@ class Generation(BaseModel):
     )
 
 
-class Objective(BaseModel):
+class ObjectiveSpec(BaseModel):
     """What a trial is judged on: the validation loss, or a score of sampled answers."""
 
     model_config = ConfigDict(extra="forbid")
@@ -207,7 +207,7 @@ class Objective(BaseModel):
         return self.metric not in LOSS_METRICS
 
     @model_validator(mode="after")
-    def _consistent(self) -> Objective:
+    def _consistent(self) -> ObjectiveSpec:
         if not self.samples:
             if self.direction == "maximize":
                 raise ValueError(f"direction: {self.metric} is minimized (got 'maximize')")
@@ -310,8 +310,8 @@ class Resources(BaseModel):
         default=None,
         ge=0,
         description="Trials the driver samples ahead, so that a worker that becomes free starts "
-        "one at once (tuner/feed.py). Default: one per trial slot; 0: each worker samples for "
-        "itself, as plain Optuna does.",
+        "one at once (tuner/backends/feed.py). Default: one per trial slot; 0: each worker "
+        "samples for itself, as plain Optuna does.",
     )
 
     @model_validator(mode="after")
@@ -332,7 +332,7 @@ class Space(BaseModel):
     description: str = ""
     params: dict[str, Param]
     fixed: dict[str, Any]
-    objective: Objective = Objective()
+    objective: ObjectiveSpec = ObjectiveSpec()
     sampler: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_SAMPLER))
     pruner: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_PRUNER))
     budget: Budget = Budget()
@@ -663,7 +663,7 @@ def _check_objective(space: Space) -> None:
         )
 
 
-def _resolve_scorer(objective: Objective, base_dir: Path) -> None:
+def _resolve_scorer(objective: ObjectiveSpec, base_dir: Path) -> None:
     """A scorer file is made absolute (workers read the same file) and loaded once now, so a
     broken one fails at create rather than after the first trial has trained."""
     from trials.generate import BUILT_IN, ScorerError, load_scorer
@@ -706,7 +706,9 @@ def _parse_param(name: Any, spec: Any) -> Param:
 
 
 def _check_fixed_keys(fixed: dict[str, Any], params: Mapping[str, Param]) -> None:
-    fields = list(TrialConfig.model_fields)
+    # The simulated workload's settings may also stand beside the others (`steps: 4`), as they
+    # did before they were grouped under `simulated:`; stored studies still have them so.
+    fields = [*TrialConfig.model_fields, *sorted(SIMULATED_FIELDS)]
     for key in fixed:
         if key not in fields:
             raise SpaceError(

@@ -1,13 +1,13 @@
 """Create, run and summarise studies: the API the CLI and the tests call.
 
 A study holds its own space (user attr `space`), so any machine with the storage URL can run more
-of its trials with no YAML file at hand, and `optuna.load_study` opens it like any other.
+of its trials with no YAML file at hand (tuner.store opens it), and `optuna.load_study` opens it
+like any other. Where its trials run is a backend's business, chosen by name (tuner.backends).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import threading
 import time
@@ -21,18 +21,23 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.config import DatasetSpec
 from trials.data import DataError, to_examples
-from tuner import recovery
-from tuner.backends.base import RunPlan
+from tuner import backends
 from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
-from tuner.storage import default_artifact_dir, mask_url, open_storage, resolve_url
+from tuner.store import (
+    attrs,
+    default_artifact_dir,
+    mask_url,
+    open_storage,
+    open_study,
+    recovery,
+    resolve_url,
+)
+from tuner.store.ranking import best_trial, better, counts_as_best, gain
+from tuner.store.studies import wait_for_space
 
 logger = logging.getLogger(__name__)
 
-SPACE_ATTR = "space"
-SPACE_FILE_ATTR = "space_file"
-ARTIFACTS_ATTR = "artifact_dir"
-BASELINE_ATTR = "baseline"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Per-trial measurements `study show --facts` prints, in order.
 FACTS = ("tokens_per_s", "peak_mem_gb", "gpu_hours", "best_eval_step", "truncation_ratio")
@@ -76,16 +81,16 @@ def create_study(
         return name
 
     try:
-        study.set_user_attr(ARTIFACTS_ATTR, str(default_artifact_dir(url)))
-        study.set_user_attr(SPACE_FILE_ATTR, str(space))
-        for values, attrs in enqueue:
-            study.enqueue_trial(parsed.optuna_params(values), user_attrs=attrs)
+        study.set_user_attr(attrs.ARTIFACT_DIR, str(default_artifact_dir(url)))
+        study.set_user_attr(attrs.SPACE_FILE, str(space))
+        for values, trial_attrs in enqueue:
+            study.enqueue_trial(parsed.optuna_params(values), user_attrs=trial_attrs)
         baseline = parsed.baseline_values()
         if baseline is not None:
-            study.enqueue_trial(parsed.optuna_params(baseline), user_attrs={BASELINE_ATTR: True})
+            study.enqueue_trial(parsed.optuna_params(baseline), user_attrs={attrs.BASELINE: True})
         _save_note(study, name, parsed, space_file=str(space))
         # Written last: a study with a space is complete, and readers wait for it.
-        study.set_user_attr(SPACE_ATTR, parsed.to_stored())
+        study.set_user_attr(attrs.SPACE, parsed.to_stored())
     except BaseException:
         optuna.delete_study(study_name=name, storage=store)
         raise
@@ -117,70 +122,12 @@ def _check_local_data(space: Space, *, display: str) -> None:
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
     # Through the model, so fields added since the study was made compare as their defaults.
-    stored = Space.from_stored(_wait_for_space(store, name)).to_stored()
+    stored = Space.from_stored(wait_for_space(store, name)).to_stored()
     if stored != space.to_stored():
         raise StorageError(
             f"study {name!r} exists with a different space; use another --name, or "
             f"`tuner study delete {name}` first"
         )
-
-
-def _wait_for_space(store: optuna.storages.BaseStorage, name: str, wait_s: float = 10) -> dict:
-    # A study created a moment ago by another process may not have its space written yet.
-    deadline = time.monotonic() + wait_s
-    while True:
-        study_id = store.get_study_id_from_name(name)
-        attrs = store.get_study_user_attrs(study_id)
-        if SPACE_ATTR in attrs or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if SPACE_ATTR not in attrs:
-        raise StorageError(
-            f"study {name!r} was not made by `tuner study create` (it has no stored space)"
-        )
-    return attrs[SPACE_ATTR]
-
-
-@dataclass
-class OpenStudy:
-    study: optuna.Study
-    space: Space
-    artifact_dir: Path
-    url: str
-    store: optuna.storages.RDBStorage  # the study's store without Optuna's per-study cache
-
-
-def open_study(
-    name: str,
-    storage: str | None = None,
-    *,
-    heartbeat: bool = False,
-    seed_offset: int = 0,
-) -> OpenStudy:
-    """Load a tuner study with its sampler and pruner built from the stored space."""
-    url = resolve_url(storage)
-    store = open_storage(url, heartbeat=heartbeat)
-    try:
-        attrs = store.get_study_user_attrs(store.get_study_id_from_name(name))
-    except KeyError:
-        raise StorageError(
-            f"no study {name!r} in {mask_url(url)} (see `tuner study list`)"
-        ) from None
-    if SPACE_ATTR not in attrs:
-        attrs = {**attrs, SPACE_ATTR: _wait_for_space(store, name)}
-    space = Space.from_stored(attrs[SPACE_ATTR])
-    if heartbeat:
-        store.heartbeat_stale_trial_callback = recovery.RetryStale(space.resources.max_retries)
-
-    from tuner import algorithms
-
-    study = optuna.load_study(
-        study_name=name,
-        storage=store,
-        sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
-        pruner=algorithms.build_pruner(space.pruner),
-    )
-    return OpenStudy(study, space, Path(attrs[ARTIFACTS_ATTR]), url, store)
 
 
 # ----------------------------------------------------------------------------- running
@@ -222,12 +169,8 @@ def run_study(
     `timeout` (default: the budget's) stops new trials from starting after that many seconds;
     running ones finish. Returns what this run did.
     """
-    if backend is None:
-        from tuner.submit import in_ray_job
-
-        backend = "ray" if in_ray_job() else "local"
-    if backend not in ("local", "ray"):
-        raise TunerError(f"--backend must be local or ray (got {backend!r})")
+    backend = backend or backends.default_backend()
+    backends.check_name(backend)
     if jobs < 1:
         raise TunerError(f"--jobs must be >= 1 (got {jobs})")
     opened = open_study(name, storage, heartbeat=True)
@@ -245,7 +188,7 @@ def run_study(
     timeout = timeout if timeout is not None else space.budget.timeout
     if n_trials is not None:
         jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
-    plan = RunPlan(
+    plan = backends.RunPlan(
         name,
         opened.url,
         n_trials,
@@ -258,20 +201,11 @@ def run_study(
         trial_timeout=space.resources.trial_timeout,
         lookahead=space.resources.lookahead,
     )
-    if backend == "ray":
-        from tuner.backends.ray import RayBackend
-
-        runner = RayBackend(address)
-    else:
-        from tuner.backends.local import LocalBackend
-
-        runner = LocalBackend()
-
     monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
     monitor.start()
     try:
         if n_trials != 0:
-            runner.run(plan)
+            backends.run_trials(plan, backend=backend, address=address)
     finally:
         monitor.stop()
     # Trials of a killed run whose workers were still winding down when this run started.
@@ -353,8 +287,8 @@ class _Monitor(threading.Thread):
             p.complete += t.state == TrialState.COMPLETE
             p.pruned += t.state == TrialState.PRUNED
             p.failed += t.state == TrialState.FAIL
-            if _counts_as_best(t) and (
-                p.best_value is None or _better(t.value, p.best_value, self.study.direction)
+            if counts_as_best(t) and (
+                p.best_value is None or better(t.value, p.best_value, self.study.direction)
             ):
                 p.best_value, p.best_trial = t.value, t.number
             p.last = t
@@ -367,32 +301,9 @@ class _Monitor(threading.Thread):
 # ----------------------------------------------------------------------------- reading
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best COMPLETE trial with a finite value, or None."""
-    best = None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if _counts_as_best(t) and (best is None or _better(t.value, best.value, study.direction)):
-            best = t
-    return best
-
-
-def _counts_as_best(trial: FrozenTrial) -> bool:
-    return (
-        trial.state == TrialState.COMPLETE
-        and trial.value is not None
-        and math.isfinite(trial.value)
-    )
-
-
-def _better(value: float, than: float, direction: optuna.study.StudyDirection) -> bool:
-    if direction == optuna.study.StudyDirection.MINIMIZE:
-        return value < than
-    return value > than
-
-
 def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(BASELINE_ATTR):
+        if t.user_attrs.get(attrs.BASELINE):
             return t
     return None
 
@@ -410,7 +321,7 @@ def best_report(name: str, storage: str | None = None) -> dict[str, Any]:
         "direction": study.direction.name.lower(),
         "trial": best.number,
         "value": best.value,
-        "params": best.user_attrs.get("hparams", best.params),
+        "params": best.user_attrs.get(attrs.HPARAMS, best.params),
         "n_trials": _counts(study),
         "baseline": None,
     }
@@ -418,11 +329,10 @@ def best_report(name: str, storage: str | None = None) -> dict[str, Any]:
     if base is not None:
         report["baseline"] = {"trial": base.number, "state": base.state.name, "value": base.value}
         if base.state == TrialState.COMPLETE and base.value is not None:
-            sign = 1 if report["direction"] == "minimize" else -1
-            gain = sign * (base.value - best.value)
-            report["baseline"]["improvement"] = gain
+            margin = gain(base.value, best.value, study.direction)
+            report["baseline"]["improvement"] = margin
             report["baseline"]["improvement_pct"] = (
-                100 * gain / abs(base.value) if base.value else None
+                100 * margin / abs(base.value) if base.value else None
             )
     return report
 
@@ -474,26 +384,40 @@ def trial_rows(name: str, storage: str | None = None) -> list[TrialRow]:
 def study_rows(study: optuna.Study) -> list[TrialRow]:
     """One row per trial: what `study show` and the report's table print."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {
+        t.system_attrs[attrs.RETRY_HISTORY][-1]: t.number
+        for t in trials
+        if t.system_attrs.get(attrs.RETRY_HISTORY)
+    }
+    for t in trials:
         duration = t.duration.total_seconds() if t.duration else None
-        note = " ".join(
-            filter(None, (t.user_attrs.get("fail_reason"), t.user_attrs.get("fail_detail")))
-        )
-        if t.user_attrs.get(BASELINE_ATTR):
-            note = ("baseline " + note).strip()
         rows.append(
             TrialRow(
                 number=t.number,
                 state=t.state.name,
-                params=t.user_attrs.get("hparams", t.params),
+                params=t.user_attrs.get(attrs.HPARAMS, t.params),
                 value=t.value,
                 pruned_at_step=t.last_step if t.state == TrialState.PRUNED else None,
                 duration_s=duration,
-                note=note,
+                note=_note(t, retried_as.get(t.number)),
                 facts={k: t.user_attrs[k] for k in FACTS if t.user_attrs.get(k) is not None},
             )
         )
     return rows
+
+
+def _note(trial: FrozenTrial, retry: int | None) -> str:
+    """Why a trial failed (and by what it was replaced), and whether it is the baseline."""
+    reason = [trial.user_attrs.get(attrs.FAIL_REASON), trial.user_attrs.get(attrs.FAIL_DETAIL)]
+    if trial.state == TrialState.FAIL and reason[0] is None:
+        # Everything tuner fails records why, except Optuna's own heartbeat check.
+        reason[0] = "no heartbeat for the grace period, or failed outside tuner"
+    if retry is not None:
+        reason.append(f"(retried as trial {retry})")
+    if trial.user_attrs.get(attrs.BASELINE):
+        reason.insert(0, "baseline")
+    return " ".join(filter(None, reason))
 
 
 @dataclass
@@ -529,19 +453,21 @@ def delete_study(name: str, storage: str | None = None) -> int:
     """Delete the study and its trials' artifacts; returns how many artifacts were removed."""
     from optuna.artifacts import get_all_artifact_meta
 
+    from tuner.store.artifacts import read_store
+
     opened = open_study(name, storage)
-    store = optuna.artifacts.FileSystemArtifactStore(str(opened.artifact_dir))
+    store = read_store(opened.artifact_dir)
     removed = 0
     if opened.artifact_dir.is_dir():
         for t in opened.study.get_trials(deepcopy=False):
-            for meta in get_all_artifact_meta(t, storage=opened.study._storage):
+            for meta in get_all_artifact_meta(t, storage=opened.store):
                 try:
                     store.remove(meta.artifact_id)
                     removed += 1
                 except Exception as e:
                     logger.warning("could not remove artifact %s: %s", meta.artifact_id, e)
-    optuna.delete_study(study_name=name, storage=opened.study._storage)
-    if not optuna.get_all_study_names(storage=opened.study._storage):
+    optuna.delete_study(study_name=name, storage=opened.store)
+    if not optuna.get_all_study_names(storage=opened.store):
         # The tokenised data is shared by the studies of this store: the last one takes it along.
         shutil.rmtree(opened.artifact_dir / "tokenized", ignore_errors=True)
     return removed

@@ -1,11 +1,12 @@
 """Recurring sweeps: one study per day of a series, warm-started, budgeted, promoting a champion.
 
 A series is a name prefix; its sweeps are the studies `PREFIX-YYYY-MM-DD`. `run_sweep` holds
-the series lock (tuner.locks) for its whole life, so a cron retry or a slow night never has two
-drivers. It creates today's study (or resumes it: a sweep killed at 3 a.m. continues from its
-finished trials), enqueues the previous sweep's best params first, runs to the space's budget,
-then compares today's best with the series' champion and promotes it only when it is better by
-`sweep.margin`: exported (with the export's verification) and pointed at by `OUT/champion`.
+the series lock (tuner.store.locks) for its whole life, so a cron retry or a slow night never
+has two drivers. It creates today's study (or resumes it: a sweep killed at 3 a.m. continues
+from its finished trials), enqueues the previous sweep's best params first, runs to the space's
+budget, then compares today's best with the series' champion and promotes it only when it is
+better by `sweep.margin`: exported (with the export's verification) and pointed at by
+`OUT/champion`.
 
 Everything a later sweep needs is in the store (the study attr `sweep`); `OUT` holds the
 summaries (JSON and Markdown) and the exported champions.
@@ -27,27 +28,25 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.budget import gpu_hours_held
 from tuner.errors import TunerError
-from tuner.locks import series_lock
 from tuner.space import Space, load_space
-from tuner.storage import mask_url, open_storage, resolve_url
+from tuner.store import attrs, mask_url, open_storage, resolve_url
+from tuner.store.budget import gpu_hours_held
+from tuner.store.locks import series_lock
+from tuner.store.ranking import best_trial, gain, rank_key
 from tuner.study import (
-    SPACE_ATTR,
     Progress,
-    _better,
     _counts,
     _done,
     baseline_trial,
-    best_trial,
     create_study,
     run_study,
 )
 
 logger = logging.getLogger(__name__)
 
-SWEEP_ATTR = "sweep"  # the study's sweep summary, champion included; written when it ends
-WARM_START_ATTR = "warm_start"  # on a trial enqueued from the previous sweep: "STUDY#N"
+SWEEP_ATTR = attrs.SWEEP  # the study's sweep summary, champion included; written when it ends
+WARM_START_ATTR = attrs.WARM_START  # on a trial enqueued from the previous sweep: "STUDY#N"
 _SERIES = re.compile(r"^(?P<prefix>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -140,7 +139,7 @@ class SeriesStudy:
 
     @property
     def space(self) -> Space | None:
-        stored = self.attrs.get(SPACE_ATTR)
+        stored = self.attrs.get(attrs.SPACE)
         return Space.from_stored(stored) if stored else None
 
     @property
@@ -213,13 +212,12 @@ def warm_start_trials(
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and t.value == t.value
     ]
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    complete.sort(key=lambda t: t.value, reverse=reverse)
+    complete.sort(key=lambda t: rank_key(t.value, study.direction))
     skip = [space.baseline_values()] if space.baseline is not None else []
     picked: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for t in complete:
         values = {
-            n: v for n, v in t.user_attrs.get("hparams", t.params).items() if n in space.params
+            n: v for n, v in t.user_attrs.get(attrs.HPARAMS, t.params).items() if n in space.params
         }
         if values in skip or space.misfit(values) is not None:
             continue
@@ -284,7 +282,7 @@ def _summarise(
         summary["best"] = {
             "trial": best.number,
             "value": best.value,
-            "params": best.user_attrs.get("hparams", best.params),
+            "params": best.user_attrs.get(attrs.HPARAMS, best.params),
             "warm_start": best.user_attrs.get(WARM_START_ATTR),
         }
     if previous is not None:
@@ -294,11 +292,10 @@ def _summarise(
             summary["change"] = best.value - prev_best["value"]
     base = baseline_trial(study)
     if base is not None and base.state == TrialState.COMPLETE and best is not None:
-        sign = 1 if direction == optuna.study.StudyDirection.MINIMIZE else -1
         summary["baseline"] = {
             "trial": base.number,
             "value": base.value,
-            "improvement": sign * (base.value - best.value),
+            "improvement": gain(base.value, best.value, direction),
         }
     summary["promoted"], summary["reason"] = _decide(best, champion, study, space)
     if summary["promoted"]:
@@ -333,12 +330,10 @@ def _decide(
     if champion["study"] == study.study_name and champion["trial"] == best.number:
         return False, "already the champion"
     margin = space.sweep.margin
-    direction = study.direction
-    # Handicap the new best by the margin: it must still beat the champion.
-    handicapped = best.value + margin if direction.name == "MINIMIZE" else best.value - margin
-    if _better(handicapped, champion["value"], direction):
-        gain = abs(best.value - champion["value"])
-        return True, f"better than the champion ({champion['study']}) by {gain:.4g} > {margin:g}"
+    # Better by more than the margin: what the new best gains on the champion exceeds it.
+    ahead = gain(champion["value"], best.value, study.direction)
+    if ahead > margin:
+        return True, f"better than the champion ({champion['study']}) by {ahead:.4g} > {margin:g}"
     return False, (
         f"not better than the champion ({champion['study']}, {champion['value']:.4g}) "
         f"by more than the margin {margin:g}"
@@ -349,7 +344,7 @@ def _promote(name: str, study: optuna.Study, url: str, out: Path, space: Space) 
     """Export today's best beside the earlier champions and point `OUT/champion` at it."""
     best = best_trial(study)
     assert best is not None
-    if "adapter" not in best.user_attrs:
+    if attrs.ADAPTER not in best.user_attrs:
         logger.info(
             "the %s workload leaves no adapter: champion recorded, nothing exported",
             space.fixed.get("workload", "sft"),

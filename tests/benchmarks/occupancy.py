@@ -4,26 +4,32 @@
 
 Starts its own Ray (logical GPUs, token auth) and uses PostgreSQL from TUNER_STORAGE or the local
 server (a fresh database per system). The sweep: 64 trials of 10 steps x 0.3 s of the simulated
-workload, TPE, median pruning. Three systems on the same machine and store:
+workload, TPE with Optuna's own defaults in every system (tuner's space names them: 10 random
+trials first, each param apart), median pruning: what is pruned, and so how long trials hold
+their GPU, then differs by the systems' scheduling, not by their sampler settings. Three systems
+on the same machine and store:
 
 - tuner: `run_study(backend="ray")`, one actor per GPU running trials back to back;
+- tuner_local (`--only tuner_local ...`): `run_study(backend="local", jobs=GPUs)`, worker
+  processes like Optuna's below, under the same driver: tuner without Ray's start-up;
 - optuna: 8 plain processes sharing the RDB storage, each `study.optimize` (TPE + median pruner);
 - ray_tune: Ray Tune with OptunaSearch on the same storage and Tune's median stopping rule
   (Optuna's pruners do not run under Tune), 1 GPU per trial, 8 at once.
 
 Occupancy = sum of trial busy time / (GPUs x wall time); idle GPU-seconds per trial =
 (GPUs x wall - busy) / trials. Wall time counts start-up (workers, actors) too: it is what a GPU
-owner pays. Ends with one JSON line.
+owner pays. Each system's idle GPU-seconds are split into before the first trials, between
+trials and after the last; "Ray's own start-up" is what any system of one Ray actor per GPU pays
+before its first trial: connecting, and as many actors that do nothing becoming ready. Ends with
+one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +39,10 @@ from pathlib import Path
 
 import sqlalchemy
 
-RAY = str(Path(sys.executable).with_name("ray"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the Ray node helper
+import ray_nodes  # noqa: E402
+
+RAY = ray_nodes.RAY
 PARAMS = {
     "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
     "lora_rank": {"type": "categorical", "choices": [4, 8, 16, 32, 64]},
@@ -52,12 +61,18 @@ def main() -> None:
     args = parser.parse_args()
 
     admin = os.environ.get("TUNER_STORAGE") or "postgresql+psycopg2://postgres@127.0.0.1/postgres"
-    address = _start_ray(args.gpus)
+    head, address = _start_ray(args.gpus)
     results = {}
     try:
+        _print_ray_floor(args.gpus, address)
         for system in args.only:
             url = _fresh_database(admin)
-            runner = {"tuner": run_tuner, "optuna": run_optuna, "ray_tune": run_ray_tune}[system]
+            runner = {
+                "tuner": run_tuner,
+                "tuner_local": run_tuner_local,
+                "optuna": run_optuna,
+                "ray_tune": run_ray_tune,
+            }[system]
             wall, busy, finished = runner(args, url, address)
             results[system] = _figures(args.gpus, wall, busy, finished)
             print(
@@ -67,7 +82,7 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        head.stop()  # the Ray this benchmark started, and no other
     _print_table(results)
     print(json.dumps(results))
 
@@ -76,6 +91,8 @@ def _figures(gpus: int, wall: float, busy: float, trials: int) -> dict:
     return {
         "occupancy": busy / (gpus * wall),
         "wall_s": wall,
+        "busy_gpu_s": busy,  # what the trials held: less when more of them are pruned
+        "held_gpu_s": gpus * wall,  # what the sweep cost the GPUs' owner
         "idle_gpu_s_per_trial": (gpus * wall - busy) / max(trials, 1),
         "trials": trials,
     }
@@ -83,34 +100,51 @@ def _figures(gpus: int, wall: float, busy: float, trials: int) -> dict:
 
 def _print_table(results: dict) -> None:
     print()
-    print(f"{'system':10} {'wall s':>8} {'occupancy':>10} {'idle GPU-s/trial':>17} {'trials':>7}")
+    print(
+        f"{'system':12} {'wall s':>7} {'busy GPU-s':>11} {'held GPU-s':>11} {'occupancy':>10} "
+        f"{'idle GPU-s/trial':>17} {'trials':>7}"
+    )
     best = max(r["occupancy"] for r in results.values())
     for system, r in results.items():
-        mark = "  <- highest" if r["occupancy"] == best else ""
+        mark = "  <- highest occupancy" if r["occupancy"] == best else ""
         print(
-            f"{system:10} {r['wall_s']:8.1f} {r['occupancy']:10.3f} "
-            f"{r['idle_gpu_s_per_trial']:17.2f} {r['trials']:7d}{mark}"
+            f"{system:12} {r['wall_s']:7.1f} {r['busy_gpu_s']:11.1f} {r['held_gpu_s']:11.1f} "
+            f"{r['occupancy']:10.3f} {r['idle_gpu_s_per_trial']:17.2f} {r['trials']:7d}{mark}"
         )
-    if "tuner" in results:
+    for ours in ("tuner", "tuner_local"):
         for other in results:
-            if other != "tuner":
-                ratio = results["tuner"]["occupancy"] / results[other]["occupancy"]
-                print(f"tuner / {other}: {ratio:.2f}x occupancy")
+            if ours in results and not other.startswith("tuner"):
+                r, o = results[ours], results[other]
+                print(
+                    f"{ours} / {other}: {r['occupancy'] / o['occupancy']:.2f}x occupancy, "
+                    f"{r['idle_gpu_s_per_trial'] / o['idle_gpu_s_per_trial']:.2f}x idle GPU-s a "
+                    f"trial, {r['held_gpu_s'] / o['held_gpu_s']:.2f}x GPU-s held"
+                )
 
 
 # ----------------------------------------------------------------------------- the systems
 
 
 def run_tuner(args, url: str, address: str) -> tuple[float, float, int]:  # noqa: ANN001
+    return _tuner("tuner", args, url, backend="ray", address=address)
+
+
+def run_tuner_local(args, url: str, address: str) -> tuple[float, float, int]:  # noqa: ANN001
+    return _tuner("tuner_local", args, url, backend="local", address=None)
+
+
+def _tuner(system: str, args, url: str, *, backend: str, address: str | None) -> tuple:  # noqa: ANN001
     import yaml
 
-    from tuner.study import create_study, open_study, run_study
+    from tuner.store import open_study
+    from tuner.study import create_study, run_study
 
     space = {
         "name": "occupancy",
         "params": PARAMS,
         "fixed": {"workload": "simulated", "steps": args.steps, "step_seconds": args.step_seconds},
-        "sampler": {"name": "tpe", "seed": 0},
+        # Optuna's own TPE defaults, as the other systems use.
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": False},
         "pruner": {"name": "median", **PRUNER},
         "resources": {"gpus_per_trial": 1, "cpus_per_trial": 1},
     }
@@ -118,31 +152,32 @@ def run_tuner(args, url: str, address: str) -> tuple[float, float, int]:  # noqa
     path.write_text(yaml.safe_dump(space))
     name = create_study(path, storage=url)
     started = time.time()
-    run_study(name, storage=url, n_trials=args.trials, backend="ray", address=address)
+    run_study(
+        name, storage=url, n_trials=args.trials, backend=backend, address=address, jobs=args.gpus
+    )
     ended = time.time()
     study = open_study(name, url).study
-    _print_timeline(study, started, ended)
+    _print_timeline(system, study, args.gpus, started, ended)
     return ended - started, *_busy(study)
 
 
-def _print_timeline(study, started: float, ended: float) -> None:  # noqa: ANN001
-    """Where a GPU idles: before its first trial, between trials, after its last."""
-    by_worker: dict[str, list] = {}
-    for t in study.get_trials():
-        by_worker.setdefault(t.user_attrs.get("worker", "?"), []).append(t)
-    first, gaps, last = [], [], []
-    for trials in by_worker.values():
-        trials.sort(key=lambda t: t.datetime_start)
-        first.append(trials[0].datetime_start.timestamp() - started)
-        last.append(ended - trials[-1].datetime_complete.timestamp())
-        gaps += [
-            b.datetime_start.timestamp() - a.datetime_complete.timestamp()
-            for a, b in itertools.pairwise(trials)
-        ]
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+def _print_timeline(system: str, study, gpus: int, started: float, ended: float) -> None:  # noqa: ANN001
+    """Where the GPUs idle: before the first trials (a GPU's first trial is one of the `gpus`
+    earliest), after the last ones (the `gpus` latest ends), and between trials (the rest)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    starts = sorted(t.datetime_start.timestamp() for t in trials)[:gpus]
+    ends = sorted(t.datetime_complete.timestamp() for t in trials)[-gpus:]
+    busy = sum(t.duration.total_seconds() for t in trials)
+    first = sum(s - started for s in starts)
+    last = sum(ended - e for e in ends)
+    between = gpus * (ended - started) - busy - first - last
     print(
-        f"  tuner idle: before first trial {mean(first):.2f} s (max {max(first):.2f}), "
-        f"between trials {mean(gaps):.3f} s x {len(gaps)}, after last {mean(last):.2f} s"
+        f"  {system} idle GPU-s: before the first trials {first:.1f} ({first / gpus:.2f} a GPU), "
+        f"between trials {between:.1f} ({between / max(1, len(trials) - gpus):.3f} a trial), "
+        f"after the last {last:.1f} ({last / gpus:.2f} a GPU)",
+        flush=True,
     )
 
 
@@ -155,7 +190,7 @@ def run_optuna(args, url: str, address: str) -> tuple[float, float, int]:  # noq
         args.trials // args.gpus + (i < args.trials % args.gpus) for i in range(args.gpus)
     ]
     ctx = mp.get_context("spawn")
-    started = time.perf_counter()
+    started = time.time()
     workers = [
         ctx.Process(target=_optuna_worker, args=(url, name, n, i, args.steps, args.step_seconds))
         for i, n in enumerate(per_process)
@@ -164,8 +199,10 @@ def run_optuna(args, url: str, address: str) -> tuple[float, float, int]:  # noq
         w.start()
     for w in workers:
         w.join()
-    wall = time.perf_counter() - started
-    return wall, *_busy(optuna.load_study(study_name=name, storage=url))
+    ended = time.time()
+    study = optuna.load_study(study_name=name, storage=url)
+    _print_timeline("optuna", study, args.gpus, started, ended)
+    return ended - started, *_busy(study)
 
 
 def _optuna_worker(url: str, name: str, n: int, seed: int, steps: int, step_s: float) -> None:
@@ -259,6 +296,44 @@ def run_ray_tune(args, url: str, address: str) -> tuple[float, float, int]:  # n
 # ----------------------------------------------------------------------------- helpers
 
 
+_FLOOR = """
+import json, sys, time
+import ray
+
+started = time.perf_counter()
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+connected = time.perf_counter() - started
+
+
+@ray.remote(num_gpus=1, num_cpus=1)
+class Empty:
+    def ready(self):
+        return True
+
+
+actors = [Empty.remote() for _ in range(int(sys.argv[2]))]
+pending, ready = [a.ready.remote() for a in actors], []
+while pending:
+    _, pending = ray.wait(pending, num_returns=1)
+    ready.append(time.perf_counter() - started)
+print(json.dumps({"connect_s": connected, "ready_s": ready}))
+"""
+
+
+def _print_ray_floor(gpus: int, address: str) -> None:
+    """Ray's own start-up, in a process of its own (this one connects only for the systems)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FLOOR, address, str(gpus)], capture_output=True, text=True
+    )
+    floor = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"Ray's own start-up: connect {floor['connect_s']:.2f} s, {gpus} empty actors ready "
+        f"after {sum(floor['ready_s']) / gpus:.2f} s on average: "
+        f"{sum(floor['ready_s']):.1f} GPU-s before any trial",
+        flush=True,
+    )
+
+
 def _busy(study) -> tuple[float, int]:  # noqa: ANN001
     from optuna.trial import TrialState
 
@@ -275,29 +350,18 @@ def _fresh_database(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def _start_ray(gpus: int) -> str:
+def _start_ray(gpus: int) -> tuple[ray_nodes.RayNode, str]:
     os.environ["RAY_AUTH_MODE"] = "token"
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            f"--num-gpus={gpus}",
-            f"--num-cpus={gpus}",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir=/tmp/ray-bench-{os.getpid()}",
-        ],
-        check=True,
-        capture_output=True,
+    temp = Path(f"/tmp/ray-bench-{os.getpid()}")  # Ray's socket paths must stay short
+    return ray_nodes.start_head(
+        f"--num-gpus={gpus}",
+        f"--num-cpus={gpus}",
+        "--include-dashboard=false",
+        env=dict(os.environ),
+        temp_dir=temp,
+        log=Path(tempfile.mkdtemp()) / "ray-head.log",
     )
-    return f"127.0.0.1:{port}"
 
 
 if __name__ == "__main__":

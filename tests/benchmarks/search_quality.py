@@ -138,7 +138,7 @@ def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, A
 
 def simulated_workload() -> Workload:
     space = load_space(ROOT / "search_spaces" / "simulated.yaml")
-    steps = space.trial_config(SIMULATED_BASELINE).steps
+    steps = space.trial_config(SIMULATED_BASELINE).simulated.steps
     return Workload("simulated", space, SIMULATED_BASELINE, list(range(1, steps + 1)), sweep)
 
 
@@ -155,13 +155,13 @@ def sweep(space: Space, sampler: dict, pruner: dict, seed: int, n_trials: int) -
         config = space.trial_config(values)
         rng = simulated.rng_for(config)
         curve: dict[int, float] = {}
-        for step in range(1, config.steps + 1):
+        for step in range(1, config.simulated.steps + 1):
             curve[step] = loss = simulated.loss_at(config, step, rng)
             trial.report(loss, step)
-            if step < config.steps and trial.should_prune():
+            if step < config.simulated.steps and trial.should_prune():
                 ran.append(Ran(values, None, step, "PRUNED", curve))
                 raise optuna.TrialPruned()
-        ran.append(Ran(values, loss, config.steps, "COMPLETE", curve))
+        ran.append(Ran(values, loss, config.simulated.steps, "COMPLETE", curve))
         return loss
 
     study.optimize(objective, n_trials=n_trials)
@@ -171,7 +171,8 @@ def sweep(space: Space, sampler: dict, pruner: dict, seed: int, n_trials: int) -
 def simulated_value(space: Space, values: dict[str, Any]) -> float:
     config = space.trial_config(values)
     rng = simulated.rng_for(config)
-    return [simulated.loss_at(config, step, rng) for step in range(1, config.steps + 1)][-1]
+    steps = range(1, config.simulated.steps + 1)
+    return [simulated.loss_at(config, step, rng) for step in steps][-1]
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -12,7 +12,7 @@ a hundred times what 32 GPUs training real models ask) against it, in two system
 
 - optuna: each worker is plain Optuna, `study.optimize(n_trials=1)` in a loop, sampling for itself;
 - tuner: each worker is tuner's (`open_study` with heartbeats, `FedSampler`), and the driver keeps
-  a `TrialFeed`: one asking process with an in-memory view, sampling ahead (tuner/feed.py).
+  a `TrialFeed`: one asking process with an in-memory view, sampling ahead (tuner/backends/feed.py).
 
 Hand-out = from a worker becoming free (its last `optimize` returned) to its next trial's first
 training step (ask, stale-trial check, sampling, params stored). Tell = from the last step to
@@ -100,7 +100,7 @@ def main() -> None:
 
 def run(system: str, url: str, workers: int, per_worker: int, steps: int, step_s: float) -> dict:
     from tuner.backends.base import RunPlan
-    from tuner.feed import TrialFeed
+    from tuner.backends.feed import TrialFeed
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -164,8 +164,8 @@ def _worker(
 ) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if system == "tuner":
-        from tuner.feed import FedSampler, take
-        from tuner.study import open_study
+        from tuner.backends.feed import FedSampler, take
+        from tuner.store import open_study
 
         study = open_study("scale", url, heartbeat=True, seed_offset=7919 * index).study
         sampler = study.sampler = FedSampler(study.sampler)

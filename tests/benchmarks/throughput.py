@@ -171,6 +171,7 @@ def _baseline(model_dir: Path, data: Path, out: Path, args, *, bf16: bool) -> di
         TrainingArguments,
     )
 
+    from trials.callbacks import trainer_callback
     from trials.speed import StepTimer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -212,7 +213,8 @@ def _baseline(model_dir: Path, data: Path, out: Path, args, *, bf16: bool) -> di
         train_dataset=rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
     )
-    trainer.add_callback(timer := StepTimer())  # the trial's own measure, for a fair figure
+    # The trial's own measure, for a fair figure.
+    trainer.add_callback(timer := trainer_callback(StepTimer))
     trainer.train()
     return {
         "tokens_per_s": timer.tokens_per_s,

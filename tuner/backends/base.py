@@ -1,14 +1,19 @@
-"""The one extension point for where trials run."""
+"""The one extension point for where trials run: a backend starts, polls and kills slots.
+
+A slot is what runs one trial at a time and stays warm between trials (a worker process here, a
+Ray actor or a gang of them there). Everything else (how many trials, when to stop, what a death
+costs) is the driver's (tuner/backends/driver.py), the same for every backend.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One `run_study` call, as a backend receives it."""
+    """One `run_study` call, as the driver and a backend receive it."""
 
     study_name: str
     storage_url: str
@@ -34,18 +39,63 @@ class RunPlan:
         return max(1, slots)
 
 
-class Backend(Protocol):
-    """Runs the trials of a plan against the study store, and returns when they are done.
+@dataclass(frozen=True)
+class Ran:
+    """What a worker says after running one trial."""
 
-    Contract:
-    - exactly `n_trials` trials are started (fewer only after `timeout`, the `gpu_hours`
-      budget or an interrupt);
-    - every trial it started is finished in the store (COMPLETE, PRUNED or FAIL) when `run`
-      returns or raises, including on KeyboardInterrupt, which it re-raises after cleaning up;
-    - a worker that dies fails its running trial with the reason, and the run goes on;
-    - a trial running past `trial_timeout` has its worker killed and fails, not retried.
+    trial_id: int | None  # None: no trial began (the store failed first)
+    requeued: bool = False  # another process failed it as stale and enqueued its retry
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a slot's trial ended, as its backend saw it."""
+
+    ran: Ran | None = None  # the worker's own word; None when it died
+    died: str | None = None  # why the worker died, for the trial's fail reason
+    retry: bool = True  # whether a trial that died with its worker may be retried
+    reusable: bool = True  # False: the slot cannot take another trial and is replaced
+
+
+class Slot(Protocol):
+    """Runs one trial at a time, reusing its warm state (the base model) from trial to trial."""
+
+    worker: str  # unique per slot: recorded on each trial it runs (`worker` user attr)
+
+    def run(self, params: dict[str, Any] | None) -> None:
+        """Start one trial (fed `params`, or sampled by the worker when None); returns at once."""
+
+    def poll(self) -> Ended | None:
+        """How the trial ended, or None while it runs (or the slot is still starting)."""
+
+    def interrupt(self) -> bool:
+        """Ask the running trial to stop (it ends FAIL, "interrupted"); returns at once, and
+        whether it could ask. The driver waits a grace period for the slots it could ask, and
+        kills the others at once."""
+
+    def kill(self) -> None:
+        """End the slot now, and release what it holds."""
+
+
+class Backend(Protocol):
+    """A place where slots run.
+
+    Contract: `start` returns a slot that runs what it is given, one trial at a time, each
+    trial recording the slot's `worker` id; `poll` reports a worker that died (its process or
+    node gone) as `Ended(died=...)`. The driver does the rest.
     """
 
-    name: str
+    def open(self, plan: RunPlan) -> None:
+        """Connect to the place (called once, before anything else)."""
 
-    def run(self, plan: RunPlan) -> None: ...
+    def capacity(self, plan: RunPlan) -> int:
+        """How many slots of `plan` the place holds now."""
+
+    def start(self, plan: RunPlan, index: int) -> Slot | None:
+        """A new slot, number `index` among the run's slots; None when there is no room now."""
+
+    def wait(self, slots: list[Slot], timeout: float) -> None:
+        """Return when one of `slots` may have ended, or after `timeout` seconds."""
+
+    def close(self) -> None:
+        """Release what `open` took."""

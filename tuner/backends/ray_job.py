@@ -9,24 +9,17 @@ list), so the cluster's nodes read it from PGPASSWORD or ~/.pgpass instead.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuner.errors import BackendError, TunerError
-from tuner.storage import mask_url, resolve_url, strip_password
+from tuner.store import mask_url, open_study, resolve_url, strip_password
 
 logger = logging.getLogger(__name__)
 
 # Never uploaded with the working directory: environments, local stores, demo weights.
 EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.db", "*.db-*", "tuner_artifacts", "demo"]
-JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's entrypoint
-
-
-def in_ray_job() -> bool:
-    """Whether this process is the entrypoint of a Ray job (then RAY_ADDRESS is its cluster)."""
-    return JOB_ENV in os.environ
 
 
 @dataclass(frozen=True)
@@ -48,8 +41,6 @@ def submit_study(
 ) -> Submitted:
     """Submit `tuner study run NAME --backend ray` as a Ray job at `address` (the dashboard's
     http://HEAD:8265); returns the job id. The study must exist in `storage`."""
-    from tuner.study import open_study
-
     url = resolve_url(storage)
     if url.startswith("sqlite"):
         logger.warning(

@@ -56,7 +56,6 @@ _METHODS = (
     "get_trial",
     "get_all_trials",
     "get_best_trial",
-    "record_heartbeat",
     "_get_stale_trial_ids",
     "_create_new_trial",
     "_set_trial_param",
@@ -89,34 +88,77 @@ def connection_lost(error: BaseException) -> bool:
 _calling = threading.local()  # set while a retried call runs: the calls it makes are not retried
 
 
+def _call(
+    method: Callable[..., Any], self: Any, args: Any, kwargs: Any, *, until: float | None = None
+) -> Any:
+    """`method(self, *args, **kwargs)`, made again on a lost connection, ATTEMPTS times at most
+    and never past `until` (time.monotonic()); then the last error is raised."""
+    if getattr(_calling, "active", False):
+        return method(self, *args, **kwargs)
+    for attempt in range(1, ATTEMPTS + 1):
+        _calling.active = True
+        try:
+            return method(self, *args, **kwargs)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as e:
+            wait = WAITS_S[attempt - 1] if attempt < ATTEMPTS else 0.0
+            late = until is not None and time.monotonic() + wait > until
+            if attempt == ATTEMPTS or late or not connection_lost(e):
+                raise
+            logger.warning(
+                "study store connection lost (%s); reconnecting, try %d of %d",
+                method.__name__,
+                attempt + 1,
+                ATTEMPTS,
+            )
+            time.sleep(wait)
+        finally:
+            _calling.active = False
+    raise AssertionError("unreachable")
+
+
 def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_calling, "active", False):
-            return method(self, *args, **kwargs)
-        for attempt in range(1, ATTEMPTS + 1):
-            _calling.active = True
-            try:
-                return method(self, *args, **kwargs)
-            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as e:
-                if attempt == ATTEMPTS or not connection_lost(e):
-                    raise
-                logger.warning(
-                    "study store connection lost (%s); reconnecting, try %d of %d",
-                    method.__name__,
-                    attempt + 1,
-                    ATTEMPTS,
-                )
-                time.sleep(WAITS_S[attempt - 1])
-            finally:
-                _calling.active = False
-        raise AssertionError("unreachable")
+        return _call(method, self, args, kwargs)
 
     return call
 
 
 class ReconnectingRDBStorage(optuna.storages.RDBStorage):
     """`optuna.storages.RDBStorage` whose calls survive a dropped connection."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """Record a running trial's heartbeat (Optuna's heartbeat thread calls this every
+        interval), retrying a lost connection only within the grace period since the trial's
+        last recorded beat. Past it, the trial is stale for every process, which may already
+        have failed it and enqueued its retry: beating again would make a failed trial look
+        alive, so this trial's heartbeat stops. A beat that cannot be recorded is logged, not
+        raised: Optuna's heartbeat thread would end with a traceback."""
+        beats = self.__dict__.setdefault("_beats", {})  # trial id -> last recorded (monotonic)
+        if beats.get(trial_id) == _GAVE_UP:
+            return
+        last = beats.setdefault(trial_id, time.monotonic())
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        try:
+            _call(optuna.storages.RDBStorage.record_heartbeat, self, (trial_id,), {},
+                  until=last + grace)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the trial goes on; its heartbeat may not
+            if time.monotonic() - last < grace:
+                logger.warning("trial heartbeat not recorded: %s", str(e).splitlines()[0])
+                return
+            beats[trial_id] = _GAVE_UP
+            logger.warning(
+                "trial heartbeat not recorded for the grace period (%ss); the trial is stale and "
+                "will be failed and retried",
+                grace,
+            )
+            return
+        beats[trial_id] = time.monotonic()
+        while len(beats) > 64:  # the trials of long ago
+            del beats[next(iter(beats))]
+
+
+_GAVE_UP = -1.0
 
 
 for _name in _METHODS:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tuner.errors import StorageError
-from tuner.storage import mask_url
+from tuner.store.urls import mask_url
 
 logger = logging.getLogger(__name__)
 

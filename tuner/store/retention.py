@@ -15,9 +15,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-logger = logging.getLogger(__name__)
+from tuner.store import attrs
+from tuner.store.ranking import rank_key
 
-DEFAULT_KEEP = 5
+logger = logging.getLogger(__name__)
 
 
 def keep_adapter(
@@ -35,10 +36,13 @@ def keep_adapter(
     holders = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("adapter") and t.number != number and t.value is not None
+        if t.user_attrs.get(attrs.ADAPTER) and t.number != number and t.value is not None
     ]
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    ranked = sorted([(sign * t.value, t.number) for t in holders] + [(sign * value, number)])
+    # Ties go to the earlier trial, as the study's best does.
+    ranked = sorted(
+        [(rank_key(t.value, study.direction), t.number) for t in holders]
+        + [(rank_key(value, study.direction), number)]
+    )
     kept = {n for _, n in ranked[:keep]}
     for t in holders:
         if t.number not in kept:
@@ -48,7 +52,7 @@ def keep_adapter(
 
 def _remove(store: Any, trial: optuna.trial.FrozenTrial) -> None:
     removed = 0
-    for artifact_id in trial.user_attrs["adapter"].values():
+    for artifact_id in trial.user_attrs[attrs.ADAPTER].values():
         # Another worker may have removed it first.
         with contextlib.suppress(Exception):
             store.remove(artifact_id)

@@ -1,87 +1,32 @@
-"""Study stores: an embedded SQLite file by default, PostgreSQL for teams and clusters.
+"""Opening a study store: an embedded SQLite file by default, PostgreSQL for teams and clusters.
 
-Both are Optuna's own RDB storage, so `optuna.load_study` and the `optuna` CLI open them too.
-URLs are masked wherever they are shown: a password never reaches a log or an error.
+Both are Optuna's own RDB storage (riding out dropped connections, tuner.store.reconnect), so
+`optuna.load_study` and the `optuna` CLI open them too.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuner.errors import StorageError
-from tuner.settings import DEFAULT_ARTIFACT_DIR, DEFAULT_SQLITE_FILE, Settings, get_settings
+from tuner.settings import get_settings
+from tuner.store.urls import mask_text, mask_url, resolve_url
 
 if TYPE_CHECKING:
     import optuna
     import sqlalchemy
 
-logger = logging.getLogger(__name__)
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)@")
-
-
-def resolve_url(url: str | None = None, settings: Settings | None = None) -> str:
-    """The URL to use: the one given, else `TUNER_STORAGE`, else `tuner.db` here.
-
-    `postgres://` (Heroku, many dashboards) and `postgresql://` are read as psycopg2 URLs;
-    relative SQLite paths are made absolute so that worker processes agree on the file.
-    """
-    settings = settings or get_settings()
-    url = url or settings.storage or f"sqlite:///{DEFAULT_SQLITE_FILE}"
-    if url.startswith("postgres://"):
-        url = "postgresql+psycopg2://" + url.removeprefix("postgres://")
-    elif url.startswith("postgresql://"):
-        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    elif url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            url = f"sqlite:///{Path(path).resolve()}"
-    elif "://" not in url:
-        raise StorageError(
-            f"storage URL must look like sqlite:///FILE or postgresql://... (got {mask_url(url)!r})"
-        )
-    return url
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***."""
-    return _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", url)
-
-
-def strip_password(url: str) -> str:
-    """The URL without its password, for processes that read it from PGPASSWORD or ~/.pgpass."""
-    return _PASSWORD_IN_URL.sub(lambda m: f"{m['head'][:-1]}@", url)
-
-
-def mask_text(text: str, url: str) -> str:
-    """Remove the URL's password from any text (a driver's error message, say)."""
-    text = _PASSWORD_IN_URL.sub(lambda m: f"{m['head']}***@", text)
-    password = _password(url)
-    return text.replace(password, "***") if password else text
-
-
-def _password(url: str) -> str | None:
-    match = _PASSWORD_IN_URL.search(url)
-    return match["password"] if match and match["password"] else None
-
-
-def default_artifact_dir(url: str, settings: Settings | None = None) -> Path:
-    """Adapters go beside an SQLite store, else under the working directory."""
-    settings = settings or get_settings()
-    if settings.artifacts is not None:
-        return settings.artifacts.resolve()
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACT_DIR
-    return Path(DEFAULT_ARTIFACT_DIR).resolve()
-
-
-def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str | None = None, *, heartbeat: bool = False, tables: bool = True
+) -> optuna.storages.RDBStorage:
     """Open (and create the tables of) the store at `url`; unreachable → StorageError.
+
+    `tables=False` skips making (and so inspecting) the tables: for a process of a run, whose
+    study exists, so that a hundred workers starting at once do not each inspect the schema.
 
     Connections are checked before use (pre-ping), so a restarted server costs a reconnect, not
     the sweep. With `heartbeat`, running trials beat every `TUNER_HEARTBEAT_INTERVAL` seconds
@@ -90,7 +35,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
     """
     import sqlalchemy.exc
 
-    from tuner.reconnect import ReconnectingRDBStorage
+    from tuner.store.reconnect import ReconnectingRDBStorage
 
     settings = get_settings()
     url = resolve_url(url, settings)
@@ -114,6 +59,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = False) -> optuna.s
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval if heartbeat else None,
                 grace_period=settings.grace_period if heartbeat else None,
+                skip_table_creation=not tables,
             )
             if url.startswith("sqlite"):
                 _serialize_sqlite(storage.engine)

@@ -42,11 +42,15 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.backends.base import RunPlan
+from tuner.store import attrs
+from tuner.store.optuna_private import storage as storage_of
+from tuner.store.optuna_private import study_id as study_id_of
+from tuner.store.optuna_private import trial_id as id_of
 
 logger = logging.getLogger(__name__)
 
 FEED_SEED_OFFSET = 104_729  # the driver's sampler draws apart from every worker's own
-FED_ATTR = "tuner_fed"  # system attr of a trial whose params the driver sampled
+FED_ATTR = attrs.FED  # system attr of a trial whose params the driver sampled
 MAX_UNUSED = 256  # fed suggestions never run (dropped by a worker) stop counting as pending
 
 
@@ -72,9 +76,9 @@ class FedSampler(optuna.samplers.PartialFixedSampler):
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._fixed_params = {}
-        if self._next is not None and "fixed_params" not in trial.system_attrs:
+        if self._next is not None and attrs.FIXED_PARAMS not in trial.system_attrs:
             self._fixed_params, self._next = self._next, None
-            study._storage.set_trial_system_attr(trial._trial_id, FED_ATTR, True)
+            storage_of(study).set_trial_system_attr(id_of(trial), FED_ATTR, True)
         super().before_trial(study, trial)
 
     def infer_relative_search_space(
@@ -180,9 +184,9 @@ class StudyView:
 
     def __init__(self, plan: RunPlan) -> None:
         from tuner import algorithms
-        from tuner.study import open_study
+        from tuner.store import open_study
 
-        opened = open_study(plan.study_name, plan.storage_url)
+        opened = open_study(plan.study_name, plan.storage_url, in_run=True)
         self.study, self.space = opened.study, opened.space
         self.view = optuna.create_study(
             storage=optuna.storages.InMemoryStorage(),
@@ -198,8 +202,8 @@ class StudyView:
 
     def sync(self) -> None:
         for trial in self.study.get_trials(deepcopy=False):
-            if trial.state.is_finished() and trial._trial_id not in self._seen:
-                self._seen.add(trial._trial_id)
+            if trial.state.is_finished() and id_of(trial) not in self._seen:
+                self._seen.add(id_of(trial))
                 self._mirror(trial)
 
     def suggest(self) -> dict[str, Any]:
@@ -219,8 +223,8 @@ class StudyView:
             with contextlib.suppress(ValueError):
                 self.view.add_trial(trial)
             return
-        storage, number = self.view._storage, numbers.popleft()
-        trial_id = storage.get_trial_id_from_study_id_trial_number(self.view._study_id, number)
+        storage, number = storage_of(self.view), numbers.popleft()
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id_of(self.view), number)
         for step, value in trial.intermediate_values.items():
             storage.set_trial_intermediate_value(trial_id, step, value)
         for key, value in trial.system_attrs.items():
@@ -232,8 +236,10 @@ class StudyView:
         numbers = self._pending.get(key)
         if numbers and number in numbers:
             numbers.remove(number)
-            storage = self.view._storage
-            trial_id = storage.get_trial_id_from_study_id_trial_number(self.view._study_id, number)
+            storage = storage_of(self.view)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(
+                study_id_of(self.view), number
+            )
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 

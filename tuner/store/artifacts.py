@@ -32,6 +32,12 @@ class AtomicFileStore(FileSystemArtifactStore):
 
 
 def open_store(directory: str | Path) -> AtomicFileStore:
+    """The store at `directory` (made if missing), to write to."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     return AtomicFileStore(path)
+
+
+def read_store(directory: str | Path) -> FileSystemArtifactStore:
+    """The store at `directory`, to read and remove from; nothing is created."""
+    return FileSystemArtifactStore(str(directory))

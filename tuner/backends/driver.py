@@ -1,0 +1,287 @@
+"""The driver: the policy of a run, once, whatever runs the trials.
+
+It keeps slots (tuner/backends/base.py) and hands each free one its next trial, with the params
+the feed sampled ahead (tuner/backends/feed.py). It alone decides:
+
+- how many trials start: exactly `n_trials`, fewer only after `timeout`, the `gpu_hours` budget
+  or an interrupt. What a slot ran is read from the store (each trial records its slot's
+  `worker` id), so a hand-out that never became a trial is given back, and so is one whose
+  trial died with its worker and was enqueued again: an enqueued trial (the baseline, a warm
+  start, a retry) is never skipped;
+- how many slots run: the place's capacity, never more than the trials left;
+- when a trial has run too long (`trial_timeout`, counted from when the trial began, not from
+  when its slot was asked: a slot may spend minutes loading a base model first): its slot is
+  killed and the trial fails, not retried;
+- what a dead worker costs: its trial fails with the reason and is retried with the same
+  params, up to `max_retries`; past `MAX_DEATHS_PER_SLOT` deaths per slot the run stops;
+- stale trials: as it waits, it runs Optuna's heartbeat check, as workers do before each trial;
+- Ctrl-C or SIGTERM: each slot's trial is asked to stop, then killed after a grace period; every
+  trial the run started ends FAIL "interrupted", and the interrupt is raised again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from optuna.trial import TrialState
+
+from tuner.backends.base import Backend, Ended, RunPlan, Slot
+from tuner.backends.feed import FEED_WAIT_S, TrialFeed, take
+from tuner.errors import BackendError
+from tuner.store import attrs, recovery
+from tuner.store.budget import spent
+
+logger = logging.getLogger(__name__)
+
+MAX_DEATHS_PER_SLOT = 3  # beyond this the cause is not one unlucky worker: stop, say why
+INTERRUPT_GRACE_S = 60.0  # how long an interrupted trial may take to end before its slot is killed
+POLL_S = 1.0  # the longest the driver waits without looking at timeouts and stale trials
+INTERRUPTED = "interrupted (Ctrl-C or a stop signal)"
+
+
+@dataclass
+class _Seat:
+    """The driver's record of one slot."""
+
+    slot: Slot
+    index: int
+    handed: int = 0  # trials handed to it
+    since: float | None = None  # when its current trial was handed out (monotonic); None: free
+    handed_at: datetime | None = None  # the same, as wall time, to compare with a trial's start
+
+
+def run(backend: Backend, plan: RunPlan) -> None:
+    """Run the plan's trials on the backend; returns when they are done (see the module)."""
+    Driver(backend, plan).run()
+
+
+class Driver:
+    def __init__(self, backend: Backend, plan: RunPlan) -> None:
+        self.backend = backend
+        self.plan = plan
+        self.remaining = plan.n_trials  # hand-outs left; None: no limit
+        self.deadline = time.time() + plan.timeout if plan.timeout else None
+        self.seats: list[_Seat] = []
+        self.deaths = 0
+        self.feed: TrialFeed | None = None
+        self.fed: queue.Queue | None = None
+        self.study: Any = None
+        self.stale_check_s = 1.0
+        self._next_stale_check = 0.0
+
+    def run(self) -> None:
+        from tuner.settings import get_settings
+        from tuner.store import open_study
+
+        try:
+            self.backend.open(self.plan)
+            # The driver's own connection, for its bookkeeping: which slot ran what, budgets,
+            # stale trials. Opened with heartbeats, so Optuna's stale check retries as workers do.
+            opened = open_study(
+                self.plan.study_name, self.plan.storage_url, heartbeat=True, in_run=True
+            )
+            self.study = opened.study
+            self.stale_check_s = float(get_settings().heartbeat_interval)
+            self._start_feed()
+            while self._step():
+                pass
+        except (KeyboardInterrupt, SystemExit):
+            self._interrupt(INTERRUPTED)
+            raise
+        except BaseException as e:
+            self._interrupt(f"the run stopped: {str(e).splitlines()[0] if str(e) else e!r}")
+            raise
+        finally:
+            self._close()
+
+    # ------------------------------------------------------------------------- one turn
+
+    def _step(self) -> bool:
+        """Start slots, hand out trials, wait for one to end; False when nothing is left."""
+        stopping = self._stopping()
+        if not stopping:
+            self._fill()
+            self._hand_out()
+        if stopping or self.remaining == 0:
+            self._retire_free()
+        busy = self._busy()
+        if not busy:
+            return False
+        self.backend.wait([seat.slot for seat in busy], timeout=POLL_S)
+        for seat in busy:
+            ended = seat.slot.poll()
+            if ended is not None:
+                self._ended(seat, ended)
+        self._end_overdue()
+        self._fail_stale()
+        return True
+
+    def _stopping(self) -> bool:
+        """No new trial starts: past the deadline, or the study spent its GPU-hours."""
+        if self.deadline is not None and time.time() > self.deadline:
+            return True
+        if self.plan.gpu_hours is None:
+            return False
+        return spent(self.study, self.plan.gpus_per_trial, self.plan.gpu_hours)
+
+    def _fill(self) -> None:
+        """Start slots up to the place's capacity, and no more than the trials left need."""
+        wanted = self.backend.capacity(self.plan)
+        if self.remaining is not None:
+            wanted = min(wanted, self.remaining + len(self._busy()))
+        while len(self.seats) < wanted:
+            index = min(set(range(len(self.seats) + 1)) - {s.index for s in self.seats})
+            slot = self.backend.start(self.plan, index)
+            if slot is None:
+                break  # the place is full (another job holds its resources, say)
+            self.seats.append(_Seat(slot, index))
+
+    def _hand_out(self) -> None:
+        """Each free slot gets its next trial; the feed is waited for at most FEED_WAIT_S in
+        all, after which a trial samples for itself rather than keep GPUs waiting."""
+        until = time.monotonic() + FEED_WAIT_S
+        for seat in self.seats:
+            if seat.since is not None or self.remaining == 0:
+                continue
+            seat.slot.run(take(self.fed, max(0.0, until - time.monotonic())))
+            seat.handed += 1
+            seat.since, seat.handed_at = time.monotonic(), datetime.now()
+            if self.remaining is not None:
+                self.remaining -= 1
+
+    def _retire_free(self) -> None:
+        """Free slots with nothing more to run give their resources back now."""
+        for seat in [s for s in self.seats if s.since is None]:
+            self._drop(seat)
+
+    # ------------------------------------------------------------------------- endings
+
+    def _ended(self, seat: _Seat, ended: Ended) -> None:
+        seat.since = None
+        if ended.ran is not None:
+            if ended.ran.requeued:
+                self._give_back()  # its retry takes the place of the trial failed elsewhere
+            if not ended.reusable:
+                self._drop(seat)
+            return
+        self.deaths += 1
+        self._drop(seat)
+        logger.warning("%s died: %s", seat.slot.worker, ended.died)
+        if self.deaths > MAX_DEATHS_PER_SLOT * max(1, self.backend.capacity(self.plan)):
+            raise BackendError(f"trial workers keep dying; last: {ended.died}")
+        self._settle(seat, ended.died or "its worker died", retry=ended.retry)
+
+    def _settle(self, seat: _Seat, reason: str, *, retry: bool) -> None:
+        """A slot's worker is gone: fail the trial it left RUNNING (retried when `retry`), and
+        give back the hand-out when no trial of it is left to count: the worker died before
+        its trial began, or the trial will run again as an enqueued retry."""
+        trials = self._trials_of(seat)
+        if len(trials) < seat.handed:
+            self._give_back()
+            return
+        last = trials[-1]
+        if last.state == TrialState.RUNNING:
+            if recovery.fail_and_retry(
+                self.study, last, reason, max_retries=self.plan.max_retries, retry=retry
+            ):
+                self._give_back()
+        elif retry and recovery.retried(self.study, last):
+            self._give_back()  # failed as stale a moment before, and retried
+
+    def _end_overdue(self) -> None:
+        """Kill the slots whose trial began more than `trial_timeout` ago: a hang would not
+        answer anything gentler. The trial fails and is not retried (it would hang again)."""
+        limit = self.plan.trial_timeout
+        if limit is None:
+            return
+        for seat in self._busy():
+            if time.monotonic() - seat.since <= limit:
+                continue
+            trials = self._trials_of(seat)
+            running = trials[-1] if len(trials) == seat.handed else None
+            if running is None or running.state != TrialState.RUNNING:
+                continue  # its trial has not begun yet (the slot is still loading)
+            began = max(running.datetime_start, seat.handed_at)
+            if (datetime.now() - began).total_seconds() <= limit:
+                continue
+            reason = f"timed out after {limit:g}s (resources.trial_timeout)"
+            logger.warning("trial %d: %s; killing its worker", running.number, reason)
+            self._drop(seat)
+            recovery.fail_and_retry(
+                self.study, running, reason, max_retries=self.plan.max_retries, retry=False
+            )
+
+    def _fail_stale(self) -> None:
+        if time.monotonic() < self._next_stale_check:
+            return
+        self._next_stale_check = time.monotonic() + self.stale_check_s
+        recovery.fail_stale(self.study)
+
+    # ------------------------------------------------------------------------- the rest
+
+    def _start_feed(self) -> None:
+        capacity = self.backend.capacity(self.plan)
+        if self.remaining is not None:
+            capacity = min(capacity, self.remaining)
+        depth = self.plan.feed_depth(capacity)
+        if depth:
+            self.fed = queue.Queue(maxsize=max(depth, capacity))
+            self.feed = TrialFeed(self.plan, self.fed, first=capacity, depth=depth).start()
+
+    def _interrupt(self, reason: str) -> None:
+        """Ask every slot's trial to stop, give them INTERRUPT_GRACE_S to end, then kill the
+        slots and fail whatever they left RUNNING, with `reason`."""
+        try:
+            asked = [seat for seat in self._busy() if seat.slot.interrupt()]
+            until = time.monotonic() + INTERRUPT_GRACE_S
+            while (busy := [s for s in asked if s.since is not None]) and time.monotonic() < until:
+                self.backend.wait([s.slot for s in busy], timeout=0.2)
+                for seat in busy:
+                    if seat.slot.poll() is not None:
+                        seat.since = None
+        finally:
+            seats, self.seats = self.seats, []
+            for seat in seats:
+                seat.slot.kill()
+            for trial in self._left_running(seats):
+                recovery.fail_and_retry(self.study, trial, reason, max_retries=0, retry=False)
+
+    def _close(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
+        for seat in self.seats:
+            seat.slot.kill()
+        self.seats = []
+        self.backend.close()
+
+    def _drop(self, seat: _Seat) -> None:
+        seat.slot.kill()
+        self.seats.remove(seat)
+
+    def _give_back(self) -> None:
+        if self.remaining is not None:
+            self.remaining += 1
+
+    def _busy(self) -> list[_Seat]:
+        return [seat for seat in self.seats if seat.since is not None]
+
+    def _left_running(self, seats: list[_Seat]) -> list[Any]:
+        if self.study is None:
+            return []
+        workers = {seat.slot.worker for seat in seats}
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(attrs.WORKER) in workers
+        ]
+
+    def _trials_of(self, seat: _Seat) -> list[Any]:
+        """The trials the slot ran, oldest first (read afresh: they may have just begun)."""
+        worker = seat.slot.worker
+        trials = self.study.get_trials(deepcopy=False)
+        return [t for t in trials if t.user_attrs.get(attrs.WORKER) == worker]

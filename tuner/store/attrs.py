@@ -1,0 +1,39 @@
+"""The names of what tuner keeps on a study and its trials (Optuna user and system attrs).
+
+One place, so that the process that writes an attr and every process that reads it agree, and
+so that a reader of the store (a notebook, optuna-dashboard) can find what each one means.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- study user attrs
+
+SPACE = "space"  # the validated space as stored; written last, so a study that has it is complete
+SPACE_FILE = "space_file"  # the YAML it was created from, for people
+ARTIFACT_DIR = "artifact_dir"  # where the trials' artifacts (adapters, tokenised data) live
+SWEEP = "sweep"  # a recurring sweep's summary, written when it ends (tuner.sweep)
+
+# ----------------------------------------------------------------------------- trial user attrs
+
+HPARAMS = "hparams"  # the values the trial trained with (multiples resolved), by param name
+BASELINE = "baseline"  # True on the trial of the space's `baseline`
+WARM_START = "warm_start"  # "STUDY#N": enqueued from the previous sweep's trial N
+ADAPTER = "adapter"  # adapter file name -> artifact id
+ADAPTER_DROPPED = "adapter_dropped"  # why a finished trial keeps no adapter (budget.keep_adapters)
+FAIL_REASON = "fail_reason"  # one line: `nan`, `oom`, or the error / who failed it and why
+FAIL_DETAIL = "fail_detail"  # the error behind a `nan` or `oom` reason
+TIMINGS = "timings"  # seconds per phase of the trial
+RANK_STEPS = "rank_steps"  # the step each rank of a multi-GPU trial stopped at
+BEST_TEMPERATURE = "best_temperature"  # the sampling temperature an export uses
+# Where the trial runs, so that whoever outlives its worker can fail it (tuner.store.recovery).
+WORKER = "worker"  # the backend's id of the slot that runs it
+HOST = "host"
+PID = "worker_pid"
+
+# ----------------------------------------------------------------------------- trial system attrs
+
+FED = "tuner_fed"  # True when the driver sampled the trial's params (tuner.backends.feed)
+# Optuna's own, read by tuner: set by `enqueue_trial` and by the retry of a failed trial.
+FIXED_PARAMS = "fixed_params"
+FAILED_TRIAL = "failed_trial"  # the number of the trial a retry replaces
+RETRY_HISTORY = "retry_history"

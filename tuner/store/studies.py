@@ -1,0 +1,91 @@
+"""Opening a tuner study: the store, the study's stored space, and the sampler and pruner built
+from it. Every process that touches a study (CLI, driver, worker, dashboard) opens it here.
+
+A study holds its own space (user attr `space`), so any machine with the storage URL can run more
+of its trials with no YAML file at hand, and `optuna.load_study` opens it like any other.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from tuner.errors import StorageError
+from tuner.space import Space
+from tuner.store import attrs
+from tuner.store.rdb import open_storage
+from tuner.store.urls import mask_url, resolve_url
+
+
+@dataclass
+class OpenStudy:
+    study: optuna.Study
+    space: Space
+    artifact_dir: Path
+    url: str
+    store: optuna.storages.RDBStorage  # the study's store without Optuna's per-study cache
+
+
+def open_study(
+    name: str,
+    storage: str | None = None,
+    *,
+    heartbeat: bool = False,
+    seed_offset: int = 0,
+    in_run: bool = False,
+) -> OpenStudy:
+    """Load a tuner study with its sampler and pruner built from the stored space.
+
+    `heartbeat`: this process runs trials (or fails stale ones): they beat, and a trial whose
+    heartbeat went stale is failed and retried up to the space's `resources.max_retries`.
+    `seed_offset` moves the sampler's seed, so that processes sampling apart draw apart.
+    `in_run`: a worker or the driver of a run, whose study `run_study` has opened already: the
+    tables exist, and are not inspected again.
+    """
+    from tuner import algorithms
+    from tuner.store.recovery import RetryStale
+
+    url = resolve_url(storage)
+    store = open_storage(url, heartbeat=heartbeat, tables=not in_run)
+    try:
+        stored = store.get_study_user_attrs(store.get_study_id_from_name(name))
+    except KeyError:
+        raise StorageError(
+            f"no study {name!r} in {mask_url(url)} (see `tuner study list`)"
+        ) from None
+    if attrs.SPACE not in stored:
+        stored = {**stored, attrs.SPACE: wait_for_space(store, name)}
+    space = Space.from_stored(stored[attrs.SPACE])
+    if heartbeat:
+        with warnings.catch_warnings():  # Optuna marks its retry callback experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = RetryStale(max_retry=space.resources.max_retries)
+        store.heartbeat_stale_trial_callback = retry
+    study = optuna.load_study(
+        study_name=name,
+        storage=store,
+        sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
+        pruner=algorithms.build_pruner(space.pruner),
+    )
+    return OpenStudy(study, space, Path(stored[attrs.ARTIFACT_DIR]), url, store)
+
+
+def wait_for_space(store: Any, name: str, wait_s: float = 10) -> dict:
+    """The space stored in study `name`. A study created a moment ago by another process may
+    not have it yet: it is written last."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        stored = store.get_study_user_attrs(store.get_study_id_from_name(name))
+        if attrs.SPACE in stored or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if attrs.SPACE not in stored:
+        raise StorageError(
+            f"study {name!r} was not made by `tuner study create` (it has no stored space)"
+        )
+    return stored[attrs.SPACE]
