@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ class Objective:
         self.data_cache = artifact_dir / "tokenized"
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
+        # Where a Ctrl-C may land in a trial: the whole of the objective, and nothing around it
+        # (creating the trial, telling it), so that an interrupt never leaves a trial half-made.
+        # A worker process that holds its interrupts elsewhere sets it (tuner.backends.local).
+        self.interruptible: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def warm_up(self, *, threads: int) -> None:
         """Prepare this worker process for the workload: import its training stack now (so the
@@ -78,15 +83,16 @@ class Objective:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        recovery.mark(trial, self.worker)
-        if self.on_trial_start is not None:
-            self.on_trial_start(trial)
-        values = self.space.suggest(trial)
-        trial.set_user_attr(attrs.HPARAMS, values)
         timings: dict[str, float] = {}
         self.shared = False
         try:
-            return self._train(trial, values, timings)
+            with self.interruptible():
+                recovery.mark(trial, self.worker)
+                if self.on_trial_start is not None:
+                    self.on_trial_start(trial)
+                values = self.space.suggest(trial)
+                trial.set_user_attr(attrs.HPARAMS, values)
+                return self._train(trial, values, timings)
         except optuna.TrialPruned:
             trial.set_user_attr(attrs.TIMINGS, timings)
             self._record_rank_steps(trial, timings)

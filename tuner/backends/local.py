@@ -9,12 +9,14 @@ gone sees its pipe close and exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +117,44 @@ def _serve(conn: Any, spec: WorkerSpec, gpu: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
     try:
         worker = Worker(spec)
-        while True:
+        held = _HeldInterrupts()
+        worker.objective.interruptible = held.trial
+        while not held.pending:
             try:
                 params = conn.recv()
             except EOFError:
                 return  # the driver is done with this slot, or gone
             conn.send(worker.run_one(params))
     except KeyboardInterrupt:
-        raise SystemExit(130) from None  # Optuna has already marked the trial FAIL
+        pass  # Optuna has marked the trial FAIL, and the objective recorded why
+    raise SystemExit(130)
+
+
+class _HeldInterrupts:
+    """SIGINT in a worker raises KeyboardInterrupt inside a trial's objective only, where the
+    trial records it and ends FAIL. Anywhere else (Optuna creating or telling a trial) it is
+    held: the trial in the making then meets it as it starts, and a trial being told is told,
+    after which the worker exits. A trial is never left RUNNING half-made by a Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.open = False
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        if self.open:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[None]:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = False
 
 
 def visible_gpus() -> list[str]:
