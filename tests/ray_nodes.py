@@ -29,11 +29,19 @@ def free_port() -> int:
 class RayNode:
     """One `ray start --block ARGS`, ready when `ray start` says the runtime started."""
 
-    def __init__(self, *args: str, env: dict[str, str], log: Path, timeout: float = 180) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str],
+        log: Path,
+        timeout: float = 180,
+        cwd: Path | None = None,
+    ) -> None:
         self.log = log
         self.process = subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats", *args],
             env=env,
+            cwd=cwd,  # a node's own working directory: nothing shared through the current one
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -44,6 +52,26 @@ class RayNode:
                 self.stop()
                 raise RuntimeError(f"ray start {' '.join(args)} failed:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+    def runs(self, pid: int) -> bool:
+        """Whether process `pid` (a Ray worker, say) is one of this node's."""
+        import psutil
+
+        try:
+            return any(p.pid == self.process.pid for p in psutil.Process(pid).parents())
+        except psutil.NoSuchProcess:
+            return False
+
+    def kill(self) -> None:
+        """The node is gone at once, as a preempted machine is: SIGKILL to all its processes."""
+        import psutil
+
+        processes = [psutil.Process(self.process.pid)]
+        processes += processes[0].children(recursive=True)
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        self.process.wait()
 
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM to `ray start` (it drains the node and ends its processes, the GCS last), then

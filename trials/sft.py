@@ -23,6 +23,7 @@ from typing import Any
 
 from trials import data as data_mod
 from trials.callbacks import trainer_callback
+from trials.checkpoint import CheckpointCallback, Keeper
 from trials.config import TrialConfig, deepspeed_config, deepspeed_stage
 from trials.evaluate import best_eval_step, final_metrics, last_train_loss
 from trials.generate import score_adapter
@@ -41,6 +42,7 @@ def run(
     timings: dict[str, float] | None = None,
     data_cache: Path | None = None,
     generation: Any | None = None,
+    checkpoints: Keeper | None = None,
 ) -> TrialResult:
     """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
     run stops at once (raising `optuna.TrialPruned`) when the pruner says so.
@@ -49,7 +51,9 @@ def run(
     run is pruned or fails midway. `data_cache` is a folder shared by the study's workers where
     the tokenised data is saved once and loaded by the others; without it each process tokenises.
     With `generation` (a space's objective whose metric scores sampled answers), the trained
-    adapter then answers the validation prompts and `score` holds their mean score.
+    adapter then answers the validation prompts and `score` holds their mean score. With
+    `checkpoints` (trials/checkpoint.py), the run resumes from the keeper's checkpoint, if it has
+    one, and keeps one as often as the keeper asks.
     """
     import torch
 
@@ -66,7 +70,13 @@ def run(
     data = data_mod.prepare(config, tokenizer, cache_dir=data_cache)
     clock.lap("data_s")
 
-    attempt = _Attempt(config, tokenizer, data, output_dir, trial, timings, clock, generation)
+    resume = None
+    if checkpoints is not None:
+        resume = checkpoints.restore(output_dir / "resume")
+        clock.lap("restore_s")
+    attempt = _Attempt(
+        config, tokenizer, data, output_dir, trial, timings, clock, generation, checkpoints, resume
+    )
     oom_retries = 0
     while True:
         try:
@@ -84,7 +94,10 @@ def run(
         # Outside the except block: the traceback held the failed step's tensors until here.
         model = None
         _release_memory()
-        attempt = dataclasses.replace(attempt, config=_halved_batch(attempt.config, reason))
+        # The checkpoint was of the larger batch: the smaller one starts again at step 0.
+        attempt = dataclasses.replace(
+            attempt, config=_halved_batch(attempt.config, reason), resume=None
+        )
         oom_retries += 1
         model = _setup_model(attempt.config)  # the kept base when it survived, else loaded again
 
@@ -125,6 +138,8 @@ class _Attempt:
     timings: dict[str, float]
     clock: _Clock
     generation: Any | None  # the generation objective's settings, when it scores answers
+    checkpoints: Keeper | None  # where checkpoints are kept, when the trial keeps them
+    resume: Path | None  # the checkpoint this attempt resumes from
 
 
 @dataclass(frozen=True)
@@ -164,12 +179,18 @@ def _train(attempt: _Attempt, model: Any) -> _Trained:
     # order then depend on the seed alone, not on what this process ran before.
     transformers.set_seed(config.seed)
     trainer = _setup_trainer(
-        config, model, attempt.tokenizer, attempt.data, attempt.output_dir, attempt.trial
+        config,
+        model,
+        attempt.tokenizer,
+        attempt.data,
+        attempt.output_dir,
+        attempt.trial,
+        attempt.checkpoints,
     )
     clock.lap("setup_s")
     try:
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(attempt.resume) if attempt.resume else None)
             metrics = final_metrics(trainer)
         finally:
             clock.lap("train_s")
@@ -324,6 +345,7 @@ def _setup_trainer(
     data: data_mod.Tokenized,
     output_dir: Path,
     trial: Any | None,
+    checkpoints: Keeper | None = None,
 ) -> Any:
     """TRL's SFTTrainer for one attempt, reporting to `trial` (None: to nobody)."""
     from peft import LoraConfig
@@ -370,7 +392,9 @@ def _setup_trainer(
         eval_strategy="steps",
         eval_steps=config.eval_steps,
         logging_steps=config.logging_steps,
+        # Checkpoints only when the keeper asks (CheckpointCallback); one on local disk.
         save_strategy="no",
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -387,6 +411,7 @@ def _setup_trainer(
         callbacks=[
             pruning := trainer_callback(PruningCallback, trial, metric="eval_loss"),
             timer := trainer_callback(StepTimer),
+            *([trainer_callback(CheckpointCallback, checkpoints)] if checkpoints else []),
         ],
     )
     # With the progress bar off the Trainer prints every log dict; the store has them already.

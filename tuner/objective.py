@@ -25,6 +25,7 @@ import optuna
 from tuner.space import Space
 from tuner.store import attrs, recovery, retention
 from tuner.store.artifacts import open_store
+from tuner.store.checkpoints import Saved, StoredCheckpoints, resumable
 from tuner.store.ranking import rank_key
 
 logger = logging.getLogger(__name__)
@@ -116,29 +117,40 @@ class Objective:
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
         started = time.perf_counter()
         config = self.space.trial_config(values)
+        checkpoints = self._checkpoints(trial, resume=resumable(trial))
         if self.ranks > 1:
             from trials import distributed
 
-            distributed.share(config.model_dump())
+            distributed.share({"config": config.model_dump(), **_checkpoint_payload(checkpoints)})
             self.shared = True
-        with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-            result = self._run(config, trial, timings, Path(tmp))
-            self._record_rank_steps(trial, timings)
-            value = result.metric(self.space.objective.metric)
-            if not math.isfinite(value):
-                raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
-            if result.adapter_dir:
-                upload_started = time.perf_counter()
-                keep = self.space.budget.keep_adapters
-                if retention.keep_adapter(
-                    trial.study, self.artifact_store, number=trial.number, value=value, keep=keep
-                ):
-                    trial.set_user_attr(
-                        attrs.ADAPTER, self._upload_adapter(trial, Path(result.adapter_dir))
-                    )
-                else:
-                    trial.set_user_attr(attrs.ADAPTER_DROPPED, f"not among the best {keep}")
-                result.timings["upload_s"] = time.perf_counter() - upload_started
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
+                result = self._run(config, trial, timings, Path(tmp), checkpoints)
+                self._record_rank_steps(trial, timings)
+                return self._finish(trial, config, result, started)
+        finally:
+            # The trial has ended here (finished, pruned, or failed by its own error): nothing
+            # will resume it. A worker that dies never gets here, and its checkpoint stays.
+            if checkpoints is not None:
+                checkpoints.discard()
+
+    def _finish(self, trial: optuna.Trial, config: Any, result: Any, started: float) -> float:
+        """Record what the trial trained and left, and store its adapter."""
+        value = result.metric(self.space.objective.metric)
+        if not math.isfinite(value):
+            raise NonFiniteObjective(f"{self.space.objective.metric} is {value}")
+        if result.adapter_dir:
+            upload_started = time.perf_counter()
+            keep = self.space.budget.keep_adapters
+            if retention.keep_adapter(
+                trial.study, self.artifact_store, number=trial.number, value=value, keep=keep
+            ):
+                trial.set_user_attr(
+                    attrs.ADAPTER, self._upload_adapter(trial, Path(result.adapter_dir))
+                )
+            else:
+                trial.set_user_attr(attrs.ADAPTER_DROPPED, f"not among the best {keep}")
+            result.timings["upload_s"] = time.perf_counter() - upload_started
         facts = asdict(result)
         facts.pop("adapter_dir")
         facts["timings"]["objective_s"] = time.perf_counter() - started
@@ -171,17 +183,29 @@ class Objective:
         payload = distributed.share(None)
         if payload is None:
             return None
-        config = TrialConfig.model_validate(payload)
+        config = TrialConfig.model_validate(payload["config"])
+        checkpoints = None
+        if payload.get("checkpoint_token"):
+            checkpoints = self._checkpoints(
+                None, resume=Saved.from_attr(payload["resume"]), token=payload["checkpoint_token"]
+            )
         timings: dict[str, float] = {}
         with (
             tempfile.TemporaryDirectory(prefix="tuner-rank-") as tmp,
             contextlib.suppress(optuna.TrialPruned),  # rank 0 records the prune
         ):
-            self._run(config, None, timings, Path(tmp))
+            self._run(config, None, timings, Path(tmp), checkpoints)
         distributed.gather(timings.get("stopped_at_step"))
         return timings.get("stopped_at_step")
 
-    def _run(self, config: Any, trial: optuna.Trial | None, timings: dict, tmp: Path) -> Any:
+    def _run(
+        self,
+        config: Any,
+        trial: optuna.Trial | None,
+        timings: dict,
+        tmp: Path,
+        checkpoints: StoredCheckpoints | None = None,
+    ) -> Any:
         return run_workload(
             config,
             trial=trial,
@@ -189,7 +213,30 @@ class Objective:
             output_dir=tmp,
             cache=self.data_cache,
             objective=self.space.objective,
+            checkpoints=checkpoints,
         )
+
+    def _checkpoints(
+        self, trial: optuna.Trial | None, *, resume: Saved | None, token: str | None = None
+    ) -> StoredCheckpoints | None:
+        """This process's keeper of the trial's checkpoints; None when the space keeps none
+        (`resources.checkpoint_every`) or the workload has no steps to resume."""
+        resources = self.space.resources
+        if resources.checkpoint_every is None or self.space.fixed.get("workload") == "simulated":
+            return None
+        rank = 0 if trial is not None else _rank()
+        keeper = StoredCheckpoints(
+            self.artifact_store,
+            every_steps=resources.checkpoint_steps,
+            every_seconds=resources.checkpoint_seconds,
+            rank=rank,
+            ranks=self.ranks if trial is not None else _world(),
+            trial=trial,
+            resume=resume,
+        )
+        if token is not None:
+            keeper.token = token
+        return keeper
 
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
         """Store the adapter's files in the study's artifact store, linked from the trial, so an
@@ -222,6 +269,7 @@ def run_workload(
     output_dir: Path,
     cache: Path,
     objective: Any = None,
+    checkpoints: Any = None,
 ) -> Any:
     """The trial's workload (`fixed.workload`), on this process's share of the trial."""
     if config.workload == "simulated":
@@ -238,6 +286,7 @@ def run_workload(
         timings=timings,
         data_cache=cache,
         generation=generation,
+        checkpoints=checkpoints,
     )
 
 
@@ -263,3 +312,19 @@ def _failure_kind(error: BaseException) -> str | None:
     if type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower():
         return "oom"
     return None
+
+
+def _checkpoint_payload(checkpoints: StoredCheckpoints | None) -> dict[str, Any]:
+    """What the other ranks of a multi-GPU trial need to keep their part of its checkpoints."""
+    if checkpoints is None:
+        return {}
+    resume = checkpoints.resume.as_attr() if checkpoints.resume else None
+    return {"checkpoint_token": checkpoints.token, "resume": resume}
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -306,6 +306,13 @@ class Resources(BaseModel):
         description="Seconds (or 30m, 2h) after which a running trial is ended: its worker is "
         "killed (a hang does not answer anything gentler) and the trial fails, not retried.",
     )
+    checkpoint_every: int | str | None = Field(
+        default=None,
+        description="A checkpoint of a running trial (adapter, optimizer, scheduler, RNG states, "
+        "step) in the study's artifact store every N optimizer steps (a whole number) or every "
+        "so long (30m, 1h); a trial whose worker or node died resumes from its last one. "
+        "Null: none, a retry starts again at step 0.",
+    )
     lookahead: int | None = Field(
         default=None,
         ge=0,
@@ -313,6 +320,33 @@ class Resources(BaseModel):
         "one at once (tuner/backends/feed.py). Default: one per trial slot; 0: each worker "
         "samples for itself, as plain Optuna does.",
     )
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _steps_or_duration(cls, value: Any) -> Any:
+        # A whole number counts optimizer steps; a duration (with its unit) counts time.
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, str) and not value.strip().isdigit():
+            parse_duration(value)  # raises with what is allowed
+            return value.strip()
+        raise ValueError(
+            "must be a whole number of steps above 0 or a duration such as 30m, 1h "
+            f"(got {shown(value)})"
+        )
+
+    @property
+    def checkpoint_steps(self) -> int | None:
+        return self.checkpoint_every if isinstance(self.checkpoint_every, int) else None
+
+    @property
+    def checkpoint_seconds(self) -> float | None:
+        every = self.checkpoint_every
+        return parse_duration(every) if isinstance(every, str) else None
 
     @model_validator(mode="after")
     def _whole_ranks(self) -> Resources:

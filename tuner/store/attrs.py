@@ -25,6 +25,8 @@ FAIL_DETAIL = "fail_detail"  # the error behind a `nan` or `oom` reason
 TIMINGS = "timings"  # seconds per phase of the trial
 RANK_STEPS = "rank_steps"  # the step each rank of a multi-GPU trial stopped at
 BEST_TEMPERATURE = "best_temperature"  # the sampling temperature an export uses
+CHECKPOINT = "checkpoint"  # the checkpoint a retry resumes from: token, step, ranks
+RESUMED_FROM_STEP = "resumed_from_step"  # the step a retry of a dead worker's trial resumed at
 # Where the trial runs, so that whoever outlives its worker can fail it (tuner.store.recovery).
 WORKER = "worker"  # the backend's id of the slot that runs it
 HOST = "host"

@@ -70,12 +70,24 @@ def fail_and_retry(
 
 class RetryStale(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry of a failed trial, without the facts of the failed attempt (where it ran,
-    why it failed). The store calls it for each trial its heartbeat check fails."""
+    why it failed). The store calls it for each trial its heartbeat check fails.
+
+    A trial that kept a checkpoint (tuner.store.checkpoints) passes it on with its user attrs,
+    and its intermediate values up to the checkpoint's step: the retry resumes there, so its
+    learning curve carries on. Without one, the retry starts at step 0 with no values."""
+
+    def __init__(self, max_retry: int | None = None) -> None:
+        super().__init__(max_retry=max_retry, inherit_intermediate_values=True)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
         clean.user_attrs = {
             k: v for k, v in trial.user_attrs.items() if k not in _PER_ATTEMPT_ATTRS
+        }
+        saved = trial.user_attrs.get(attrs.CHECKPOINT)
+        step = saved["step"] if isinstance(saved, dict) else -1
+        clean.intermediate_values = {
+            s: v for s, v in trial.intermediate_values.items() if s <= step
         }
         super().__call__(study, clean)
 
