@@ -10,4 +10,8 @@ fi
 if [ -r "$secrets/ray_token" ]; then
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$secrets/ray_token"
 fi
+# S3 artifacts (TUNER_ARTIFACTS=s3://...): boto3 reads an AWS shared credentials file.
+if [ -z "${AWS_SHARED_CREDENTIALS_FILE:-}" ] && [ -r "$secrets/aws_credentials" ]; then
+  export AWS_SHARED_CREDENTIALS_FILE="$secrets/aws_credentials"
+fi
 exec "$@"
