@@ -63,6 +63,17 @@ NTrials = Annotated[
     int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+Address = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:10001; or its job API, "
+        "http://HEAD:8265, to run as a Ray job from a machine off the cluster (Ctrl-C stops it)."
+    ),
+]
+WorkingDir = Annotated[Path, typer.Option(help="Uploaded as the Ray job's working directory.")]
+Requirements = Annotated[
+    Path | None, typer.Option(help="A pip requirements file installed for the Ray job.")
+]
 Timeout = Annotated[
     str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
 ]
@@ -98,16 +109,22 @@ def study_run(
             show_default=False,
         ),
     ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001.")
-    ] = None,
+    address: Address = None,
 ) -> None:
     """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly."""
+    from tuner import backends
     from tuner.space import parse_duration
     from tuner.study import best_report, run_study
 
     seconds = _duration(timeout, parse_duration)
     _stop_on_sigterm()
+    if backends.is_job_address(address):
+        _check_job_backend(backend)
+        job = backends.submit_study(
+            name, address=address, storage=storage, n_trials=n_trials, timeout=timeout
+        )
+        _follow(job, foreground=True)
+        return
     with _ProgressBar() as bar:
         try:
             progress = run_study(
@@ -148,18 +165,23 @@ def study_submit(
     storage: Storage = None,
     n_trials: NTrials = None,
     timeout: Timeout = None,
-    working_dir: Annotated[
-        Path, typer.Option(help="Uploaded as the job's working directory.")
-    ] = Path("."),
-    requirements: Annotated[
-        Path | None, typer.Option(help="A pip requirements file installed for the job.")
-    ] = None,
+    working_dir: WorkingDir = Path("."),
+    requirements: Requirements = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Show the job's log until it ends, and exit with its status "
+            "(Ctrl-C leaves it running).",
+        ),
+    ] = False,
 ) -> None:
     """Submit the sweep to a Ray cluster as a job; prints the job id."""
     from tuner.backends import submit_study
     from tuner.space import parse_duration
 
     _duration(timeout, parse_duration)  # a bad value fails here, not on the cluster
+    _stop_on_sigterm()
     job = submit_study(
         name,
         address=address,
@@ -170,11 +192,10 @@ def study_submit(
         requirements=requirements,
     )
     typer.echo(job.job_id)
-    typer.echo(
-        f"follow it: ray job logs --follow {job.job_id} --address {job.address}\n"
-        f"stop it:   ray job stop {job.job_id} --address {job.address}",
-        err=True,
-    )
+    if follow:
+        _follow(job, foreground=False)
+        return
+    typer.echo(_job_hints(job), err=True)
 
 
 @study_app.command("list")
@@ -309,9 +330,7 @@ def sweep_run(
     ] = None,
     storage: Storage = None,
     backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
-    address: Annotated[
-        str | None, typer.Option(help="Ray cluster: auto, HOST:PORT or ray://HOST:10001.")
-    ] = None,
+    address: Address = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
     date: Annotated[
         str | None,
@@ -322,20 +341,42 @@ def sweep_run(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option(help="Summaries and exported champions (default: sweeps/NAME)."),
+        typer.Option(
+            help="Summaries and exported champions (default: sweeps/NAME); "
+            "with an http:// --address, a folder on the cluster."
+        ),
     ] = None,
+    working_dir: WorkingDir = Path("."),
+    requirements: Requirements = None,
 ) -> None:
     """One sweep of a series: create or resume today's study, run it to the budget, promote."""
     import datetime as dt
 
+    from tuner import backends
     from tuner.store.locks import Busy
-    from tuner.sweep import ExportFailed, run_sweep
+    from tuner.sweep import ExportFailed, run_sweep, submit_sweep
 
     try:
         day = dt.date.fromisoformat(date) if date is not None else None
     except ValueError:
         raise TunerError(f"--date must be YYYY-MM-DD (got {date!r})") from None
     _stop_on_sigterm()
+    if backends.is_job_address(address):
+        # The whole sweep is the job: its lock, promotion and summary run on the cluster.
+        _check_job_backend(backend)
+        job = submit_sweep(
+            space,
+            address=address,
+            prefix=name,
+            storage=storage,
+            date=day,
+            wait=wait,
+            out=out,
+            working_dir=working_dir,
+            requirements=requirements,
+        )
+        _follow(job, foreground=True)
+        return
     with _ProgressBar() as bar:
         try:
             summary = run_sweep(
@@ -499,6 +540,51 @@ def _duration(text: str | None, parse) -> float | None:  # noqa: ANN001
         raise TunerError(f"--timeout {e}") from None
 
 
+def _check_job_backend(backend: str | None) -> None:
+    if backend not in (None, "ray"):
+        raise TunerError(
+            f"--address http(s)://... is a Ray cluster's job API: it needs --backend ray "
+            f"(got --backend {backend})"
+        )
+
+
+def _job_hints(job: Any) -> str:
+    where = f"{job.job_id} --address {job.address}"
+    return f"follow it: ray job logs --follow {where}\nstop it:   ray job stop {where}"
+
+
+def _follow(job: Any, *, foreground: bool) -> None:
+    """Show a Ray job's log as it runs and exit with its status. Ctrl-C stops a foreground
+    run's job (`study run`/`sweep run` with an http:// address), as it would stop a local run;
+    a submitted job (`study submit --follow`) keeps running."""
+    from tuner.backends import follow_job
+
+    def show(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    typer.echo(f"Ray job {job.job_id} at {job.address}:", err=True)
+    try:
+        outcome = follow_job(job, on_log=show, stop_on_interrupt=foreground)
+    except KeyboardInterrupt:
+        if foreground:
+            typer.echo(
+                f"interrupted: stopped Ray job {job.job_id}; the same command continues the run",
+                err=True,
+            )
+        else:
+            typer.echo(f"Ray job {job.job_id} keeps running\n{_job_hints(job)}", err=True)
+        raise typer.Exit(130) from None
+    if outcome.exit_code:
+        said = f": {outcome.message}" if outcome.message else ""
+        typer.echo(
+            f"Ray job {job.job_id} {outcome.status.lower()} (exit {outcome.exit_code}){said}",
+            err=True,
+        )
+        raise typer.Exit(outcome.exit_code)
+    typer.echo(f"Ray job {job.job_id} succeeded", err=True)
+
+
 def _stop_on_sigterm() -> None:
     """`kill`, systemd and job schedulers stop with SIGTERM: clean up as for Ctrl-C."""
     import signal
@@ -587,7 +673,8 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
+    # ray...job.sdk: "WebSocket closed" as a followed job's log ends.
+    for noisy in ("httpx", "urllib3", "filelock", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         code = app(standalone_mode=False)

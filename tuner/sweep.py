@@ -23,11 +23,12 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import backends
 from tuner.errors import TunerError
 from tuner.space import Space, load_space
 from tuner.store import attrs, mask_url, open_storage, resolve_url
@@ -42,6 +43,9 @@ from tuner.study import (
     create_study,
     run_study,
 )
+
+if TYPE_CHECKING:
+    from tuner.backends import Submitted
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +74,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """One sweep of the series; returns its summary. `locks.Busy` if one is running already."""
     parsed = load_space(space)
-    prefix = prefix or parsed.name
-    if not _PREFIX.match(prefix):
-        raise TunerError(
-            f"--name {prefix!r}: a series name is letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit"
-        )
+    prefix = _series(prefix or parsed.name)
     date = date or dt.date.today()
     name = f"{prefix}-{date.isoformat()}"
     url = resolve_url(storage)
@@ -123,6 +122,73 @@ def run_sweep(
     if error is not None:
         raise ExportFailed(f"sweep {name} ran, but its best could not be exported: {error}")
     return summary
+
+
+def submit_sweep(
+    space: str | Path,
+    *,
+    address: str,
+    prefix: str | None = None,
+    storage: str | None = None,
+    date: dt.date | None = None,
+    wait: bool = False,
+    out: str | Path | None = None,
+    working_dir: str | Path = ".",
+    requirements: str | Path | None = None,
+) -> Submitted:
+    """One sweep of the series as a Ray job at `address` (the dashboard's http://HEAD:8265),
+    for a driver off the cluster. The whole `tuner sweep run` is the job, so the series lock,
+    the promotion and the summary happen on the cluster, beside the trials. The space and the
+    series name are checked here, before anything is uploaded; the store is not opened here (it
+    may be reachable from the cluster only)."""
+    parsed = load_space(space)
+    working_dir = Path(working_dir).resolve()
+    prefix = _series(prefix or parsed.name)
+    # Named by the submitter's day, not the cluster's clock: the same study whoever runs it.
+    date = date or dt.date.today()
+    command = ["sweep", "run", "--space", _space_in(space, working_dir), "--name", prefix]
+    command += ["--backend", "ray", "--date", date.isoformat()]
+    command += ["--wait"] if wait else []
+    command += ["--out", str(out)] if out is not None else []
+    job = backends.submit_job(
+        command,
+        address=address,
+        storage=resolve_url(storage),
+        working_dir=working_dir,
+        requirements=requirements,
+        metadata={"tuner_sweep": f"{prefix}-{date.isoformat()}"},
+    )
+    if out is None or not Path(out).is_absolute():
+        logger.warning(
+            "the sweep's summaries and champion exports go to %s in the job's working directory "
+            "on the cluster, which Ray deletes later: pass --out with an absolute path there",
+            out or f"sweeps/{prefix}",
+        )
+    return job
+
+
+def _series(prefix: str) -> str:
+    if not _PREFIX.match(prefix):
+        raise TunerError(
+            f"--name {prefix!r}: a series name is letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
+        )
+    return prefix
+
+
+def _space_in(space: str | Path, working_dir: Path) -> str:
+    """The space as the job finds it: a file here travels inside the working directory, so it
+    is named relative to it; a packaged name is left as it is."""
+    path = Path(space).expanduser()
+    if not path.exists():
+        return str(space)  # a packaged space (load_space found it): the cluster's tuner has it
+    try:
+        return path.resolve().relative_to(working_dir).as_posix()
+    except ValueError:
+        raise TunerError(
+            f"--space {space} is outside --working-dir {working_dir}: the job sees only that "
+            "folder, uploaded; move the space into it or pass another --working-dir"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- the series

@@ -15,16 +15,28 @@ from tuner.backends.base import Backend, RunPlan
 from tuner.errors import TunerError
 
 if TYPE_CHECKING:
-    from tuner.backends.ray_job import submit_study
+    from tuner.backends.ray_job import (
+        JobOutcome,
+        Submitted,
+        follow_job,
+        is_job_address,
+        submit_job,
+        submit_study,
+    )
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "JobOutcome",
     "RunPlan",
+    "Submitted",
     "check_name",
     "default_backend",
+    "follow_job",
     "get_backend",
+    "is_job_address",
     "run_trials",
+    "submit_job",
     "submit_study",
 ]
 
@@ -33,8 +45,19 @@ BACKENDS = {
     "ray": "tuner.backends.ray:RayBackend",  # actors on a Ray cluster
 }
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for a job's entrypoint
-# What a backend offers beyond running trials, loaded on first use.
-_LAZY = {"submit_study": "tuner.backends.ray_job"}  # `tuner study submit`: a sweep as a Ray job
+# What a backend offers beyond running trials, loaded on first use: a run as a Ray job
+# (`tuner study submit`, `--address http://HEAD:8265`), for a driver off the cluster.
+_LAZY = {
+    name: "tuner.backends.ray_job"
+    for name in (
+        "submit_study",
+        "submit_job",
+        "follow_job",
+        "is_job_address",
+        "Submitted",
+        "JobOutcome",
+    )
+}
 
 
 def __getattr__(name: str) -> Any:

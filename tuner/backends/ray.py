@@ -22,6 +22,7 @@ import uuid
 from typing import Any
 
 from tuner.backends.base import Ended, RunPlan
+from tuner.backends.ray_job import is_job_address
 from tuner.backends.worker import Worker, WorkerSpec
 from tuner.errors import BackendError
 from tuner.store import mask_url, strip_password
@@ -213,6 +214,12 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if is_job_address(address):
+        # The job API, not a GCS: a driver there runs as a Ray job (tuner/backends/ray_job.py).
+        raise BackendError(
+            f"--address {address} is a Ray job API: submit the run as a job "
+            "(`tuner study submit`, or `tuner study run`/`tuner sweep run` from the CLI)"
+        )
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         _ensure_token()
