@@ -306,6 +306,13 @@ class Resources(BaseModel):
         description="Seconds (or 30m, 2h) after which a running trial is ended: its worker is "
         "killed (a hang does not answer anything gentler) and the trial fails, not retried.",
     )
+    placement_timeout: Seconds = Field(
+        default=1200,
+        gt=0,
+        description="Seconds (or 20m, 1h) a Ray run may wait with no trial placed (its "
+        "autoscaler adding nodes, from zero at first) before it fails with one line naming what "
+        "a trial asks for and the most any node offered. Default 20m.",
+    )
     lookahead: int | None = Field(
         default=None,
         ge=0,
