@@ -73,6 +73,7 @@ class RayBackend:
 
     def start(self, plan: RunPlan, index: int) -> RaySlot:
         from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         ranks = plan.ranks
         spec = WorkerSpec(
@@ -90,13 +91,22 @@ class RayBackend:
         group = placement_group(
             [{k: v for k, v in bundle.items() if v > 0}] * ranks, strategy="STRICT_PACK"
         )
-        return RaySlot(spec, self.actor, group, bundle)
+        # The actors are made at once, in the group: Ray starts them the moment it is placed.
+        actors = [
+            self.actor.options(
+                num_gpus=bundle["GPU"],
+                num_cpus=bundle["CPU"],
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
+            ).remote(dataclasses.replace(spec, rank=rank))
+            for rank in range(ranks)
+        ]
+        return RaySlot(spec.worker, actors, group)
 
     def wait(self, slots: list[RaySlot], timeout: float) -> None:
         import ray
 
-        refs = [ref for slot in slots for ref in (slot.pending if slot.actors else [slot.ready])]
-        if any(not slot.actors for slot in slots):
+        refs = [ref for slot in slots for ref in (slot.pending if slot.held else [slot.ready])]
+        if any(not slot.held for slot in slots):
             self._look_at_nodes()
         if refs:
             ray.wait(refs, num_returns=1, timeout=timeout)
@@ -134,44 +144,30 @@ class RayBackend:
 
 class RaySlot:
     """Where one trial runs at a time: one actor, or for a multi-GPU trial one actor per GPU
-    (rank 0 first), joined in one torch process group for the slot's lifetime. Its placement
-    group is made first; the actors start once it is placed (`placed`)."""
+    (rank 0 first), joined in one torch process group for the slot's lifetime. The actors wait
+    for their placement group to be placed, then start (and warm up) in it."""
 
-    def __init__(self, spec: WorkerSpec, actor: Any, group: Any, bundle: dict) -> None:
-        self.worker = spec.worker
-        self.spec = spec
-        self.actor = actor
+    def __init__(self, worker: str, actors: list[Any], group: Any) -> None:
+        self.worker = worker
+        self.actors = actors
         self.group = group
-        self.bundle = bundle
         self.ready = group.ready()  # resolves when the group holds its resources
-        self.actors: list[Any] = []
-        self.setup: list[Any] = []  # a multi-GPU slot's joins, until each is known to be done
+        self.held = False
+        # A multi-GPU slot's joins, queued on each actor ahead of its first trial; checked
+        # by poll until each is known to be done.
+        self.setup: list[Any] = []
+        if len(actors) > 1:
+            address = actors[0].rendezvous.remote()  # passed on as the value it resolves to
+            self.setup = [actor.join.remote(address) for actor in actors]
         self.futures: list[Any] = []
         self.pending: list[Any] = []
         self.rank0_done: float | None = None
 
     def placed(self) -> bool:
-        """Whether the group holds its resources; the first time it does, the actors start in
-        it (their warm-up queues ahead of the first trial, without holding up the driver)."""
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if self.actors:
-            return True
-        if not ray.wait([self.ready], timeout=0)[0]:
-            return False
-        self.actors = [
-            self.actor.options(
-                num_gpus=self.bundle["GPU"],
-                num_cpus=self.bundle["CPU"],
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, rank),
-            ).remote(dataclasses.replace(self.spec, rank=rank))
-            for rank in range(self.spec.world)
-        ]
-        if self.spec.world > 1:
-            address = self.actors[0].rendezvous.remote()  # passed on as the value it resolves to
-            self.setup = [actor.join.remote(address) for actor in self.actors]
-        return True
+        self.held = self.held or bool(ray.wait([self.ready], timeout=0)[0])
+        return self.held
 
     def run(self, params: dict[str, Any] | None) -> None:
         """Rank 0 runs the trial (with `params` fed by the driver, if any), the others follow."""
