@@ -9,6 +9,7 @@ ends them if `ray start` dies) share that process group. Stopping it signals tha
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -95,6 +96,78 @@ def start_head(*args: str, env: dict[str, str], temp_dir: Path, log: Path) -> tu
         f"--temp-dir={temp_dir}",
         *args,
         env={**env, "RAY_AUTH_MODE": "token"},
+        log=log,
+    )
+    return node, f"127.0.0.1:{port}"
+
+
+def start_autoscaling_head(
+    worker_types: dict[str, dict],
+    *,
+    head_cpus: int,
+    env: dict[str, str],
+    temp_dir: Path,
+    log: Path,
+) -> tuple[RayNode, str]:
+    """A GPU-less head whose autoscaler launches `worker_types` on this machine (Ray's fake
+    multi-node provider, as `ray.cluster_utils.AutoscalingCluster` uses it), with token auth on.
+
+    Not `AutoscalingCluster.start()`: it runs `ray stop --force` and assumes the GCS on 6379.
+    The worker nodes it launches are processes of the head's autoscaler, in the head's process
+    group, so `RayNode.stop` ends them with it.
+    """
+    port = free_port()
+    config = {
+        "cluster_name": f"fake-{port}",
+        "max_workers": sum(t.get("max_workers", 0) for t in worker_types.values()),
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{port}",
+        },
+        "available_node_types": {
+            "ray.head.default": {
+                "resources": {"CPU": head_cpus, "GPU": 0},
+                "node_config": {},
+                "max_workers": 0,
+            },
+            **{
+                name: {"node_config": {}, "min_workers": 0, **spec}
+                for name, spec in worker_types.items()
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 1,
+        "docker": {},
+        **{key: [] for key in ("initialization_commands", "setup_commands",
+                               "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }  # fmt: skip
+    path = log.with_suffix(".autoscaling.json")
+    path.write_text(json.dumps(config))
+    node = RayNode(
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={head_cpus}",
+        "--num-gpus=0",
+        f"--autoscaling-config={path}",
+        "--include-dashboard=false",  # not needed by the autoscaler; its port may be taken
+        f"--ray-client-server-port={free_port()}",
+        env={
+            **env,
+            "RAY_AUTH_MODE": "token",
+            "RAY_FAKE_CLUSTER": "1",
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        },
         log=log,
     )
     return node, f"127.0.0.1:{port}"

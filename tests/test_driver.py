@@ -27,6 +27,8 @@ class ThreadBackend:
     """`slots` slots, each a thread; a slot waits `start_delay_s` before its worker starts (a
     base model loading), and the first `failed_starts` slots fail to start at all."""
 
+    elastic = False
+
     def __init__(self, *, slots: int, start_delay_s: float = 0.0, failed_starts: int = 0) -> None:
         self.slots = slots
         self.start_delay_s = start_delay_s
@@ -48,6 +50,9 @@ class ThreadBackend:
     def wait(self, slots: list[ThreadSlot], timeout: float) -> None:
         self.changed.wait(timeout)
         self.changed.clear()
+
+    def unplaced(self, plan: RunPlan) -> str:
+        return "threads always start"
 
     def close(self) -> None:
         pass
@@ -78,6 +83,9 @@ class ThreadSlot:
     def run(self, params: dict[str, Any] | None) -> None:
         self.inbox.put(params)
 
+    def placed(self) -> bool:
+        return True
+
     def poll(self) -> Ended | None:
         ended, self.outcome = self.outcome, None
         return ended
@@ -89,10 +97,12 @@ class ThreadSlot:
         self.inbox.put(_STOP)
 
 
-def _study(tmp_path: Path, url: str, lrs: tuple[float, ...]) -> optuna.Study:
+def _study(
+    tmp_path: Path, url: str, lrs: tuple[float, ...], step_seconds: float = 0.05
+) -> optuna.Study:
     space = {
         "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
-        "fixed": {"workload": "simulated", "simulated": {"steps": 2, "step_seconds": 0.05}},
+        "fixed": {"workload": "simulated", "simulated": {"steps": 2, "step_seconds": step_seconds}},
         "pruner": "none",
     }
     name = create_study(write_space(tmp_path / "s.yaml", space), storage=url)

@@ -94,13 +94,25 @@ def study_create(
     typer.echo(create_study(space, name=name, storage=storage, load_if_exists=load_if_exists))
 
 
+Jobs = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="Trials at once. local: default 1. ray: default as many as the trials left; "
+        "those the cluster has no room for wait, asking its autoscaler for nodes.",
+        show_default=False,
+    ),
+]
+
+
 @study_app.command("run")
 def study_run(
     name: str,
     storage: Storage = None,
     n_trials: NTrials = None,
     timeout: Timeout = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
+    jobs: Jobs = None,
     backend: Annotated[
         str | None,
         typer.Option(
@@ -331,7 +343,7 @@ def sweep_run(
     storage: Storage = None,
     backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
     address: Address = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials at once (local).")] = 1,
+    jobs: Jobs = None,
     date: Annotated[
         str | None,
         typer.Option(help="The sweep's date, YYYY-MM-DD (default: today), for backfills."),

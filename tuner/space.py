@@ -313,6 +313,13 @@ class Resources(BaseModel):
         "so long (30m, 1h); a trial whose worker or node died resumes from its last one. "
         "Null: none, a retry starts again at step 0.",
     )
+    placement_timeout: Seconds = Field(
+        default=1200,
+        gt=0,
+        description="Seconds (or 20m, 1h) a Ray run may wait with no trial placed (its "
+        "autoscaler adding nodes, from zero at first) before it fails with one line naming what "
+        "a trial asks for and the most any node offered. Default 20m.",
+    )
     lookahead: int | None = Field(
         default=None,
         ge=0,

@@ -156,7 +156,7 @@ def run_study(
     storage: str | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     backend: str | None = "local",
     address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
@@ -164,14 +164,17 @@ def run_study(
 ) -> Progress:
     """Run `n_trials` more trials (default: until the space's budget).
 
-    `local`: `jobs` worker processes on this machine. `ray`: as many at once as the Ray cluster
-    at `address` holds, by the space's `resources`. None: `ray` inside a Ray job, else `local`.
+    `local`: `jobs` worker processes on this machine (default 1). `ray`: on the Ray cluster at
+    `address`, by the space's `resources`, as many at once as the trials left (or `jobs`): those
+    the cluster has no room for wait, which asks its autoscaler for nodes; none placed within
+    `resources.placement_timeout` fails the run (BackendError). None: `ray` inside a Ray job,
+    else `local`.
     `timeout` (default: the budget's) stops new trials from starting after that many seconds;
     running ones finish. Returns what this run did.
     """
     backend = backend or backends.default_backend()
     backends.check_name(backend)
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise TunerError(f"--jobs must be >= 1 (got {jobs})")
     opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
@@ -186,7 +189,9 @@ def run_study(
         n_trials = max(0, space.budget.n_trials - done)
         logger.info("budget: %d of %d trials done, %d to go", done, space.budget.n_trials, n_trials)
     timeout = timeout if timeout is not None else space.budget.timeout
-    if n_trials is not None:
+    if backend == "local":
+        jobs = jobs or 1
+    if n_trials is not None and jobs is not None:
         jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
     plan = backends.RunPlan(
         name,
@@ -200,6 +205,7 @@ def run_study(
         gpu_hours=space.budget.gpu_hours,
         trial_timeout=space.resources.trial_timeout,
         lookahead=space.resources.lookahead,
+        placement_timeout=space.resources.placement_timeout,
     )
     monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
     monitor.start()

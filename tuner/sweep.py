@@ -66,7 +66,7 @@ def run_sweep(
     storage: str | None = None,
     backend: str = "local",
     address: str | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     date: dt.date | None = None,
     wait: bool = False,
     out: str | Path | None = None,

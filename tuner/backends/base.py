@@ -19,13 +19,14 @@ class RunPlan:
     storage_url: str
     n_trials: int | None  # trials to finish in this run; None: until timeout or interrupted
     timeout: float | None  # seconds after which no new trial starts; running ones finish
-    jobs: int  # trials at once (local backend)
+    jobs: int | None  # trials at once; None: the backend's own (local 1, Ray what the run can use)
     gpus_per_trial: float = 1  # what a trial asks of a cluster (Ray backend)
     cpus_per_trial: float = 1
     max_retries: int = 2  # retries of a trial whose worker died
     gpu_hours: float | None = None  # no trial starts once the study's trials held this much
     trial_timeout: float | None = None  # a trial running longer is killed and failed
     lookahead: int | None = None  # suggestions the driver keeps ready; None: by the slots
+    placement_timeout: float = 1200.0  # no slot placed for this long: the run fails, saying why
 
     @property
     def ranks(self) -> int:
@@ -65,6 +66,10 @@ class Slot(Protocol):
     def run(self, params: dict[str, Any] | None) -> None:
         """Start one trial (fed `params`, or sampled by the worker when None); returns at once."""
 
+    def placed(self) -> bool:
+        """Whether the slot holds its resources, so that a trial handed to it runs (after the
+        slot's warm-up). False while it waits for room: a Ray slot waits for the autoscaler."""
+
     def poll(self) -> Ended | None:
         """How the trial ended, or None while it runs (or the slot is still starting)."""
 
@@ -82,8 +87,14 @@ class Backend(Protocol):
 
     Contract: `start` returns a slot that runs what it is given, one trial at a time, each
     trial recording the slot's `worker` id; `poll` reports a worker that died (its process or
-    node gone) as `Ended(died=...)`. The driver does the rest.
+    node gone) as `Ended(died=...)`. On an `elastic` place a slot may start before there is room
+    for it, and `placed` stays False until there is. The driver does the rest.
     """
+
+    # Whether slots may start beyond the room, and wait for it: on a cluster that grows on
+    # demand, a waiting slot is what asks for the room (the driver then starts as many as the
+    # run can use); elsewhere the driver starts only what `capacity` says fits.
+    elastic: bool
 
     def open(self, plan: RunPlan) -> None:
         """Connect to the place (called once, before anything else)."""
@@ -95,7 +106,11 @@ class Backend(Protocol):
         """A new slot, number `index` among the run's slots; None when there is no room now."""
 
     def wait(self, slots: list[Slot], timeout: float) -> None:
-        """Return when one of `slots` may have ended, or after `timeout` seconds."""
+        """Return when one of `slots` may have ended or been placed, or after `timeout` s."""
+
+    def unplaced(self, plan: RunPlan) -> str:
+        """Why no slot could be placed, in one line: what a trial asks for, and the most any
+        place (node) offered while the run waited."""
 
     def close(self) -> None:
         """Release what `open` took."""

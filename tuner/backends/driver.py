@@ -8,7 +8,13 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
   `worker` id), so a hand-out that never became a trial is given back, and so is one whose
   trial died with its worker and was enqueued again: an enqueued trial (the baseline, a warm
   start, a retry) is never skipped;
-- how many slots run: the place's capacity, never more than the trials left;
+- how many slots run: the place's capacity, never more than the trials left. On an elastic
+  place (a Ray cluster) slots start beyond the room and wait for it, as many as the run can use
+  (the trials left, `--jobs` if given): their waiting is what asks the autoscaler for nodes, and
+  the waiting ones past the trials left are withdrawn. A trial is handed only to a placed slot,
+  so waiting costs no trial, no retry and no death. If no slot is placed for
+  `placement_timeout`, the run fails with one line saying what a trial asks for and the most any
+  node offered: a sweep never ends "0 trials" for want of GPUs;
 - when a trial has run too long (`trial_timeout`, counted from when the trial began, not from
   when its slot was asked: a slot may spend minutes loading a base model first): its slot is
   killed and the trial fails, not retried;
@@ -51,6 +57,8 @@ class _Seat:
     slot: Slot
     index: int
     handed: int = 0  # trials handed to it
+    started: float = 0.0  # when the slot was started (monotonic)
+    placed: bool = False  # holds its resources; until then it waits for room, and gets no trial
     since: float | None = None  # when its current trial was handed out (monotonic); None: free
     handed_at: datetime | None = None  # the same, as wall time, to compare with a trial's start
 
@@ -73,6 +81,11 @@ class Driver:
         self.study: Any = None
         self.stale_check_s = 1.0
         self._next_stale_check = 0.0
+        self.peak_placed = 0  # the most slots placed at once: what the death cap scales with
+        self._unplaced_since: float | None = None  # since when no slot is placed, and some wait
+        self._asked = 0  # waiting slots last reported
+        self._asked_at: float | None = None  # when the first slot that had to wait was started
+        self._told_placed = False
 
     def run(self) -> None:
         from tuner.settings import get_settings
@@ -106,19 +119,22 @@ class Driver:
         stopping = self._stopping()
         if not stopping:
             self._fill()
+            self._place()
             self._hand_out()
         if stopping or self.remaining == 0:
             self._retire_free()
-        busy = self._busy()
-        if not busy:
+        busy, waiting = self._busy(), [seat for seat in self.seats if not seat.placed]
+        if not busy and not waiting:
             return False
-        self.backend.wait([seat.slot for seat in busy], timeout=POLL_S)
+        self.backend.wait([seat.slot for seat in busy + waiting], timeout=POLL_S)
         for seat in busy:
             ended = seat.slot.poll()
             if ended is not None:
                 self._ended(seat, ended)
         self._end_overdue()
         self._fail_stale()
+        self._place()
+        self._watch_placement()
         return True
 
     def _stopping(self) -> bool:
@@ -129,24 +145,82 @@ class Driver:
             return False
         return spent(self.study, self.plan.gpus_per_trial, self.plan.gpu_hours)
 
-    def _fill(self) -> None:
-        """Start slots up to the place's capacity, and no more than the trials left need."""
-        wanted = self.backend.capacity(self.plan)
+    def _wanted(self) -> int:
+        """How many slots to keep: the place's capacity (on an elastic place, `--jobs` or as
+        many as the run can use), and no more than the trials left need."""
+        if not self.backend.elastic:
+            wanted: int | None = self.backend.capacity(self.plan)
+        else:
+            wanted = self.plan.jobs
         if self.remaining is not None:
-            wanted = min(wanted, self.remaining + len(self._busy()))
+            left = self.remaining + len(self._busy())
+            wanted = left if wanted is None else min(wanted, left)
+        if wanted is None:
+            # No end to the trials: the room there is, and one slot more that waits, asking for
+            # the next node until the cluster's maximum.
+            placed = sum(seat.placed for seat in self.seats)
+            wanted = max(self.backend.capacity(self.plan), placed) + 1
+        return wanted
+
+    def _fill(self) -> None:
+        """Start slots up to `_wanted`; past it, withdraw the slots still waiting for room."""
+        wanted = self._wanted()
+        for seat in [s for s in self.seats if not s.placed][::-1]:
+            if len(self.seats) <= wanted:
+                break
+            self._drop(seat)
         while len(self.seats) < wanted:
             index = min(set(range(len(self.seats) + 1)) - {s.index for s in self.seats})
             slot = self.backend.start(self.plan, index)
             if slot is None:
                 break  # the place is full (another job holds its resources, say)
-            self.seats.append(_Seat(slot, index))
+            self.seats.append(_Seat(slot, index, started=time.monotonic()))
+
+    def _place(self) -> None:
+        """Note the slots that got their resources; they can take trials from now on."""
+        now = time.monotonic()
+        for seat in self.seats:
+            if seat.placed or not seat.slot.placed():
+                continue
+            seat.placed = True
+            if self._asked_at is not None and not self._told_placed:
+                self._told_placed = True
+                logger.info("first trial placed after %.1f s", now - self._asked_at)
+            elif now - seat.started >= POLL_S:
+                left = sum(not s.placed for s in self.seats)
+                waited = now - seat.started
+                logger.info("%s placed after %.1f s; %d still wait", seat.slot.worker, waited, left)
+        self.peak_placed = max(self.peak_placed, sum(seat.placed for seat in self.seats))
+
+    def _watch_placement(self) -> None:
+        """Say what the run waits for; fail it when no slot could be placed for
+        `placement_timeout` (raise BackendError, with what a trial asks for)."""
+        now = time.monotonic()
+        waiting = [s for s in self.seats if not s.placed and now - s.started >= POLL_S]
+        if len(waiting) > self._asked:
+            if self._asked_at is None:
+                self._asked_at = min(seat.started for seat in waiting)
+            logger.info(
+                "waiting for the autoscaler: asked for %d × %s", len(waiting), _bundle(self.plan)
+            )
+        self._asked = len(waiting)
+        if not waiting or any(seat.placed for seat in self.seats):
+            self._unplaced_since = None
+            return
+        if self._unplaced_since is None:
+            self._unplaced_since = min(seat.started for seat in waiting)
+        if now - self._unplaced_since > self.plan.placement_timeout:
+            raise BackendError(
+                f"no trial could be placed in {self.plan.placement_timeout:g} s "
+                f"(resources.placement_timeout): {self.backend.unplaced(self.plan)}"
+            )
 
     def _hand_out(self) -> None:
         """Each free slot gets its next trial; the feed is waited for at most FEED_WAIT_S in
         all, after which a trial samples for itself rather than keep GPUs waiting."""
         until = time.monotonic() + FEED_WAIT_S
         for seat in self.seats:
-            if seat.since is not None or self.remaining == 0:
+            if seat.since is not None or not seat.placed or self.remaining == 0:
                 continue
             seat.slot.run(take(self.fed, max(0.0, until - time.monotonic())))
             seat.handed += 1
@@ -155,7 +229,8 @@ class Driver:
                 self.remaining -= 1
 
     def _retire_free(self) -> None:
-        """Free slots with nothing more to run give their resources back now."""
+        """Free slots with nothing more to run give their resources back now, and the waiting
+        ones their ask."""
         for seat in [s for s in self.seats if s.since is None]:
             self._drop(seat)
 
@@ -172,7 +247,7 @@ class Driver:
         self.deaths += 1
         self._drop(seat)
         logger.warning("%s died: %s", seat.slot.worker, ended.died)
-        if self.deaths > MAX_DEATHS_PER_SLOT * max(1, self.backend.capacity(self.plan)):
+        if self.deaths > MAX_DEATHS_PER_SLOT * max(1, self.peak_placed):
             raise BackendError(f"trial workers keep dying; last: {ended.died}")
         self._settle(seat, ended.died or "its worker died", retry=ended.retry)
 
@@ -285,3 +360,8 @@ class Driver:
         worker = seat.slot.worker
         trials = self.study.get_trials(deepcopy=False)
         return [t for t in trials if t.user_attrs.get(attrs.WORKER) == worker]
+
+
+def _bundle(plan: RunPlan) -> str:
+    """What one slot asks for, as the autoscaler sees it: `{GPU: 1, CPU: 1}`."""
+    return f"{{GPU: {plan.gpus_per_trial:g}, CPU: {plan.cpus_per_trial:g}}}"

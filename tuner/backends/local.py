@@ -30,17 +30,20 @@ GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # NVIDIA's and AMD's (ROCm) k
 
 
 class LocalBackend:
+    elastic = False  # this machine does not grow: `jobs` workers, placed as they start
+
     def __init__(self, address: str | None = None) -> None:
         # This machine is the place: there is no cluster address to use.
         self.ctx = mp.get_context("spawn")
 
     def open(self, plan: RunPlan) -> None:
-        self.threads = max(1, (os.cpu_count() or 1) // plan.jobs)
-        self.gpus = assign_gpus(plan.jobs, visible_gpus())
+        jobs = self.capacity(plan)
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.gpus = assign_gpus(jobs, visible_gpus())
         self.log_level = logging.getLogger("tuner").getEffectiveLevel()
 
     def capacity(self, plan: RunPlan) -> int:
-        return plan.jobs
+        return plan.jobs or 1
 
     def start(self, plan: RunPlan, index: int) -> LocalSlot:
         spec = WorkerSpec(
@@ -64,6 +67,9 @@ class LocalBackend:
         handles = [h for slot in slots for h in (slot.conn, slot.process.sentinel)]
         multiprocessing.connection.wait(handles, timeout)
 
+    def unplaced(self, plan: RunPlan) -> str:
+        return "worker processes could not start on this machine"  # never: they start placed
+
     def close(self) -> None:
         pass
 
@@ -78,6 +84,9 @@ class LocalSlot:
     def run(self, params: dict[str, Any] | None) -> None:
         self.conn.send(params)
         self.busy = True
+
+    def placed(self) -> bool:
+        return True  # a process of this machine: its room is the machine's
 
     def poll(self) -> Ended | None:
         if self.conn.poll():

@@ -1,10 +1,11 @@
 """Trials on a Ray cluster: a slot is an actor (tuner/backends/worker.py) that asks Ray for the
 space's `resources` (`gpus_per_trial`, `cpus_per_trial`) and runs trials back to back, so a GPU
-freed by a finished or pruned trial gets the next trial at once. The number of slots follows the
-cluster's resources, so a node that joins mid-sweep gets work.
+freed by a finished or pruned trial gets the next trial at once. The driver starts as many slots
+as the run can use (tuner/backends/driver.py); those beyond the cluster's room wait in pending
+placement groups, which is what asks the autoscaler for nodes, and take trials as nodes join.
 
 A trial that needs several GPUs (`gpus_per_trial: 4`) gets a slot of one actor per GPU, placed
-together by a placement group and joined in one torch process group: rank 0 runs the Optuna
+on one node by a placement group and joined in one torch process group: rank 0 runs the Optuna
 trial, the others train with it (DDP, or DeepSpeed when the space names a config), and rank 0's
 prune decision stops every rank at the same step (`trials.distributed`).
 
@@ -30,12 +31,22 @@ from tuner.store import mask_url, strip_password
 logger = logging.getLogger(__name__)
 
 RANK_GRACE_S = 60.0  # how long the other ranks may run on after rank 0 ended its trial
-PLACEMENT_WAIT_S = 60.0  # how long a multi-GPU slot waits for its GPUs to be free together
+NODES_LOOK_S = 2.0  # how often the nodes are looked at while slots wait for room
 
 
 class RayBackend:
+    """Each slot reserves its resources with a placement group before its actors start: a group
+    still pending is demand the autoscaler sees (and grows the cluster for), it withdraws with
+    the slot, and it ends with the driver if the driver dies. Not `request_resources`: that is
+    one value per cluster, so two sweeps would overwrite each other's, the first to end would
+    drop both, and a killed driver would leave it standing."""
+
+    elastic = True  # slots start beyond the room, and wait for it
+
     def __init__(self, address: str | None = None) -> None:
         self.address = address
+        self.largest: tuple[float, float] | None = None  # (GPU, CPU): the biggest node seen
+        self._looked = 0.0
 
     def open(self, plan: RunPlan) -> None:
         import ray
@@ -49,6 +60,7 @@ class RayBackend:
                 mask_url(plan.storage_url),
             )
         self.actor = ray.remote(max_restarts=0, max_concurrency=1)(RayWorker)
+        self._look_at_nodes()
 
     def capacity(self, plan: RunPlan) -> int:
         """How many trials the cluster can hold at once, by its total resources."""
@@ -60,55 +72,72 @@ class RayBackend:
             return min(by_cpu, int(total.get("GPU", 0) // plan.gpus_per_trial))
         return by_cpu
 
-    def start(self, plan: RunPlan, index: int) -> RaySlot | None:
-        worker, ranks = f"ray-{uuid.uuid4().hex[:8]}", plan.ranks
+    def start(self, plan: RunPlan, index: int) -> RaySlot:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ranks = plan.ranks
         spec = WorkerSpec(
             plan.study_name,
             self.url,
-            worker=worker,
+            worker=f"ray-{uuid.uuid4().hex[:8]}",
             index=index,
             threads=max(1, int(plan.cpus_per_trial / ranks)),
             world=ranks,
         )
-        if ranks == 1:
-            actor = self.actor.options(
-                num_gpus=plan.gpus_per_trial, num_cpus=plan.cpus_per_trial
-            ).remote(spec)
-            return RaySlot(worker, [actor], None)
-        return self._start_gang(spec, plan.cpus_per_trial / ranks)
-
-    def _start_gang(self, spec: WorkerSpec, cpus: float) -> RaySlot | None:
-        """One actor per rank, on GPUs reserved together, joined in one process group."""
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        group = placement_group([{"GPU": 1, "CPU": cpus}] * spec.world, strategy="PACK")
-        try:
-            ray.get(group.ready(), timeout=PLACEMENT_WAIT_S)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(group)
-            return None
+        # One bundle per rank, all on one node (STRICT_PACK): a trial's ranks talk at the
+        # speed of one machine, and a trial bigger than any node is said so, not spread.
+        gpus = plan.gpus_per_trial if ranks == 1 else 1
+        bundle = {"GPU": gpus, "CPU": plan.cpus_per_trial / ranks}
+        group = placement_group(
+            [{k: v for k, v in bundle.items() if v > 0}] * ranks, strategy="STRICT_PACK"
+        )
+        # The actors are made at once, in the group: Ray starts them the moment it is placed.
         actors = [
             self.actor.options(
-                num_gpus=1,
-                num_cpus=cpus,
+                num_gpus=bundle["GPU"],
+                num_cpus=bundle["CPU"],
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, rank),
             ).remote(dataclasses.replace(spec, rank=rank))
-            for rank in range(spec.world)
+            for rank in range(ranks)
         ]
-        address = ray.get(actors[0].rendezvous.remote())
-        ray.get([actor.join.remote(address) for actor in actors])
         return RaySlot(spec.worker, actors, group)
 
     def wait(self, slots: list[RaySlot], timeout: float) -> None:
         import ray
 
-        pending = [future for slot in slots for future in slot.pending]
-        if pending:
-            ray.wait(pending, num_returns=1, timeout=timeout)
+        refs = [ref for slot in slots for ref in (slot.pending if slot.held else [slot.ready])]
+        if any(not slot.held for slot in slots):
+            self._look_at_nodes()
+        if refs:
+            ray.wait(refs, num_returns=1, timeout=timeout)
         else:
             time.sleep(timeout)  # only ranks past rank 0's end: their grace is counted in poll
+
+    def unplaced(self, plan: RunPlan) -> str:
+        self._look_at_nodes(now=True)
+        ask = f"{plan.gpus_per_trial:g} GPU + {plan.cpus_per_trial:g} CPU"
+        line = f"a trial asks for {ask}{' on one node' if plan.ranks > 1 else ''}; "
+        if self.largest is None:
+            return line + "no node was seen"
+        gpus, cpus = self.largest
+        line += f"the most any node offered is {gpus:g} GPU, {cpus:g} CPU"
+        if gpus >= plan.gpus_per_trial and cpus >= plan.cpus_per_trial:
+            line += " (other work held it all along)"
+        return line
+
+    def _look_at_nodes(self, *, now: bool = False) -> None:
+        """Note the biggest node alive (by GPUs, then CPUs), for `unplaced` to name."""
+        import ray
+
+        if not now and time.monotonic() - self._looked < NODES_LOOK_S:
+            return
+        self._looked = time.monotonic()
+        for node in ray.nodes():
+            if node.get("Alive"):
+                resources = node.get("Resources") or {}
+                size = (resources.get("GPU", 0.0), resources.get("CPU", 0.0))
+                self.largest = max(self.largest or size, size)
 
     def close(self) -> None:
         pass
@@ -116,15 +145,30 @@ class RayBackend:
 
 class RaySlot:
     """Where one trial runs at a time: one actor, or for a multi-GPU trial one actor per GPU
-    (rank 0 first) in a placement group, joined in one torch process group for its lifetime."""
+    (rank 0 first), joined in one torch process group for the slot's lifetime. The actors wait
+    for their placement group to be placed, then start (and warm up) in it."""
 
     def __init__(self, worker: str, actors: list[Any], group: Any) -> None:
         self.worker = worker
         self.actors = actors
         self.group = group
+        self.ready = group.ready()  # resolves when the group holds its resources
+        self.held = False
+        # A multi-GPU slot's joins, queued on each actor ahead of its first trial; checked
+        # by poll until each is known to be done.
+        self.setup: list[Any] = []
+        if len(actors) > 1:
+            address = actors[0].rendezvous.remote()  # passed on as the value it resolves to
+            self.setup = [actor.join.remote(address) for actor in actors]
         self.futures: list[Any] = []
         self.pending: list[Any] = []
         self.rank0_done: float | None = None
+
+    def placed(self) -> bool:
+        import ray
+
+        self.held = self.held or bool(ray.wait([self.ready], timeout=0)[0])
+        return self.held
 
     def run(self, params: dict[str, Any] | None) -> None:
         """Rank 0 runs the trial (with `params` fed by the driver, if any), the others follow."""
@@ -138,6 +182,8 @@ class RaySlot:
 
         if not self.futures:
             return None
+        if self.setup and (ended := self._joined()) is not None:
+            return ended
         done, self.pending = ray.wait(self.futures, num_returns=len(self.futures), timeout=0)
         ran = None
         for rank, future in enumerate(self.futures):
@@ -157,6 +203,22 @@ class RaySlot:
         if not self.pending:
             return self._ended(Ended(ran=ran))
         return self._rank0_alone(ran) if ran is not None else None
+
+    def _joined(self) -> Ended | None:
+        """A rank that could not join the process group ends the slot (the others would wait
+        for it); the trial is retried on a fresh one."""
+        import ray
+
+        done, _ = ray.wait(self.setup, num_returns=len(self.setup), timeout=0)
+        for future in done:
+            try:
+                ray.get(future)
+            except ray.exceptions.RayError as e:
+                died = f"a rank could not join the others: {_first(e)}"
+                return self._ended(Ended(died=died, reusable=False))
+        if len(done) == len(self.setup):
+            self.setup = []
+        return None
 
     def _rank0_alone(self, ran: Any) -> Ended | None:
         """A rank that failed mid-collective leaves the others waiting until the process
@@ -181,8 +243,7 @@ class RaySlot:
 
         for actor in self.actors:
             ray.kill(actor)
-        if self.group is not None:
-            ray.util.remove_placement_group(self.group)
+        ray.util.remove_placement_group(self.group)  # withdraws its ask, if it still waits
 
 
 class RayWorker(Worker):
