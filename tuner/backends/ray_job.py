@@ -106,8 +106,10 @@ def submit_job(
         if not path.is_file():
             raise TunerError(f"--requirements {path} does not exist")
         runtime_env["pip"] = str(path.resolve())
+    # `-u`: the job's output is a pipe, which Python would buffer; a user following the job
+    # (`--follow`, `ray job logs`) sees each trial as it ends, not all of them at the end.
     entrypoint = shlex.join(
-        ["python", "-m", "tuner", *command, "--storage", strip_password(storage)]
+        ["python", "-u", "-m", "tuner", *command, "--storage", strip_password(storage)]
     )
     client = _client(address)
     if storage.startswith("sqlite"):
