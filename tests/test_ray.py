@@ -411,9 +411,12 @@ def test_submit_runs_the_sweep_as_a_ray_job_without_the_password(
     created = run_cli("study", "create", "--space", "simulated.yaml", "--storage", url)
     assert created.returncode == 0, created.stderr
     repo = Path(__file__).resolve().parents[1]
+    # The submitting shell's S3 secret stays there too: the nodes have their own credentials.
+    s3_secret = "Sentinel-S3-Key-in-submit"
     submitted = run_cli(
         "study", "submit", "simulated", "--address", ray_cluster.dashboard, "--storage", url,
         "--n-trials", "4", "--working-dir", str(repo), cwd=tmp_path,
+        env={"AWS_SECRET_ACCESS_KEY": s3_secret},
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -429,6 +432,7 @@ def test_submit_runs_the_sweep_as_a_ray_job_without_the_password(
     assert "4 trials finished" in logs
     info = client.get_job_info(job_id)
     assert secret not in f"{info.entrypoint} {info.runtime_env} {logs}"
+    assert s3_secret not in f"{info.entrypoint} {info.runtime_env} {info.metadata} {logs}"
     study = optuna.load_study(study_name="simulated", storage=pg_url)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
 
