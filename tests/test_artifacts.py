@@ -7,6 +7,7 @@ the `s3_endpoint` fixture): the same boto3 calls as against AWS, MinIO or Ceph.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import urllib.request
@@ -206,3 +207,69 @@ def test_a_sweep_on_nodes_without_a_shared_disk_keeps_everything_in_s3(
     for node in (a, b, fresh):
         assert not (node / "tuner_artifacts").exists(), node
     assert not any(p.name == "tuner_artifacts" for p in tmp_path.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- the S3 store
+
+
+def test_the_s3_store_keeps_every_key_under_its_prefix(
+    s3: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from tuner.store.artifacts import open_artifacts
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)  # boto3 finds the endpoint and the keys itself
+    store = open_artifacts(f"s3://{s3.bucket}/a/b/")
+    store.write("x1", io.BytesIO(b"one"))
+    other = open_artifacts(f"s3://{s3.bucket}/a")  # a neighbouring prefix sees its own keys
+    other.write("x1", io.BytesIO(b"two"))
+    assert s3.listed() == ["a/b/x1", "a/x1"]
+    assert store.open_reader("x1").read() == b"one"
+    with pytest.raises(ArtifactNotFound):
+        store.open_reader("missing")
+    store.remove("x1")
+    assert s3.listed() == ["a/x1"]
+
+
+def test_tokenised_data_crosses_machines_through_s3_and_an_unreachable_s3_costs_no_trial(
+    s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two caches that share no folder (two machines): the second fetches what the first built
+    and published, the same tokens; with S3 unreachable, a machine tokenises for itself."""
+    from trials import data as data_mod
+    from trials.config import DatasetSpec, TrialConfig
+    from tuner.demo import build_tokenizer
+    from tuner.store.artifacts import shared_data_cache
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    rows = [{"instruction": "q" * 3 * i, "output": f"a{i}"} for i in range(12)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = TrialConfig(
+        model_name_or_path="demo", dataset=DatasetSpec(path=str(path)), cutoff_len=64, val_size=3
+    )
+    tokenizer = build_tokenizer()
+    shared = shared_data_cache(f"s3://{s3.bucket}/p")
+
+    def prepare(machine: str, cache: object) -> object:
+        data_mod._CACHE.clear()  # a fresh worker process
+        return data_mod.prepare(config, tokenizer, cache_dir=tmp_path / machine, shared=cache)
+
+    built = prepare("a", shared)
+    assert built.source == "tokenized"
+    (key,) = s3.listed("p/tokenized/")
+    fetched = prepare("b", shared)
+    assert fetched.source == "fetched"
+    assert fetched.train["input_ids"] == built.train["input_ids"]
+    assert fetched.val_answers == built.val_answers
+    assert prepare("b", shared).source == "shared"  # now in machine b's own cache
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    offline = prepare("c", shared_data_cache(f"s3://{s3.bucket}/p"))
+    assert offline.source == "tokenized"
+    assert offline.train["input_ids"] == built.train["input_ids"]

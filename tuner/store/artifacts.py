@@ -58,10 +58,6 @@ class Location:
     bucket: str | None = None
     prefix: str = ""
 
-    @property
-    def is_s3(self) -> bool:
-        return self.bucket is not None
-
 
 def parse_location(url: str, *, source: str, base_dir: Path | None = None) -> Location:
     """Check an artifact location; `source` names where it came from (`--artifacts`,
@@ -90,8 +86,8 @@ def parse_location(url: str, *, source: str, base_dir: Path | None = None) -> Lo
             f"dots and hyphens (allowed: {ALLOWED})"
         )
     prefix = prefix.strip("/")
-    return Location(url=f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}", bucket=bucket,
-                    prefix=prefix)  # fmt: skip
+    normal = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return Location(url=normal, bucket=bucket, prefix=prefix)
 
 
 def choose_location(
@@ -228,11 +224,6 @@ def store_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         return (OSError,)
     return (OSError, BotoCoreError, ClientError)
-
-
-def is_remote(url: str) -> bool:
-    """Whether the location is not a folder on this machine (its data cache is synced)."""
-    return parse_location(url, source="the study's artifact location").is_s3
 
 
 def clear_tokenized(url: str) -> None:
