@@ -17,8 +17,8 @@ COPY pyproject.toml README.md ./
 COPY tuner ./tuner
 COPY trials ./trials
 COPY search_spaces ./search_spaces
-# The base image's CUDA torch satisfies `torch>=2.4`: pip keeps it.
-RUN pip install .
+# The base image's CUDA torch satisfies `torch>=2.4`: pip keeps it. boto3 for s3:// artifacts.
+RUN pip install '.[s3]'
 
 COPY deploy/docker/entrypoint.sh /usr/local/bin/tuner-entrypoint
 RUN useradd --create-home --uid 1000 tuner && mkdir -p /cache /work && chown tuner /cache /work

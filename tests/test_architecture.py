@@ -19,7 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tuner", "trials")
 # What opens a store without going through tuner.store.
-STORE_OPENERS = {"RDBStorage", "create_engine", "FileSystemArtifactStore", "JournalStorage"}
+STORE_OPENERS = {
+    "RDBStorage",
+    "create_engine",
+    "JournalStorage",
+    "FileSystemArtifactStore",
+    "AtomicFileStore",
+    "Boto3ArtifactStore",
+    "PrefixedBoto3Store",
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ def test_the_rules_see_the_code() -> None:
     assert any(i.target == "tuner.store.recovery" for i in IMPORTS)  # from inside a function
     assert "tuner.store.rdb" in MODULES and "trials.sft" in MODULES
     in_store = set().union(*(_calls(p) for m, p in MODULES.items() if m.startswith("tuner.store")))
-    assert {"create_engine", "FileSystemArtifactStore"} <= in_store
+    assert {"create_engine", "AtomicFileStore", "PrefixedBoto3Store"} <= in_store
 
 
 def test_trials_never_import_tuner() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, small_space, write_space
+from conftest import S3, TUNER, run_cli, s3_env, small_space, write_space
 from optuna.trial import FrozenTrial, TrialState
 from ray_nodes import RAY, RayNode, start_head
 
@@ -139,11 +139,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[Cluster]:
     """A head with no GPU and two worker nodes of one logical GPU, token auth on; each node
-    runs in a working directory of its own. Stopped by their process groups alone."""
+    runs in a working directory of its own and reaches the S3 server. Stopped by their process
+    groups alone."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
+    env = {**os.environ, **s3_env(s3_endpoint), "RAY_AUTH_MODE": "token", "PATH": path}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     logs = tmp_path_factory.mktemp("ray-logs")
     head, address = start_head(
@@ -172,12 +173,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             node.stop()
 
 
-def _ray_run(name: str, url: str, address: str) -> subprocess.Popen:
+def _ray_run(name: str, url: str, address: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [*TUNER, "study", "run", name, "--backend", "ray", "--address", address, "--storage", url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -215,14 +217,14 @@ def test_a_killed_actors_trial_resumes_from_its_checkpoint_on_ray(
 
 # Last in this module: it leaves the cluster one node short.
 def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(
-    ray_cluster: Cluster, pg_url: str, demo_dir: Path, tmp_path: Path
+    ray_cluster: Cluster, pg_url: str, demo_dir: Path, tmp_path: Path, s3: S3
 ) -> None:
-    """The whole node of a running trial goes at once, as a preempted spot instance does."""
-    name = create_study(
-        write_space(tmp_path / "n.yaml", _ray_space(demo_dir, "node")), storage=pg_url
-    )
+    """The whole node of a running trial goes at once, as a preempted spot instance does. No
+    disk is shared: the checkpoint reaches the other node through the study's S3 location."""
+    space = write_space(tmp_path / "n.yaml", _ray_space(demo_dir, "node"))
+    name = create_study(space, storage=pg_url, artifacts=f"s3://{s3.bucket}/sweeps")
     study = optuna.load_study(study_name=name, storage=pg_url)
-    run = _ray_run(name, pg_url, ray_cluster.address)
+    run = _ray_run(name, pg_url, ray_cluster.address, env=s3.env)
     victim = _checkpointed(study)
     (node,) = [n for n in ray_cluster.workers if n.runs(victim.user_attrs["worker_pid"])]
     node.kill()
@@ -233,3 +235,5 @@ def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(
         t for t in study.get_trials() if t.system_attrs.get("failed_trial") == victim.number
     ]
     assert retry.user_attrs["worker_pid"] != victim.user_attrs["worker_pid"]  # the other node's
+    # The adapters are there (the best kept), and no checkpoint is left once the trials ended.
+    assert s3.listed("sweeps/") and not [k for k in s3.listed("sweeps/") if "checkpoint-" in k]

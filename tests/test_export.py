@@ -120,7 +120,7 @@ def test_a_corrupted_adapter_is_refused_and_nothing_is_left(
     name, url = study
     opened = optuna.load_study(study_name=name, storage=url)
     trial = opened.get_trials()[1]
-    store = Path(opened.user_attrs["artifact_dir"])
+    store = Path(opened.user_attrs["artifacts"])
     weights = store / trial.user_attrs["adapter"]["adapter_model.safetensors"]
     original = weights.read_bytes()
     tensors = load_file(weights)
@@ -194,7 +194,7 @@ def test_only_the_best_adapters_are_kept_on_disk(
 
     first, best, worse = study.get_trials()
     assert best.value < worse.value < first.value
-    store = Path(study.user_attrs["artifact_dir"])
+    store = Path(study.user_attrs["artifacts"])
     on_disk = {p.name for p in store.iterdir() if p.is_file()}
     assert set(best.user_attrs["adapter"].values()) <= on_disk
     assert not set(first.user_attrs["adapter"].values()) & on_disk  # pushed out

@@ -1,8 +1,11 @@
-"""A sentinel password in the storage URL never appears anywhere a person or a log could read.
+"""A sentinel password in the storage URL, and a sentinel S3 secret key, never appear anywhere a
+person or a log could read.
 
 The test server trusts local connections, so a URL with a password still connects; the password
 is a sentinel that must show up nowhere: stdout, stderr, log files, exception text, the study's
-and trials' attributes in the database, summaries, model card, report, the dashboard's API.
+and trials' attributes in the database, summaries, model card, report, the dashboard's API. The
+study's artifacts are in S3 (moto's server), reached with AWS_SECRET_ACCESS_KEY set to another
+sentinel, which must show up nowhere either, the objects in the bucket included.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import sqlalchemy
-from conftest import TUNER, run_cli, small_space, write_space
+from conftest import S3, TUNER, run_cli, small_space, write_space
 
 SENTINEL = "Sentinel-Pw-7f3a91c2"
+S3_SENTINEL = "Sentinel-S3-Key-0c9d4e1b"
 
 
 def _all_text_in(root: Path) -> dict[Path, bytes]:
@@ -42,7 +46,7 @@ def _database_text(url: str) -> str:
 
 
 def test_a_password_in_the_storage_url_leaks_nowhere(
-    pg_url: str, demo_dir: Path, tmp_path: Path
+    pg_url: str, demo_dir: Path, tmp_path: Path, s3: S3
 ) -> None:
     head, rest = pg_url.split("://", 1)
     user, location = rest.split("@", 1)
@@ -52,7 +56,12 @@ def test_a_password_in_the_storage_url_leaks_nowhere(
     space = small_space(demo_dir, name="leak", budget={"n_trials": 2})
     space["sweep"] = {"warm_start": 1}
     path = write_space(work / "leak.yaml", space)
-    env = {"TUNER_STORAGE": url}
+    env = {
+        "TUNER_STORAGE": url,
+        "TUNER_ARTIFACTS": f"s3://{s3.bucket}/leak",
+        **s3.env,
+        "AWS_SECRET_ACCESS_KEY": S3_SENTINEL,  # moto's server takes any key
+    }
     outputs = []
 
     def cli(*args: str) -> None:
@@ -97,8 +106,26 @@ def test_a_password_in_the_storage_url_leaks_nowhere(
 
     assert "exported trial" in "\n".join(outputs)  # the commands did their work
     assert (work / "sweeps" / "leak-2026-11-01.json").exists()
-    leaks = [o[:200] for o in outputs if SENTINEL in o]
-    assert not leaks, leaks
-    files = [str(p) for p, data in _all_text_in(work).items() if SENTINEL.encode() in data]
-    assert not files, files
-    assert SENTINEL not in _database_text(pg_url)
+    objects = {key: _object(s3, key) for key in s3.listed()}
+    assert any(key.startswith("leak/") for key in objects)  # the artifacts went to S3
+    assert not (work / "tuner_artifacts").exists()
+    for secret in (SENTINEL, S3_SENTINEL):
+        leaks = [o[:200] for o in outputs if secret in o]
+        assert not leaks, leaks
+        files = [str(p) for p, data in _all_text_in(work).items() if secret.encode() in data]
+        assert not files, files
+        assert secret not in _database_text(pg_url)
+        stored = [key for key, data in objects.items() if secret.encode() in data]
+        assert not stored, stored
+
+
+def _object(s3: S3, key: str) -> bytes:
+    """An object's bytes; a tar of tokenised data unpacked, so its files are read too."""
+    import io
+    import tarfile
+
+    data = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    if not key.endswith(".tar"):
+        return data
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())

@@ -81,9 +81,9 @@ def _assert_adapter_loads(study: optuna.Study, trial, demo_dir: Path, tmp_path: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuner.store.attrs import ARTIFACT_DIR
+    from tuner.store.attrs import ARTIFACTS
 
-    store = optuna.artifacts.FileSystemArtifactStore(study.user_attrs[ARTIFACT_DIR])
+    store = optuna.artifacts.FileSystemArtifactStore(study.user_attrs[ARTIFACTS])
     target = tmp_path / "adapter"
     target.mkdir()
     for meta in optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage):

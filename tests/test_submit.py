@@ -140,13 +140,16 @@ def test_study_submit_follow_runs_the_study_as_a_job_and_shows_its_log(
     job_api: JobAPI, pg_url: str, tmp_path: Path
 ) -> None:
     """`study submit --follow` from off the cluster: the job runs the study to the number of
-    trials asked for, its log shows here, the command exits as the job did, and the password
-    in the storage URL reaches neither the job (entrypoint, runtime env, log) nor the output."""
+    trials asked for, its log shows here, the command exits as the job did, and neither the
+    password in the storage URL nor the shell's S3 secret key reaches the job (entrypoint,
+    runtime env, metadata, log) or the output."""
     secret = "s3cret-pw"
     url = pg_url.replace("postgres@", f"postgres:{secret}@")
     space = _space(tmp_path / "offc.yaml", n_trials=10)
     assert run_cli("study", "create", "--space", str(space), "--storage", url).returncode == 0
-    env = _off_cluster_env(job_api, tmp_path)
+    # The submitting shell's S3 secret stays there too: the nodes have their own credentials.
+    s3_secret = "Sentinel-S3-Key-in-submit"
+    env = _off_cluster_env(job_api, tmp_path, AWS_SECRET_ACCESS_KEY=s3_secret)
     done = _tuner(
         "study", "submit", "offc", "--address", job_api.url, "--storage", url,
         "--n-trials", "4", "--working-dir", str(REPO), "--follow", env=env, cwd=tmp_path,
@@ -159,6 +162,7 @@ def test_study_submit_follow_runs_the_study_as_a_job_and_shows_its_log(
     assert info["status"] == "SUCCEEDED" and info["driver_exit_code"] == 0
     assert secret not in json.dumps(info) + done.stdout + done.stderr
     assert job_api.token not in json.dumps(info) + done.stdout + done.stderr
+    assert s3_secret not in json.dumps(info) + done.stdout + done.stderr
     assert len(_finished(pg_url, "offc")) == 4
     _no_local_ray(tmp_path)
 

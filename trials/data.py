@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from trials.config import DatasetSpec, TrialConfig
 
@@ -278,8 +278,9 @@ class Tokenized:
     # The reference answer (the last assistant turn's text) of each validation row, in order:
     # what the generation objective scores sampled answers against.
     val_answers: list[str] = field(default_factory=list)
-    # Where this process got it: "tokenized" (here), "shared" (the study's cache on disk) or
-    # "memory" (this process's cache); a trial records it.
+    # Where this process got it: "tokenized" (here), "shared" (the study's cache on disk),
+    # "fetched" (from another node, through the artifact location) or "memory" (this process's
+    # cache); a trial records it.
     source: str = "tokenized"
 
 
@@ -350,13 +351,32 @@ _ANSWERS = "val_answers.json"
 _CACHE: dict[str, Tokenized] = {}
 
 
-def prepare(config: TrialConfig, tokenizer: Any, *, cache_dir: Path | None = None) -> Tokenized:
+class SharedCache(Protocol):
+    """Where workers that share no folder find each other's tokenised data: one entry per cache
+    key. The caller (tuner, over the study's artifact location) provides it."""
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        """Unpack entry `key` into the new folder `dest`; False when there is none."""
+
+    def publish(self, key: str, entry: Path) -> None:
+        """Make the saved folder `entry` entry `key` for the other workers."""
+
+
+def prepare(
+    config: TrialConfig,
+    tokenizer: Any,
+    *,
+    cache_dir: Path | None = None,
+    shared: SharedCache | None = None,
+) -> Tokenized:
     """Read, split and tokenise the data set once and reuse it: every trial of a study trains on
     the same tokens, so only the first pays for them.
 
     The process keeps its last result in memory. With `cache_dir` (the study's, shared by all
     its workers) the result is also saved there, and a worker that has not tokenised loads it
-    instead: one tokenisation per study rather than one per worker process.
+    instead: one tokenisation per study rather than one per worker process. With `shared`, the
+    `cache_dir` is this node's own: a missing entry is fetched from `shared`, and one built here
+    is published to it.
     """
     key = _cache_key(config, tokenizer)
     if key in _CACHE:
@@ -364,7 +384,7 @@ def prepare(config: TrialConfig, tokenizer: Any, *, cache_dir: Path | None = Non
     if cache_dir is None:
         result = _build(config, tokenizer)
     else:
-        result = _shared(config, tokenizer, cache_dir / key)
+        result = _shared(config, tokenizer, cache_dir / key, shared)
     _CACHE.clear()  # one data set per worker at a time; a new study's replaces it
     _CACHE[key] = result
     return result
@@ -393,9 +413,12 @@ def _cache_key(config: TrialConfig, tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _shared(config: TrialConfig, tokenizer: Any, entry: Path) -> Tokenized:
+def _shared(
+    config: TrialConfig, tokenizer: Any, entry: Path, shared: SharedCache | None
+) -> Tokenized:
     """Load the study's entry, or tokenise and save it while holding its lock, so that workers
-    starting together wait for one of them instead of all tokenising."""
+    starting together wait for one of them instead of all tokenising. With `shared`, an entry
+    missing here is fetched first, and one built here is published."""
     from filelock import FileLock
 
     # A complete entry is never changed, so reading it needs no lock.
@@ -407,12 +430,38 @@ def _shared(config: TrialConfig, tokenizer: Any, entry: Path) -> Tokenized:
         loaded = _load(entry)  # another worker may have saved it while this one waited
         if loaded is not None:
             return loaded
+        if shared is not None and _fetch(shared, entry):
+            loaded = _load(entry)
+            if loaded is not None:
+                return replace(loaded, source="fetched")
         result = _build(config, tokenizer)
         try:
             _save(result, entry)
         except OSError as e:  # a full or read-only disk costs the other workers time, not trials
             logger.warning("could not save the tokenised data to %s: %s", entry, e)
+            return result
+        if shared is not None:
+            try:
+                shared.publish(entry.name, entry)
+            except Exception as e:  # noqa: BLE001 - the others tokenise too: time, not trials
+                logger.warning("could not publish the tokenised data %s: %s", entry.name, e)
         return result
+
+
+def _fetch(shared: SharedCache, entry: Path) -> bool:
+    """Fetch entry into a temporary folder beside it and rename it into place, as `_save` does."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        if not shared.fetch(entry.name, tmp):
+            return False
+        shutil.rmtree(entry, ignore_errors=True)
+        os.rename(tmp, entry)
+        return True
+    except Exception as e:  # noqa: BLE001 - an unreachable or broken entry is rebuilt here
+        logger.warning("could not fetch the tokenised data %s: %s", entry.name, e)
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(entry: Path) -> Tokenized | None:

@@ -41,6 +41,7 @@ def run(
     trial: Any | None = None,
     timings: dict[str, float] | None = None,
     data_cache: Path | None = None,
+    shared_cache: Any | None = None,
     generation: Any | None = None,
     checkpoints: Keeper | None = None,
 ) -> TrialResult:
@@ -50,6 +51,8 @@ def run(
     `timings` (seconds per phase) fills in as the run goes, so a caller still has them when the
     run is pruned or fails midway. `data_cache` is a folder shared by the study's workers where
     the tokenised data is saved once and loaded by the others; without it each process tokenises.
+    On nodes that share no folder, `data_cache` is the node's own and `shared_cache` (see
+    `trials.data.SharedCache`) carries the entries between nodes.
     With `generation` (a space's objective whose metric scores sampled answers), the trained
     adapter then answers the validation prompts and `score` holds their mean score. With
     `checkpoints` (trials/checkpoint.py), the run resumes from the keeper's checkpoint, if it has
@@ -67,7 +70,7 @@ def run(
     model = _setup_model(config)
     clock.lap("load_s")
 
-    data = data_mod.prepare(config, tokenizer, cache_dir=data_cache)
+    data = data_mod.prepare(config, tokenizer, cache_dir=data_cache, shared=shared_cache)
     clock.lap("data_s")
 
     resume = None

@@ -87,11 +87,26 @@ def study_create(
     load_if_exists: Annotated[
         bool, typer.Option("--load-if-exists", help="Reuse a study of this name and space.")
     ] = False,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            "--artifacts",
+            help="Where the study keeps adapters, checkpoints, reports and tokenised data: a "
+            "path or s3://BUCKET/PREFIX (endpoint: $AWS_ENDPOINT_URL). Default: "
+            "$TUNER_ARTIFACTS, else the space's `artifacts:`, else tuner_artifacts/ beside "
+            "the store.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Validate a search space and create its study; prints the study name."""
     from tuner.study import create_study
 
-    typer.echo(create_study(space, name=name, storage=storage, load_if_exists=load_if_exists))
+    typer.echo(
+        create_study(
+            space, name=name, storage=storage, load_if_exists=load_if_exists, artifacts=artifacts
+        )
+    )
 
 
 Jobs = Annotated[

@@ -9,20 +9,22 @@ refused by checking their Origin against the Host they were sent to.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import re
 import socketserver
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tuner.errors import TunerError
-from tuner.store import default_artifact_dir, open_storage, resolve_url
+from tuner.store import open_storage, resolve_url
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIA
 
     url = resolve_url(storage)
     store = open_storage(url)
-    app = optuna_dashboard.wsgi(store, artifact_store=StudyArtifacts(store, url))
-    return Guard(app, access)
+    artifacts = StudyArtifacts(store, url)
+    app = optuna_dashboard.wsgi(store, artifact_store=artifacts)
+    return Guard(artifacts.routed(app), access)
 
 
 def serve(
@@ -176,39 +179,51 @@ def _refuse(start_response: Callable, status: str, reason: str) -> list[bytes]:
 
 
 def _without_token(text: str) -> str:
-    import re
-
     return re.sub(r"token=[^&\s]*", "token=***", text)
 
 
 class StudyArtifacts:
-    """The artifact stores of every study in the store, as one store for the dashboard.
+    """Each study's own artifact store, as the one store optuna-dashboard takes.
 
-    Each study records where its trials' artifacts live (`artifact_dir`); they are usually one
-    folder, but a store shared by several machines can hold several. Artifact ids are unique,
-    so a read looks in each; a new artifact goes to the store's default folder.
+    optuna-dashboard hands the store an artifact id only, but every artifact request names its
+    study in the path (`/artifacts/SID/...`, `/api/artifacts/SID/...`, `DELETE /api/studies/SID`):
+    `routed` notes that study for the request's thread, and the store of its location (a folder
+    or S3) serves it. A request with no study (none today) looks in every location.
     """
+
+    _STUDY_IN_PATH = re.compile(r"^/(?:api/)?(?:artifacts|studies)/(\d+)(?:/|$)")
 
     def __init__(self, store: Any, url: str) -> None:
         self._store = store
-        self._default = Path(default_artifact_dir(url))
+        self._url = url
+        self._request = threading.local()
+        self._opened: dict[str, Any] = {}
 
-    def _dirs(self) -> list[Path]:
-        from tuner.store import attrs
+    def routed(self, app: WSGIApp) -> WSGIApp:
+        def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            match = self._STUDY_IN_PATH.match(environ.get("PATH_INFO", ""))
+            self._request.study_id = int(match[1]) if match else None
+            return app(environ, start_response)
 
-        dirs = [self._default]
-        for study in self._store.get_all_studies():
-            recorded = study.user_attrs.get(attrs.ARTIFACT_DIR)
-            if recorded and Path(recorded) not in dirs:
-                dirs.append(Path(recorded))
-        return dirs
+        return serve
 
-    def _stores(self) -> Iterator[Any]:
-        from tuner.store.artifacts import read_store
+    def _open(self, location: str) -> Any:
+        from tuner.store.artifacts import open_artifacts
 
-        for folder in self._dirs():
-            if folder.is_dir():
-                yield read_store(folder)
+        if location not in self._opened:
+            self._opened[location] = open_artifacts(location)
+        return self._opened[location]
+
+    def _stores(self) -> list[Any]:
+        from tuner.store.artifacts import study_location
+
+        study_id = getattr(self._request, "study_id", None)
+        if study_id is not None:
+            with contextlib.suppress(KeyError):
+                attrs = self._store.get_study_user_attrs(study_id)
+                return [self._open(study_location(attrs, self._url))]
+        locations = {study_location(s.user_attrs, self._url) for s in self._store.get_all_studies()}
+        return [self._open(location) for location in sorted(locations)]
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
         from optuna.artifacts.exceptions import ArtifactNotFound
@@ -221,9 +236,12 @@ class StudyArtifacts:
         raise ArtifactNotFound(f"no artifact {artifact_id}")
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        from tuner.store.artifacts import open_store
+        from optuna.artifacts.exceptions import ArtifactNotFound
 
-        open_store(self._default).write(artifact_id, content_body)
+        stores = self._stores()
+        if not stores:
+            raise ArtifactNotFound("no study to store the artifact in")
+        stores[0].write(artifact_id, content_body)
 
     def remove(self, artifact_id: str) -> None:
         from optuna.artifacts.exceptions import ArtifactNotFound

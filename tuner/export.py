@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import TunerError
 from tuner.objective import ADAPTER_FILES
 from tuner.store import attrs, mask_url, open_study
-from tuner.store.artifacts import read_store
+from tuner.store.artifacts import open_artifacts
 from tuner.store.ranking import best_trial, better, counts_as_best
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def export_trial(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
         adapter_dir = tmp / ".adapter"
-        _fetch_adapter(opened.artifact_dir, trial, adapter_dir)
+        _fetch_adapter(opened.artifacts, trial, adapter_dir)
         temperature, top_p = _sampling(trial, config)
         verification = _build(
             config, adapter_dir, tmp, trial=trial, adapter_only=adapter_only,
@@ -146,8 +146,8 @@ def _pick(study: optuna.Study, number: int | None) -> FrozenTrial:
     return trial
 
 
-def _fetch_adapter(artifact_dir: Path, trial: FrozenTrial, dest: Path) -> None:
-    store = read_store(artifact_dir)
+def _fetch_adapter(artifacts: str, trial: FrozenTrial, dest: Path) -> None:
+    store = open_artifacts(artifacts)
     dest.mkdir(parents=True)
     for file_name in ADAPTER_FILES:
         artifact_id = trial.user_attrs[attrs.ADAPTER].get(file_name)
@@ -158,7 +158,7 @@ def _fetch_adapter(artifact_dir: Path, trial: FrozenTrial, dest: Path) -> None:
         except Exception as e:  # noqa: BLE001 - missing file, dropped adapter, bad store
             raise ExportError(
                 f"trial {trial.number}'s {file_name} is not in the artifact store at "
-                f"{artifact_dir} ({type(e).__name__}); was it dropped by budget.keep_adapters?"
+                f"{artifacts} ({type(e).__name__}); was it dropped by budget.keep_adapters?"
             ) from None
 
 
@@ -353,6 +353,7 @@ def _provenance(
         "study": {
             "name": study.study_name,
             "storage": mask_url(opened.url),
+            "artifacts": opened.artifacts,
             "metric": opened.space.objective.metric,
             "direction": study.direction.name.lower(),
             "completed_trials": len(finished),

@@ -22,9 +22,15 @@ from typing import Any
 
 import optuna
 
+from tuner.settings import node_cache_dir
 from tuner.space import Space
 from tuner.store import attrs, recovery, retention
-from tuner.store.artifacts import open_store
+from tuner.store.artifacts import (
+    local_cache_dir,
+    open_artifacts,
+    shared_data_cache,
+    store_errors,
+)
 from tuner.store.checkpoints import Saved, StoredCheckpoints, resumable
 from tuner.store.ranking import rank_key
 
@@ -44,14 +50,16 @@ class NonFiniteObjective(RuntimeError):
 class Objective:
     """Callable for `Study.optimize`; one instance per worker process."""
 
-    def __init__(self, space: Space, *, artifact_dir: Path, ranks: int = 1) -> None:
+    def __init__(self, space: Space, *, artifacts: str, ranks: int = 1) -> None:
         self.space = space
         self.ranks = ranks  # above 1: this process is rank 0 of a multi-GPU trial
         self.shared = False  # whether this trial's config has reached the other ranks
-        self.artifact_dir = artifact_dir
-        self.artifact_store = open_store(artifact_dir)
-        # Shared by every worker of the study, so its data is tokenised once, not once per worker.
-        self.data_cache = artifact_dir / "tokenized"
+        self.artifacts = artifacts  # the study's location: a local path or s3://BUCKET/PREFIX
+        self.artifact_store = open_artifacts(artifacts)
+        # The data is tokenised once per study, not once per worker: in the location's folder
+        # when the workers share it; else in this node's cache, synced through the location.
+        self.data_cache = local_cache_dir(artifacts, node_cache_dir())
+        self.shared_data = shared_data_cache(artifacts)
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
         # Where a Ctrl-C may land in a trial: the whole of the objective, and nothing around it
@@ -212,6 +220,7 @@ class Objective:
             timings=timings,
             output_dir=tmp,
             cache=self.data_cache,
+            shared_cache=self.shared_data,
             objective=self.space.objective,
             checkpoints=checkpoints,
         )
@@ -249,15 +258,15 @@ class Objective:
                     file_path=str(adapter_dir / name),
                     study_or_trial=trial,
                 )
-        except OSError as e:
-            # A full disk, say: the trial fails, and the files stored so far go too, so nothing
-            # of a half-stored adapter is left (each write was atomic).
+        except store_errors() as e:
+            # A full disk or an unreachable S3, say: the trial fails, and the files stored so far
+            # go too, so nothing of a half-stored adapter is left (each write was atomic).
+            gone = (*store_errors(), optuna.artifacts.exceptions.ArtifactNotFound)
             for artifact_id in uploaded.values():
-                with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
+                with contextlib.suppress(*gone):
                     self.artifact_store.remove(artifact_id)
-            raise AdapterNotStored(
-                f"could not store the adapter in {self.artifact_dir}: {e.strerror or e}"
-            ) from e
+            why = getattr(e, "strerror", None) or e
+            raise AdapterNotStored(f"could not store the adapter in {self.artifacts}: {why}") from e
         return uploaded
 
 
@@ -268,6 +277,7 @@ def run_workload(
     timings: dict,
     output_dir: Path,
     cache: Path,
+    shared_cache: Any = None,
     objective: Any = None,
     checkpoints: Any = None,
 ) -> Any:
@@ -285,6 +295,7 @@ def run_workload(
         trial=trial,
         timings=timings,
         data_cache=cache,
+        shared_cache=shared_cache,
         generation=generation,
         checkpoints=checkpoints,
     )

@@ -87,10 +87,8 @@ def write_report(
     if attach:
         from optuna.artifacts import upload_artifact
 
-        from tuner.store.artifacts import open_store
-
         artifact_id = upload_artifact(
-            artifact_store=open_store(opened.artifact_dir),
+            artifact_store=opened.artifact_store(),
             file_path=str(out),
             study_or_trial=study,
             mimetype="text/html",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -18,10 +19,17 @@ class Settings(BaseSettings):
         default=None,
         description="Study store URL; default: an SQLite file `tuner.db` in the working directory.",
     )
-    artifacts: Path | None = Field(
+    artifacts: str | None = Field(
         default=None,
-        description="Where trial adapters are stored; default: `tuner_artifacts/` beside the store "
-        "(recorded in the study, so every worker finds it).",
+        description="Where a new study keeps its artifacts (adapters, checkpoints, reports, the "
+        "tokenised data): a local path or s3://BUCKET/PREFIX. Read by `study create` only, after "
+        "`--artifacts` and before the space's `artifacts:`; default: `tuner_artifacts/` beside "
+        "the store. Recorded in the study, so every worker finds it.",
+    )
+    cache: Path | None = Field(
+        default=None,
+        description="This machine's cache folder (the tokenised data of studies whose artifacts "
+        "are in S3); default: $XDG_CACHE_HOME/tuner, else ~/.cache/tuner.",
     )
     heartbeat_interval: int = Field(
         default=30, gt=0, description="Seconds between a running trial's heartbeats."
@@ -35,3 +43,12 @@ class Settings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+def node_cache_dir(settings: Settings | None = None) -> Path:
+    """This machine's own cache folder: never shared, so never a place another node reads."""
+    settings = settings or get_settings()
+    if settings.cache is not None:
+        return settings.cache.expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tuner"

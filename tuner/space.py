@@ -380,6 +380,12 @@ class Space(BaseModel):
     resources: Resources = Resources()
     sweep: SweepPolicy = SweepPolicy()
     baseline: dict[str, Any] | None = None
+    artifacts: str | None = Field(
+        default=None,
+        description="Where the study keeps adapters, checkpoints, reports and the tokenised data: "
+        "a path (relative to the working directory) or s3://BUCKET/PREFIX; `study create "
+        "--artifacts` and $TUNER_ARTIFACTS come first. Default: tuner_artifacts/ beside the store.",
+    )
 
     # -- suggesting
 
@@ -669,7 +675,19 @@ def parse_space(
     if resolve_paths:
         _resolve_paths(space.fixed, base_dir or Path.cwd())
         _resolve_scorer(space.objective, base_dir or Path.cwd())
+        if space.artifacts is not None:
+            space.artifacts = _artifact_location(space.artifacts, base_dir or Path.cwd())
     return space
+
+
+def _artifact_location(url: str, base_dir: Path) -> str:
+    """The space's `artifacts:`, checked (a path or s3://BUCKET/PREFIX) and made absolute."""
+    from tuner.store.artifacts import ArtifactsError, parse_location
+
+    try:
+        return parse_location(url, source="artifacts", base_dir=base_dir).url
+    except ArtifactsError as e:
+        raise SpaceError(str(e)) from None
 
 
 _SAMPLING = ("temperature", "top_p")

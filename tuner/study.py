@@ -8,7 +8,6 @@ like any other. Where its trials run is a backend's business, chosen by name (tu
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,12 +25,17 @@ from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
-    default_artifact_dir,
     mask_url,
     open_storage,
     open_study,
     recovery,
     resolve_url,
+)
+from tuner.store.artifacts import (
+    choose_location,
+    clear_tokenized,
+    remove_artifacts,
+    study_location,
 )
 from tuner.store.ranking import best_trial, better, counts_as_best, gain
 from tuner.store.studies import wait_for_space
@@ -53,8 +57,12 @@ def create_study(
     storage: str | None = None,
     load_if_exists: bool = False,
     enqueue: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
+    artifacts: str | None = None,
 ) -> str:
     """Validate the space (and its local data), then create the study; returns its name.
+
+    `artifacts`: where the study keeps its artifacts, a local path or s3://BUCKET/PREFIX; else
+    $TUNER_ARTIFACTS, else the space's `artifacts:`, else `tuner_artifacts/` beside the store.
 
     `enqueue`: (resolved values, user attrs) of trials to run first, before the baseline (a
     sweep's warm start); only when the study is new.
@@ -66,6 +74,9 @@ def create_study(
     _check_local_data(parsed, display=str(space))
     name = name or parsed.name
     url = resolve_url(storage)
+    location = choose_location(
+        artifacts, space_value=parsed.artifacts, space_file=str(space), storage_url=url
+    )
     store = open_storage(url)
     try:
         study = optuna.create_study(
@@ -81,7 +92,7 @@ def create_study(
         return name
 
     try:
-        study.set_user_attr(attrs.ARTIFACT_DIR, str(default_artifact_dir(url)))
+        study.set_user_attr(attrs.ARTIFACTS, location.url)
         study.set_user_attr(attrs.SPACE_FILE, str(space))
         for values, trial_attrs in enqueue:
             study.enqueue_trial(parsed.optuna_params(values), user_attrs=trial_attrs)
@@ -456,24 +467,13 @@ def list_studies(storage: str | None = None) -> list[StudyRow]:
 
 
 def delete_study(name: str, storage: str | None = None) -> int:
-    """Delete the study and its trials' artifacts; returns how many artifacts were removed."""
-    from optuna.artifacts import get_all_artifact_meta
-
-    from tuner.store.artifacts import read_store
-
+    """Delete the study and its artifacts (the trials' and the study's own, wherever its location
+    is); returns how many artifacts were removed."""
     opened = open_study(name, storage)
-    store = read_store(opened.artifact_dir)
-    removed = 0
-    if opened.artifact_dir.is_dir():
-        for t in opened.study.get_trials(deepcopy=False):
-            for meta in get_all_artifact_meta(t, storage=opened.store):
-                try:
-                    store.remove(meta.artifact_id)
-                    removed += 1
-                except Exception as e:
-                    logger.warning("could not remove artifact %s: %s", meta.artifact_id, e)
+    removed = remove_artifacts(opened.study, opened.store, opened.artifact_store())
     optuna.delete_study(study_name=name, storage=opened.store)
-    if not optuna.get_all_study_names(storage=opened.store):
-        # The tokenised data is shared by the studies of this store: the last one takes it along.
-        shutil.rmtree(opened.artifact_dir / "tokenized", ignore_errors=True)
+    others = [study_location(s.user_attrs, opened.url) for s in opened.store.get_all_studies()]
+    if opened.artifacts not in others:
+        # The tokenised data is shared by the studies of a location: the last one takes it along.
+        clear_tokenized(opened.artifacts)
     return removed

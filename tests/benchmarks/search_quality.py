@@ -212,7 +212,7 @@ class LoraRunner:
 
         prepare_demo(workdir / "demo")
         self.space = parse_space(quickstart(eval_steps), base_dir=workdir)
-        self.objective = Objective(self.space, artifact_dir=workdir / "artifacts")
+        self.objective = Objective(self.space, artifacts=str(workdir / "artifacts"))
         self.objective.warm_up(threads=threads)
         quiet_worker_logs(40)
 

@@ -44,7 +44,7 @@ class Worker:
             spec.study_name, spec.storage_url, heartbeat=spec.rank == 0, in_run=True
         )
         study, space = self.opened.study, self.opened.space
-        self.objective = Objective(space, artifact_dir=self.opened.artifact_dir, ranks=spec.world)
+        self.objective = Objective(space, artifacts=self.opened.artifacts, ranks=spec.world)
         self.objective.worker = spec.worker  # the driver finds the slot's trial by it
         self.objective.on_trial_start = self._started
         self.trial_id: int | None = None

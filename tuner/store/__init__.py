@@ -8,7 +8,9 @@ teams and clusters. Everything in tuner that reads or writes a study comes throu
 - `urls`, `rdb`, `reconnect`: store URLs (passwords masked), opening the store, riding out a
   database that restarts;
 - `recovery`: trials whose worker is gone (dead processes, stale heartbeats) failed and retried;
-- `artifacts`, `retention`: adapters and reports in the artifact store, the best k kept;
+- `artifacts`, `retention`: the study's artifact location (a folder or s3://BUCKET/PREFIX) and
+  its Optuna artifact store (`open_artifacts`): adapters, checkpoints, reports, tokenised data;
+  the best k adapters kept;
 - `ranking`: which value is better in a study's direction, the best trial;
 - `budget`: what a study has spent; `locks`: one driver per sweep series;
 - `optuna_private`: the private members of Optuna tuner relies on, checked by a test.

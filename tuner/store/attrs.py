@@ -10,7 +10,10 @@ from __future__ import annotations
 
 SPACE = "space"  # the validated space as stored; written last, so a study that has it is complete
 SPACE_FILE = "space_file"  # the YAML it was created from, for people
-ARTIFACT_DIR = "artifact_dir"  # where the trials' artifacts (adapters, tokenised data) live
+# Where the study's artifacts (adapters, checkpoints, reports, tokenised data) live: a local path
+# or s3://BUCKET/PREFIX (tuner.store.artifacts). Studies made before it have ARTIFACT_DIR only.
+ARTIFACTS = "artifacts"
+ARTIFACT_DIR = "artifact_dir"  # an older study's artifact folder
 SWEEP = "sweep"  # a recurring sweep's summary, written when it ends (tuner.sweep)
 
 # ----------------------------------------------------------------------------- trial user attrs

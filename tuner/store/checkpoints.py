@@ -64,6 +64,12 @@ def resumable(trial: Any) -> Saved | None:
     return Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
 
 
+def parts(trial: Any) -> list[str]:
+    """The artifact ids of the checkpoint a trial (frozen) left, if any."""
+    saved = Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
+    return [saved.part(rank) for rank in range(saved.ranks)] if saved else []
+
+
 @dataclass
 class StoredCheckpoints:
     """One rank's keeper of one attempt's checkpoints (the `trials.checkpoint.Keeper`)."""

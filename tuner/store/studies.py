@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,6 +17,7 @@ import optuna
 from tuner.errors import StorageError
 from tuner.space import Space
 from tuner.store import attrs
+from tuner.store.artifacts import study_location
 from tuner.store.rdb import open_storage
 from tuner.store.urls import mask_url, resolve_url
 
@@ -26,9 +26,15 @@ from tuner.store.urls import mask_url, resolve_url
 class OpenStudy:
     study: optuna.Study
     space: Space
-    artifact_dir: Path
+    artifacts: str  # the study's artifact location: a local path or s3://BUCKET/PREFIX
     url: str
     store: optuna.storages.RDBStorage  # the study's store without Optuna's per-study cache
+
+    def artifact_store(self) -> Any:
+        """The study's Optuna artifact store (tuner.store.artifacts.open_artifacts)."""
+        from tuner.store.artifacts import open_artifacts
+
+        return open_artifacts(self.artifacts)
 
 
 def open_study(
@@ -72,7 +78,7 @@ def open_study(
         sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
         pruner=algorithms.build_pruner(space.pruner),
     )
-    return OpenStudy(study, space, Path(stored[attrs.ARTIFACT_DIR]), url, store)
+    return OpenStudy(study, space, study_location(stored, url), url, store)
 
 
 def wait_for_space(store: Any, name: str, wait_s: float = 10) -> dict:

@@ -59,11 +59,9 @@ def _password(url: str) -> str | None:
     return match["password"] if match and match["password"] else None
 
 
-def default_artifact_dir(url: str, settings: Settings | None = None) -> Path:
-    """Adapters go beside an SQLite store, else under the working directory."""
-    settings = settings or get_settings()
-    if settings.artifacts is not None:
-        return settings.artifacts.resolve()
+def default_artifact_dir(url: str) -> Path:
+    """Where a study keeps its artifacts when nothing chose a place: beside an SQLite store, else
+    under the working directory."""
     if url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACT_DIR
     return Path(DEFAULT_ARTIFACT_DIR).resolve()
