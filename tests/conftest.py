@@ -134,6 +134,16 @@ def write_space(path: Path, space: dict | str) -> Path:
     return path
 
 
+def as_from_a_terminal() -> None:
+    """`preexec_fn` of a child the test sends Ctrl-C: it reaches the child as from a terminal. A
+    child inherits ignored and blocked signals: a suite started in the background by a script
+    (`cmd &` ignores SIGINT) would hand that on, and the child would never see the Ctrl-C."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:

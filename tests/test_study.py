@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, small_space, write_space
+from conftest import TUNER, as_from_a_terminal, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
 from trials import sft
@@ -221,16 +221,8 @@ def _start_run(name: str, url: str, *extra: str, env: dict | None = None) -> sub
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
-        preexec_fn=_as_from_a_terminal,
+        preexec_fn=as_from_a_terminal,
     )
-
-
-def _as_from_a_terminal() -> None:
-    """Ctrl-C reaches the run as it does from a terminal. A child inherits ignored and blocked
-    signals: a suite started in the background by a script (`cmd &` ignores SIGINT) would hand
-    that on, and the run would never see the test's Ctrl-C."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_training(study: optuna.Study, timeout: float = 120) -> optuna.trial.FrozenTrial:

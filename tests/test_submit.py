@@ -25,7 +25,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, write_space
+from conftest import TUNER, as_from_a_terminal, run_cli, write_space
 from optuna.trial import TrialState
 from ray_nodes import free_port, start_head
 
@@ -262,6 +262,7 @@ def test_ctrl_c_stops_the_job_of_a_foreground_sweep(
         [*TUNER, "sweep", "run", "--space", "nightly.yaml", "--backend", "ray",
          "--address", job_api.url, "--storage", pg_url, "--date", "2026-01-03"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     out, err = _Reader(process.stdout), _Reader(process.stderr)
     try:
