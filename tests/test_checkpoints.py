@@ -114,6 +114,31 @@ def test_a_killed_workers_trial_resumes_from_its_checkpoint_and_trains_the_same(
     assert _leftover_checkpoints(tmp_path) == []
 
 
+def test_a_trial_nothing_will_resume_leaves_no_checkpoint(
+    sqlite_url: str, demo_dir: Path, tmp_path: Path
+) -> None:
+    """A worker killed past its retries: its trial ends FAIL for good, and the run removes the
+    checkpoint it kept (it would otherwise hold storage until the study is deleted)."""
+    space = _space(demo_dir, "final", checkpoint_every=EVERY)
+    space["resources"] = {**space["resources"], "max_retries": 0}
+    name = create_study(write_space(tmp_path / "final.yaml", space), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    run = subprocess.Popen(
+        [*TUNER, "study", "run", name, "--storage", sqlite_url, "--jobs", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = _checkpointed(study)
+    assert _leftover_checkpoints(tmp_path)  # kept while the trial ran
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs["checkpoint"]["step"] > 0
+    assert _leftover_checkpoints(tmp_path) == []
+
+
 def test_checkpoint_every_takes_steps_or_a_duration(demo_files: Path, tmp_path: Path) -> None:
     steps = load_space(
         write_space(tmp_path / "a.yaml", _space(demo_files, "a", checkpoint_every=50))

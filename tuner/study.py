@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
+    checkpoints,
     mask_url,
     open_storage,
     open_study,
@@ -219,6 +221,7 @@ def run_study(
         placement_timeout=space.resources.placement_timeout,
     )
     monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
+    started = datetime.now()  # Optuna records trials' times as naive local time
     monitor.start()
     try:
         if n_trials != 0:
@@ -227,6 +230,8 @@ def run_study(
         monitor.stop()
     # Trials of a killed run whose workers were still winding down when this run started.
     recovery.fail_orphans(study, max_retries=max_retries)
+    if space.resources.checkpoint_every is not None:
+        checkpoints.drop_unresumable(study, opened.artifact_store(), since=started)
     return monitor.progress
 
 

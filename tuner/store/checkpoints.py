@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,31 @@ def parts(trial: Any) -> list[str]:
     """The artifact ids of the checkpoint a trial (frozen) left, if any."""
     saved = Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
     return [saved.part(rank) for rank in range(saved.ranks)] if saved else []
+
+
+def drop_unresumable(study: Any, store: Any, *, since: datetime) -> int:
+    """Remove the checkpoints of trials that failed since `since` and that nothing will resume:
+    a worker that died past `resources.max_retries`, a trial ended by `trial_timeout`. (A retry
+    waiting or running holds the same checkpoint, which stays.) Returns how many went."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    held = {
+        Saved.from_attr(t.user_attrs.get(attrs.CHECKPOINT))
+        for t in trials
+        if t.state in (TrialState.WAITING, TrialState.RUNNING)
+    }
+    dropped = 0
+    for trial in trials:
+        saved = Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
+        ended = trial.datetime_complete
+        if trial.state != TrialState.FAIL or saved is None or saved in held:
+            continue
+        if ended is None or ended < since:
+            continue  # an earlier run's: it had its turn to go
+        StoredCheckpoints(store, None, None)._remove(saved)
+        dropped += 1
+    return dropped
 
 
 @dataclass
