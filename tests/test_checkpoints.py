@@ -64,6 +64,15 @@ def _checkpointed(study: optuna.Study, timeout: float = 180) -> FrozenTrial:
     raise AssertionError("no trial kept a checkpoint in time")
 
 
+def _local_run(name: str, url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*TUNER, "study", "run", name, "--storage", url, "--jobs", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _leftover_checkpoints(root: Path) -> list[Path]:
     return [p for p in root.rglob("checkpoint-*") if p.is_file()]
 
@@ -85,12 +94,7 @@ def test_a_killed_workers_trial_resumes_from_its_checkpoint_and_trains_the_same(
         storage=sqlite_url,
     )
     study = optuna.load_study(study_name=name, storage=sqlite_url)
-    run = subprocess.Popen(
-        [*TUNER, "study", "run", name, "--storage", sqlite_url, "--jobs", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = _local_run(name, sqlite_url)
     victim = _checkpointed(study)
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
@@ -123,12 +127,7 @@ def test_a_trial_nothing_will_resume_leaves_no_checkpoint(
     space["resources"] = {**space["resources"], "max_retries": 0}
     name = create_study(write_space(tmp_path / "final.yaml", space), storage=sqlite_url)
     study = optuna.load_study(study_name=name, storage=sqlite_url)
-    run = subprocess.Popen(
-        [*TUNER, "study", "run", name, "--storage", sqlite_url, "--jobs", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = _local_run(name, sqlite_url)
     victim = _checkpointed(study)
     assert _leftover_checkpoints(tmp_path)  # kept while the trial ran
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
