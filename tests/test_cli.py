@@ -76,6 +76,18 @@ def test_help_and_unknown_study(tmp_path: Path) -> None:
     assert bad_flag.returncode == 2 and "--timeout must be seconds" in bad_flag.stderr
 
 
+def test_a_mistyped_command_or_option_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for args, said in [
+        (("stduy", "list"), "No such command 'stduy'. Did you mean 'study'?"),
+        (("study", "list", "--bogus"), "No such option: --bogus"),
+        (("study", "show"), "Missing argument"),
+    ]:
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_run_refuses_a_study_whose_data_is_gone(tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     data = tmp_path / "data.jsonl"

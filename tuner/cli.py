@@ -708,12 +708,14 @@ def main() -> None:
     except TunerError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except (click.ClickException, typer.TyperException) as e:
+        # A mistyped command or option (typer carries its own copy of click: its errors are
+        # not click's). One line, as for every other bad input; usage errors exit 2.
+        typer.echo(f"error: {e.format_message()} (tuner --help)", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
