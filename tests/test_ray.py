@@ -17,7 +17,7 @@ import optuna
 import pytest
 from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
-from ray_nodes import RAY, RayNode, free_port, start_head
+from ray_nodes import RAY, RayNode, start_head
 
 from tuner.study import create_study, run_study
 
@@ -27,7 +27,6 @@ GPUS = 4
 @dataclass(frozen=True)
 class Cluster:
     address: str  # HOST:PORT of the head (what `tuner study run --address` takes)
-    dashboard: str  # http://HOST:PORT of the job API (the route off the cluster: test_submit.py)
     env: dict[str, str]
     logs: Path
     nodes: list[RayNode]  # what the module started, the head first; stopped at its end
@@ -35,27 +34,24 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A head with 4 logical GPUs, the job API and token auth; RAY_ADDRESS points at it. The
+    """A head with 4 logical GPUs and token auth; RAY_ADDRESS points at it. The
     nodes the module starts are stopped by their process group alone (tests/ray_nodes.py)."""
-    # The cluster runs jobs' `python` from this environment, as a cluster image would.
+    # The nodes run tuner from this environment, as a cluster image would.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard_port = free_port()
     logs = tmp_path_factory.mktemp("ray-logs")
     head, address = start_head(
         f"--num-gpus={GPUS}",
         "--num-cpus=8",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=false",  # the job API's tests have their own head (test_submit.py)
         env=env,
         temp_dir=Path(f"/tmp/ray-tuner-{os.getpid()}"),  # Ray's socket paths must stay short
         log=logs / "head.log",
     )
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
-    cluster = Cluster(address, f"http://127.0.0.1:{dashboard_port}", env, logs, [head])
+    cluster = Cluster(address, env, logs, [head])
     try:
         yield cluster
     finally:
