@@ -59,7 +59,7 @@ class Objective:
         # The data is tokenised once per study, not once per worker: in the location's folder
         # when the workers share it; else in this node's cache, synced through the location.
         self.data_cache = local_cache_dir(artifacts, node_cache_dir())
-        self.shared_data = shared_data_cache(artifacts)
+        self.shared_data = shared_data_cache(artifacts, self.artifact_store)
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
         # Where a Ctrl-C may land in a trial: the whole of the objective, and nothing around it
@@ -125,7 +125,7 @@ class Objective:
     def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
         started = time.perf_counter()
         config = self.space.trial_config(values)
-        checkpoints = self._checkpoints(trial, resume=resumable(trial))
+        checkpoints = self._checkpoints(trial)
         if self.ranks > 1:
             from trials import distributed
 
@@ -192,11 +192,9 @@ class Objective:
         if payload is None:
             return None
         config = TrialConfig.model_validate(payload["config"])
-        checkpoints = None
-        if payload.get("checkpoint_token"):
-            checkpoints = self._checkpoints(
-                None, resume=Saved.from_attr(payload["resume"]), token=payload["checkpoint_token"]
-            )
+        checkpoints = (
+            self._checkpoints(None, shared=payload) if "checkpoint_token" in payload else None
+        )
         timings: dict[str, float] = {}
         with (
             tempfile.TemporaryDirectory(prefix="tuner-rank-") as tmp,
@@ -226,26 +224,31 @@ class Objective:
         )
 
     def _checkpoints(
-        self, trial: optuna.Trial | None, *, resume: Saved | None, token: str | None = None
+        self, trial: optuna.Trial | None, *, shared: dict[str, Any] | None = None
     ) -> StoredCheckpoints | None:
         """This process's keeper of the trial's checkpoints; None when the space keeps none
-        (`resources.checkpoint_every`) or the workload has no steps to resume."""
+        (`resources.checkpoint_every`) or the workload has no steps to resume. Rank 0 holds the
+        `trial` (a retry resumes what it inherited); the other ranks what rank 0 `shared`."""
         resources = self.space.resources
         if resources.checkpoint_every is None or self.space.fixed.get("workload") == "simulated":
             return None
-        rank = 0 if trial is not None else _rank()
-        keeper = StoredCheckpoints(
+        every = {
+            "every_steps": resources.checkpoint_steps,
+            "every_seconds": resources.checkpoint_seconds,
+        }
+        if trial is not None:
+            resume = resumable(trial)
+            return StoredCheckpoints(
+                self.artifact_store, **every, ranks=self.ranks, trial=trial, resume=resume
+            )
+        return StoredCheckpoints(
             self.artifact_store,
-            every_steps=resources.checkpoint_steps,
-            every_seconds=resources.checkpoint_seconds,
-            rank=rank,
-            ranks=self.ranks if trial is not None else _world(),
-            trial=trial,
-            resume=resume,
+            **every,
+            rank=_rank(),
+            ranks=_world(),
+            resume=Saved.from_attr(shared["resume"]),
+            token=shared["checkpoint_token"],
         )
-        if token is not None:
-            keeper.token = token
-        return keeper
 
     def _upload_adapter(self, trial: optuna.Trial, adapter_dir: Path) -> dict[str, str]:
         """Store the adapter's files in the study's artifact store, linked from the trial, so an

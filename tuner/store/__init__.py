@@ -10,7 +10,8 @@ teams and clusters. Everything in tuner that reads or writes a study comes throu
 - `recovery`: trials whose worker is gone (dead processes, stale heartbeats) failed and retried;
 - `artifacts`, `retention`: the study's artifact location (a folder or s3://BUCKET/PREFIX) and
   its Optuna artifact store (`open_artifacts`): adapters, checkpoints, reports, tokenised data;
-  the best k adapters kept;
+  the best k adapters kept; `folders`: a folder as one object there (the data cache's entries,
+  checkpoints); `checkpoints`: a trial's checkpoints, and which one a retry resumes;
 - `ranking`: which value is better in a study's direction, the best trial;
 - `budget`: what a study has spent; `locks`: one driver per sweep series;
 - `optuna_private`: the private members of Optuna tuner relies on, checked by a test.

@@ -17,12 +17,10 @@ key per cache entry (`tokenized/KEY.tar`), found by its key alone.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from tuner.errors import TunerError
 from tuner.settings import Settings, get_settings
 from tuner.store import attrs
+from tuner.store.folders import get_folder, put_folder
 from tuner.store.urls import default_artifact_dir
 
 logger = logging.getLogger(__name__)
@@ -263,28 +262,18 @@ class SharedDataCache:
     def fetch(self, key: str, dest: Path) -> bool:
         """Unpack entry `key` into the new folder `dest`; False when no worker published it."""
         try:
-            body = self.store.open_reader(self._id(key))
+            get_folder(self.store, self._id(key), dest)
         except ArtifactNotFound:
             return False
-        with tempfile.TemporaryFile() as buffer:
-            with contextlib.closing(body):
-                shutil.copyfileobj(body, buffer)
-            buffer.seek(0)
-            with tarfile.open(fileobj=buffer, mode="r") as tar:
-                tar.extractall(dest, filter="data")
         return True
 
     def publish(self, key: str, entry: Path) -> None:
-        """Upload the folder `entry` as entry `key`: one object, so a reader sees all or none."""
-        with tempfile.TemporaryFile() as buffer:
-            with tarfile.open(fileobj=buffer, mode="w") as tar:
-                for path in sorted(entry.iterdir()):
-                    tar.add(path, arcname=path.name)
-            buffer.seek(0)
-            self.store.write(self._id(key), buffer)
+        """Upload the folder `entry` as entry `key`."""
+        put_folder(self.store, self._id(key), entry)
 
 
-def shared_data_cache(url: str) -> SharedDataCache | None:
-    """The data cache to sync with, for a location the workers do not share as a folder."""
-    store = open_artifacts(url)
+def shared_data_cache(url: str, store: Any = None) -> SharedDataCache | None:
+    """The data cache to sync with, for a location the workers do not share as a folder;
+    through `store`, the location's store already open (one S3 client per worker), if given."""
+    store = open_artifacts(url) if store is None else store
     return SharedDataCache(store) if isinstance(store, PrefixedBoto3Store) else None

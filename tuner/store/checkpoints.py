@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tarfile
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +24,7 @@ from typing import Any
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tuner.store import attrs
+from tuner.store.folders import get_folder, put_folder
 from tuner.store.optuna_private import storage as storage_of
 from tuner.store.optuna_private import trial_id
 
@@ -57,18 +56,24 @@ class Saved:
 def resumable(trial: Any) -> Saved | None:
     """The checkpoint a trial resumes from: a retry's inherited one. A trial enqueued by hand or
     from another study (a warm start copies user attrs) never resumes another's training."""
-    if (
-        storage_of(trial.study).get_trial_system_attrs(trial_id(trial)).get(attrs.FAILED_TRIAL)
-        is None
-    ):
-        return None
-    return Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
+    saved = Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
+    if saved is None:
+        return None  # the common case, answered without asking the store
+    system = storage_of(trial.study).get_trial_system_attrs(trial_id(trial))
+    return saved if system.get(attrs.FAILED_TRIAL) is not None else None
 
 
 def parts(trial: Any) -> list[str]:
     """The artifact ids of the checkpoint a trial (frozen) left, if any."""
     saved = Saved.from_attr(trial.user_attrs.get(attrs.CHECKPOINT))
     return [saved.part(rank) for rank in range(saved.ranks)] if saved else []
+
+
+def remove(store: Any, saved: Saved) -> None:
+    """Remove every rank's part of a checkpoint; a part already gone is not an error."""
+    for rank in range(saved.ranks):
+        with contextlib.suppress(ArtifactNotFound, OSError):
+            store.remove(saved.part(rank))
 
 
 def drop_unresumable(study: Any, store: Any, *, since: datetime) -> int:
@@ -91,7 +96,7 @@ def drop_unresumable(study: Any, store: Any, *, since: datetime) -> int:
             continue
         if ended is None or ended < since:
             continue  # an earlier run's: it had its turn to go
-        StoredCheckpoints(store, None, None)._remove(saved)
+        remove(store, saved)
         dropped += 1
     return dropped
 
@@ -120,11 +125,7 @@ class StoredCheckpoints:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             for rank in range(self.resume.ranks):
-                with (
-                    self.store.open_reader(self.resume.part(rank)) as body,
-                    tarfile.open(fileobj=body, mode="r|") as tar,
-                ):
-                    tar.extractall(folder, filter="data")
+                get_folder(self.store, self.resume.part(rank), folder)
         except ArtifactNotFound as e:
             # Removed by hand, or by a retention policy: the params are still worth a run.
             logger.warning(
@@ -137,13 +138,7 @@ class StoredCheckpoints:
         return folder
 
     def save(self, step: int, folder: Path) -> None:
-        with tempfile.TemporaryFile() as packed:
-            with tarfile.open(fileobj=packed, mode="w") as tar:
-                for path in sorted(folder.rglob("*")):
-                    if path.is_file():
-                        tar.add(path, arcname=str(path.relative_to(folder)))
-            packed.seek(0)
-            self.store.write(Saved(self.token, step, self.ranks).part(self.rank), packed)
+        put_folder(self.store, Saved(self.token, step, self.ranks).part(self.rank), folder)
 
     def commit(self, step: int) -> None:
         if self.trial is None:
@@ -152,19 +147,14 @@ class StoredCheckpoints:
         self.trial.set_user_attr(attrs.CHECKPOINT, saved.as_attr())
         self.current = saved
         if before is not None:
-            self._remove(before)
+            remove(self.store, before)
 
     def discard(self) -> None:
         """The trial has ended: its checkpoints (and the one it resumed from) go."""
         if self.trial is None:
             return
         for saved in {self.current, self.resume} - {None}:
-            self._remove(saved)
+            remove(self.store, saved)
         if self.current is not None:
             self.trial.set_user_attr(attrs.CHECKPOINT, None)
         self.current = None
-
-    def _remove(self, saved: Saved) -> None:
-        for rank in range(saved.ranks):
-            with contextlib.suppress(ArtifactNotFound, OSError):
-                self.store.remove(saved.part(rank))
