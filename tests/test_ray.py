@@ -414,6 +414,27 @@ def test_a_real_lora_trial_trains_on_two_ranks_through_ray(
     }
 
 
+def test_a_two_rank_trial_keeps_checkpoints_of_every_rank_through_ray(
+    ray_address: str, sqlite_url: str, demo_dir: Path, tmp_path: Path
+) -> None:
+    """Checkpoints of a DDP trial: every rank saves its part at the same step (a barrier, then
+    rank 0 records it), the trial finishes, and its checkpoints go with it."""
+    space = small_space(
+        demo_dir,
+        name="ddp_ckpt",
+        pruner="none",
+        resources={"gpus_per_trial": 2, "cpus_per_trial": 2, "checkpoint_every": 2},
+    )
+    space["fixed"] = {**space["fixed"], "max_steps": 6, "eval_steps": 3, "logging_steps": 3}
+    name = create_study(write_space(tmp_path / "ddp.yaml", space), storage=sqlite_url)
+    progress = run_study(name, storage=sqlite_url, n_trials=1, backend="ray", address=ray_address)
+    assert progress.complete == 1
+    (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert trial.user_attrs["rank_steps"] == [6, 6]
+    assert trial.user_attrs["checkpoint"] is None  # kept while it ran, removed at its end
+    assert not [p for p in tmp_path.rglob("checkpoint-*") if p.is_file()]
+
+
 # Last in this module: it leaves the cluster with 2 more GPUs.
 def test_a_node_that_joins_mid_sweep_gets_trials(
     ray_cluster: Cluster, sqlite_url: str, tmp_path: Path
