@@ -36,15 +36,17 @@ def test_alpaca_with_input_system_and_history(tmp_path: Path) -> None:
         )
     )
     first, second = to_examples(DatasetSpec(path=str(path)))
-    assert first.prompt == [
+    assert first.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Translate\n\nchat"},
+        {"role": "assistant", "content": "cat"},
     ]
-    assert first.completion == [{"role": "assistant", "content": "cat"}]
-    assert second.prompt == [{"role": "user", "content": "2+2?"}]
-    assert second.completion[0]["content"] == "4"
+    assert second.messages == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
 
 
 def test_sharegpt_roles_messages_and_languages(tmp_path: Path) -> None:
@@ -67,10 +69,10 @@ def test_sharegpt_roles_messages_and_languages(tmp_path: Path) -> None:
         ],
     )
     first, second = to_examples(DatasetSpec(path=str(path), format="sharegpt"))
-    assert [m["role"] for m in first.prompt] == ["system", "user"]
-    assert first.prompt[1]["content"] == "你好，世界是什么？"
-    assert first.completion == [{"role": "assistant", "content": "Le monde 🌍"}]
-    assert second.completion[0]["content"] == "Привет"
+    assert [m["role"] for m in first.messages] == ["system", "user", "assistant"]
+    assert first.messages[1]["content"] == "你好，世界是什么？"
+    assert first.answer == "Le monde 🌍"
+    assert second.answer == "Привет"
 
 
 def test_openai_messages_format_with_mixed_languages_and_a_renamed_column(tmp_path: Path) -> None:
@@ -96,13 +98,13 @@ def test_openai_messages_format_with_mixed_languages_and_a_renamed_column(tmp_pa
     )
     spec = DatasetSpec(path=str(path), format="messages", columns={"messages": "chat"})
     first, second = to_examples(spec)
-    assert first.prompt == [
+    assert first.messages[:2] == [
         {"role": "system", "content": "你是 helpful assistant."},
         {"role": "user", "content": "用 English 解释 LoRA 是什么？"},
     ]
-    assert first.completion[0]["content"] == "LoRA 是 low-rank adaptation：只训练小矩阵。"
-    assert [m["role"] for m in second.prompt] == ["user", "assistant", "user"]
-    assert second.completion == [{"role": "assistant", "content": "Bye 👋"}]
+    assert first.answer == "LoRA 是 low-rank adaptation：只训练小矩阵。"
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "user", "assistant"]
+    assert second.answer == "Bye 👋"
     unmapped = r"line 1: has no conversation .*`messages`.*fixed.dataset.columns.messages"
     with pytest.raises(DataError, match=unmapped):
         to_examples(DatasetSpec(path=str(path), format="messages"))
@@ -112,7 +114,7 @@ def test_columns_rename_a_users_fields(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "q.jsonl", [{"question": "Why?", "answer": "Because."}])
     spec = DatasetSpec(path=str(path), columns={"instruction": "question", "output": "answer"})
     (example,) = to_examples(spec)
-    assert example.prompt[0]["content"] == "Why?" and example.completion[0]["content"] == "Because."
+    assert example.messages[0]["content"] == "Why?" and example.answer == "Because."
 
 
 @pytest.mark.parametrize(
@@ -166,16 +168,14 @@ def test_only_the_answer_is_trained_and_ends_with_the_end_token() -> None:
         _example("Reverse kalemo.", "omelak"),
         _example("Shout it.", "HEY"),
     ]
-    rows, answers, truncated, dropped = tokenize(
-        examples, tokenizer, template="auto", cutoff_len=200
-    )
+    rows, answers, truncated, dropped = tokenize(examples, _renderer(tokenizer), cutoff_len=200)
     assert (truncated, dropped) == (0, 0)
     assert answers == ["omelak", "HEY"]  # the references a generation objective scores against
     for ids, labels, answer in zip(
         rows["input_ids"], rows["labels"], ["omelak", "HEY"], strict=True
     ):
         trained = [t for t in labels if t != -100]
-        assert tokenizer.decode(trained) == f"{answer}<|im_end|>\n"
+        assert tokenizer.decode(trained) == f"{answer}<|im_end|>"
         prompt_len = labels.index(trained[0])
         assert tokenizer.decode(ids[:prompt_len]).endswith("<|im_start|>assistant\n")
 
@@ -183,7 +183,7 @@ def test_only_the_answer_is_trained_and_ends_with_the_end_token() -> None:
 def test_cutoff_len_truncates_and_is_counted() -> None:
     tokenizer = build_tokenizer()
     examples = [_example("a", "x" * 50), _example("b", "y"), _example("c" * 80, "z")]
-    rows, _, truncated, dropped = tokenize(examples, tokenizer, template="chatml", cutoff_len=40)
+    rows, _, truncated, dropped = tokenize(examples, _renderer(tokenizer), cutoff_len=40)
     assert truncated == 2  # the long answer is cut; the long prompt leaves no answer at all
     assert dropped == 1
     assert all(len(ids) <= 40 for ids in rows["input_ids"])
@@ -268,6 +268,12 @@ def _entries(cache: Path) -> list[Path]:
 def _example(prompt: str, answer: str):
     from trials.data import Example
 
-    return Example(
-        [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}]
+    return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+
+
+def _renderer(tokenizer, **options):
+    from trials.data import renderer
+
+    return renderer(
+        tokenizer, TrialConfig(model_name_or_path="given", dataset={"path": "x"}, **options)
     )

@@ -41,6 +41,20 @@ class DatasetSpec(BaseModel):
         description="Rename columns to the format's names, e.g. {instruction: question}.",
     )
     split: str = Field(default="train", description="Split to read from a hub data set.")
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="sharegpt turns' keys and roles, LLaMA-Factory's names: role_tag, "
+        "content_tag, user_tag, assistant_tag, observation_tag, function_tag, system_tag.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llama_factory(cls, data: Any) -> Any:
+        """LLaMA-Factory's keys (`dataset_info: path#name`, `file_name`, `formatting`, its
+        column names) read as tuner's; see trials/dataset_info.py."""
+        from trials.dataset_info import translate
+
+        return translate(data) if isinstance(data, dict) else data
 
 
 class SimulatedArgs(BaseModel):
@@ -82,6 +96,16 @@ class TrialConfig(BaseModel):
         description="`auto`: the tokenizer's own chat template (ChatML if it has none); `chatml`.",
     )
     cutoff_len: int = Field(default=1024, gt=0, description="Tokens per example; longer are cut.")
+    # Which text is trained (trials/chat.py); LLaMA-Factory's names and defaults.
+    mask_history: bool = Field(
+        default=False,
+        description="Train only the last assistant turn; false trains every assistant turn.",
+    )
+    enable_thinking: bool = Field(
+        default=True,
+        description="Train answers' <think>…</think> reasoning as given; false removes it and "
+        "renders the template's non-thinking mode.",
+    )
     val_size: float = Field(
         default=0.1, gt=0, description="Validation share (< 1) or number of examples (>= 1)."
     )
@@ -191,6 +215,8 @@ SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "model_name_or_path",
     "dataset",
     "template",
+    "mask_history",
+    "enable_thinking",
     "trust_remote_code",
     "attn_implementation",
     "simulated",

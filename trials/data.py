@@ -1,13 +1,15 @@
-"""Data as users bring it → chat prompt/completion pairs → tokenised train and validation sets.
+"""Data as users bring it → conversations → tokenised train and validation sets.
 
 alpaca: `instruction`, `input`, `output`, optional `system` and `history`
 ([[user, assistant], ...]).
 sharegpt: `conversations`, a list of `{from, value}` (human/gpt/system/function/observation) or
-`{role, content}` turns, optional `system`. messages: OpenAI-style `messages` of `{role, content}`,
-optional `system`. `columns` in the space renames any of them.
+`{role, content}` turns, optional `system`; `tags` (LLaMA-Factory's) name other keys and roles.
+messages: OpenAI-style `messages` of `{role, content}`, optional `system`. `columns` in the space
+renames any of them; LLaMA-Factory's `dataset_info.json` entries read too (trials/dataset_info.py).
 
-The last assistant turn is the completion; everything before it is the prompt, which is masked
-out of the loss.
+Every assistant turn is trained, its text exactly as given (`<think>` reasoning included), and
+everything else is masked out of the loss; `mask_history` trains the last assistant turn only
+(trials/chat.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from trials.chat import Renderer, TemplateError
 from trials.config import DatasetSpec, TrialConfig
 
 logger = logging.getLogger(__name__)
@@ -66,8 +69,13 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class Example:
-    prompt: list[Message]
-    completion: list[Message]
+    """One conversation: system, user, assistant and tool turns, ending with the assistant's."""
+
+    messages: list[Message]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -155,7 +163,7 @@ def to_examples(spec: DatasetSpec) -> list[Example]:
         if not isinstance(record, dict):
             raise DataError(f"{name}: {where} is not an object (got {type(record).__name__})")
         try:
-            examples.append(convert(record, spec.columns))
+            examples.append(convert(record, spec))
         except DataError as e:
             raise DataError(f"{name}: {where}: {e}") from None
     if not examples:
@@ -183,71 +191,98 @@ def _text(value: Any, what: str) -> str:
     raise DataError(f"{what} must be text (got {type(value).__name__})")
 
 
-def _from_alpaca(record: dict[str, Any], columns: dict[str, str]) -> Example:
+def _from_alpaca(record: dict[str, Any], spec: DatasetSpec) -> Example:
+    columns = spec.columns
     instruction = _text(_column(record, columns, "instruction", required=True), "instruction")
     extra = _column(record, columns, "input", required=False)
     output = _text(_column(record, columns, "output", required=True), "output")
     system = _column(record, columns, "system", required=False)
     history = _column(record, columns, "history", required=False) or []
 
-    prompt: list[Message] = []
+    messages: list[Message] = []
     if system:
-        prompt.append({"role": "system", "content": _text(system, "system")})
+        messages.append({"role": "system", "content": _text(system, "system")})
     if not isinstance(history, list):
         raise DataError("history must be a list of [user, assistant] pairs")
     for turn in history:
         if not (isinstance(turn, list | tuple) and len(turn) == 2):
             raise DataError("history must be a list of [user, assistant] pairs")
-        prompt.append({"role": "user", "content": _text(turn[0], "history")})
-        prompt.append({"role": "assistant", "content": _text(turn[1], "history")})
+        messages.append({"role": "user", "content": _text(turn[0], "history")})
+        messages.append({"role": "assistant", "content": _text(turn[1], "history")})
     extra = _text(extra, "input") if extra is not None else ""
-    prompt.append(
+    messages.append(
         {"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction}
     )
-    return Example(prompt, [{"role": "assistant", "content": output}])
+    messages.append({"role": "assistant", "content": output})
+    return Example(messages)
 
 
-def _from_sharegpt(record: dict[str, Any], columns: dict[str, str]) -> Example:
-    turns = _column(record, columns, "conversations", required=False)
-    if turns is None and "conversations" not in columns:
+def _from_sharegpt(record: dict[str, Any], spec: DatasetSpec) -> Example:
+    turns = _column(record, spec.columns, "conversations", required=False)
+    if turns is None and "conversations" not in spec.columns:
         turns = record.get("messages")  # OpenAI-style records read the same way
-    return _from_turns(record, columns, turns, key="conversations")
+    return _from_turns(record, spec, turns, key="conversations")
 
 
-def _from_messages(record: dict[str, Any], columns: dict[str, str]) -> Example:
+def _from_messages(record: dict[str, Any], spec: DatasetSpec) -> Example:
     """OpenAI-style `messages` of `{role, content}`; ShareGPT's `{from, value}` read too."""
-    turns = _column(record, columns, "messages", required=False)
-    return _from_turns(record, columns, turns, key="messages")
+    turns = _column(record, spec.columns, "messages", required=False)
+    return _from_turns(record, spec, turns, key="messages")
 
 
-def _from_turns(
-    record: dict[str, Any], columns: dict[str, str], turns: Any, *, key: str
-) -> Example:
+def _from_turns(record: dict[str, Any], spec: DatasetSpec, turns: Any, *, key: str) -> Example:
     if not isinstance(turns, list) or not turns:
         raise DataError(
-            f"has no conversation (a non-empty `{columns.get(key, key)}` list); "
+            f"has no conversation (a non-empty `{spec.columns.get(key, key)}` list); "
             f"map yours with fixed.dataset.columns.{key}"
         )
-    messages = [_message(turn, i) for i, turn in enumerate(turns)]
-    system = _column(record, columns, "system", required=False)
+    read = _TurnReader(spec.tags)
+    messages = [read(turn, i) for i, turn in enumerate(turns)]
+    system = _column(record, spec.columns, "system", required=False)
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": _text(system, "system")})
     if messages[-1]["role"] != "assistant":
         raise DataError(f"the last turn is from {messages[-1]['role']}, not the assistant")
-    return Example(messages[:-1], messages[-1:])
+    return Example(messages)
 
 
-def _message(turn: Any, index: int) -> Message:
-    if not isinstance(turn, dict):
-        raise DataError(f"turn {index + 1} is not an object")
-    role = turn.get("from", turn.get("role"))
-    content = turn.get("value", turn.get("content"))
-    if role not in _ROLES:
-        raise DataError(f"turn {index + 1} has role {role!r} (allowed: {', '.join(_ROLES)})")
-    return {
-        "role": _ROLES[role],
-        "content": _text(content if content is not None else "", "content"),
-    }
+# LLaMA-Factory's tags → the roles they name.
+_TAG_ROLES = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "assistant",
+    "system_tag": "system",
+}
+
+
+class _TurnReader:
+    """One turn → a message. Without `tags`: `{from, value}` or `{role, content}` and the usual
+    role names; with them, the keys and role names they give (LLaMA-Factory's meaning)."""
+
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.role_key = tags.get("role_tag")
+        self.content_key = tags.get("content_tag")
+        self.roles = {**_ROLES, **{tags[t]: role for t, role in _TAG_ROLES.items() if t in tags}}
+
+    def __call__(self, turn: Any, index: int) -> Message:
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {index + 1} is not an object")
+        role = turn.get(self.role_key) if self.role_key else turn.get("from", turn.get("role"))
+        content = (
+            turn.get(self.content_key)
+            if self.content_key
+            else turn.get("value", turn.get("content"))
+        )
+        if role not in self.roles:
+            raise DataError(
+                f"turn {index + 1} has role {role!r} (allowed: {', '.join(self.roles)}; "
+                "name yours with fixed.dataset.tags)"
+            )
+        return {
+            "role": self.roles[role],
+            "content": _text(content if content is not None else "", "content"),
+        }
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -292,60 +327,81 @@ def chat_template(tokenizer: Any, template: str) -> str:
     raise DataError(f"unknown template {template!r} (allowed: auto, {', '.join(TEMPLATES)})")
 
 
-def tokenize(
-    examples: Iterable[Example], tokenizer: Any, *, template: str, cutoff_len: int
-) -> tuple:
-    """Token ids with labels masked to the completion; (rows, their answers' text, truncated
-    count, dropped count).
+def renderer(tokenizer: Any, config: TrialConfig) -> Renderer:
+    """How this trial's examples become trained tokens (trials/chat.py)."""
+    try:
+        return Renderer(
+            tokenizer,
+            chat_template(tokenizer, config.template),
+            mask_history=config.mask_history,
+            enable_thinking=config.enable_thinking,
+        )
+    except TemplateError as e:
+        raise DataError(f"template {config.template!r}: {e}") from None
 
-    TRL would tokenise too, but it truncates silently; doing it here measures truncation and
-    lets a worker reuse the result across trials. The completion starts where the prompt alone
-    and prompt + completion first differ, as in TRL.
+
+def tokenize(examples: Iterable[Example], render: Renderer, *, cutoff_len: int) -> tuple:
+    """Token ids with labels on the trained turns; (rows, their answers' text, truncated count,
+    dropped count).
+
+    TRL would tokenise too, but it truncates silently and trains one completion per row; doing it
+    here measures truncation, trains every assistant turn, and lets a worker reuse the result
+    across trials.
     """
-    examples = list(examples)
-    template_text = chat_template(tokenizer, template)
-    prompts = tokenizer.apply_chat_template(
-        [e.prompt for e in examples],
-        chat_template=template_text,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-    )["input_ids"]
-    fulls = tokenizer.apply_chat_template(
-        [e.prompt + e.completion for e in examples],
-        chat_template=template_text,
-        tokenize=True,
-        return_dict=True,
-    )["input_ids"]
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     answers: list[str] = []
     truncated = dropped = 0
-    for example, prompt_ids, ids in zip(examples, prompts, fulls, strict=True):
-        start = _common_prefix(prompt_ids, ids)
-        labels = [-100] * start + list(ids[start:])
+    for n, example in enumerate(examples, start=1):
+        try:
+            encoded = render.encode(example.messages)
+        except TemplateError as e:
+            raise DataError(f"example {n}: {e}") from None
+        ids, labels = encoded.input_ids, encoded.labels
         if len(ids) > cutoff_len:
             truncated += 1
             ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if all(label == -100 for label in labels):
             dropped += 1  # the prompt alone fills cutoff_len: nothing to learn from
             continue
-        rows["input_ids"].append(list(ids))
+        rows["input_ids"].append(ids)
         rows["labels"].append(labels)
-        answers.append(example.completion[-1]["content"])
+        answers.append(encoded.answer)
     return rows, answers, truncated, dropped
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def check_rendering(examples: list[Example], render: Renderer, *, name: str) -> None:
+    """Render the first example and check that its trained tokens read back as its trained
+    turns' text: a template that drops or rewrites answer text (or a tokenizer that cannot spell
+    it) is refused here, before any GPU time is spent on it."""
+    example = examples[0]
+    try:
+        text, spans, _ = render.render(example.messages)
+        encoded = render.encode(example.messages)
+    except TemplateError as e:
+        raise DataError(f"{name}: example 1: {e}") from None
+    trained = render.tokenizer.decode(
+        [t for t in encoded.labels if t != -100], skip_special_tokens=False
+    )
+    for low, high in spans:
+        want = text[low:high]
+        if _squeeze(want) not in _squeeze(trained):
+            raise DataError(
+                f"{name}: example 1: the trained tokens do not spell the answer "
+                f"{_clip(want)!r} (they read {_clip(trained)!r}); the tokenizer cannot "
+                "represent it, or the template rewrites it"
+            )
+
+
+def _squeeze(text: str) -> str:
+    return "".join(text.split())  # tokenizers differ on spaces only, never on the words
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # Bump when `tokenize` changes what it writes: entries on disk from older code are then unused.
-_FORMAT = 2
+_FORMAT = 3
 _FACTS = "facts.json"
 _ANSWERS = "val_answers.json"
 _CACHE: dict[str, Tokenized] = {}
@@ -405,6 +461,8 @@ def _cache_key(config: TrialConfig, tokenizer: Any) -> str:
             getattr(tokenizer, "name_or_path", ""),
         ],
         "template": config.template,
+        "mask_history": config.mask_history,
+        "enable_thinking": config.enable_thinking,
         "cutoff_len": config.cutoff_len,
         "val_size": config.val_size,
         "seed": config.seed,
@@ -507,12 +565,13 @@ def _save(result: Tokenized, entry: Path) -> None:
 def _build(config: TrialConfig, tokenizer: Any) -> Tokenized:
     import datasets
 
-    train, val = split(to_examples(config.dataset), val_size=config.val_size, seed=config.seed)
-    train_rows, _, train_cut, train_dropped = tokenize(
-        train, tokenizer, template=config.template, cutoff_len=config.cutoff_len
-    )
+    examples = to_examples(config.dataset)
+    render = renderer(tokenizer, config)
+    check_rendering(examples, render, name=Path(config.dataset.path).name)
+    train, val = split(examples, val_size=config.val_size, seed=config.seed)
+    train_rows, _, train_cut, train_dropped = tokenize(train, render, cutoff_len=config.cutoff_len)
     val_rows, val_answers, val_cut, val_dropped = tokenize(
-        val, tokenizer, template=config.template, cutoff_len=config.cutoff_len
+        val, render, cutoff_len=config.cutoff_len
     )
     if not train_rows["input_ids"] or not val_rows["input_ids"]:
         raise DataError(

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trials.chat import prompt_ids
+
 Scorer = Callable[[str, str], float]
 
 
@@ -92,7 +94,8 @@ def score_adapter(
     n = len(answers) if settings.max_samples is None else min(settings.max_samples, len(answers))
     rows = val.select(range(n))
     prompts = [
-        _prompt(ids, labels) for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
+        prompt_ids(ids, labels)
+        for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
     ]
     references = answers[:n]
     scorer = load_scorer(metric)
@@ -114,12 +117,6 @@ def score_adapter(
     score = at(temperature)
     grid = {f"{t:g}": score if t == temperature else at(t) for t in settings.temperature_grid}
     return score, grid
-
-
-def _prompt(ids: list[int], labels: list[int]) -> list[int]:
-    """The prompt part of a tokenised row: everything before the first trained token."""
-    start = next(i for i, label in enumerate(labels) if label != -100)
-    return list(ids[:start])
 
 
 def generate(

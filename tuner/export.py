@@ -248,13 +248,13 @@ def _build(
 def _validation(config: Any, tokenizer: Any) -> list[dict[str, Any]]:
     """The trial's validation rows (same split, same tokens) with their prompt part."""
     from trials import data as data_mod
+    from trials.chat import prompt_ids
 
     rows = data_mod.prepare(config, tokenizer).val
-    out = []
-    for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
-        start = next(i for i, label in enumerate(labels) if label != -100)
-        out.append({"input_ids": ids, "labels": labels, "prompt": ids[:start]})
-    return out
+    return [
+        {"input_ids": ids, "labels": labels, "prompt": prompt_ids(ids, labels)}
+        for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
+    ]
 
 
 def _logits_and_greedy(model: Any, tokenizer: Any, prompts: list, device: str) -> tuple:

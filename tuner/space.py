@@ -652,6 +652,8 @@ def parse_space(
     params = {name: _parse_param(name, spec) for name, spec in data["params"].items()}
     fixed = dict(data["fixed"])
     _check_fixed_keys(fixed, params)
+    if resolve_paths and isinstance(fixed.get("dataset"), dict):
+        fixed["dataset"] = _llama_factory_dataset(fixed["dataset"], base_dir or Path.cwd())
     sampler = algorithms.normalize(
         data.get("sampler"), key="sampler", default=algorithms.DEFAULT_SAMPLER
     )
@@ -839,6 +841,22 @@ def _check_baseline(space: Space) -> None:
         value = values[name]
         origin = "" if name in space.baseline else f" (not given; the default is {value!r})"
         raise SpaceError(f"baseline.{name} must be {allowed} (got {shown(value)}){origin}")
+
+
+def _llama_factory_dataset(dataset: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A `dataset_info` reference or LLaMA-Factory's keys → tuner's, stored so: the workers
+    then need only the data file, not the dataset_info.json beside it."""
+    from trials.dataset_info import DatasetInfoError, translate
+
+    dataset = dict(dataset)
+    ref = dataset.get("dataset_info")
+    if isinstance(ref, str) and "#" in ref:
+        where, _, name = ref.rpartition("#")
+        dataset["dataset_info"] = f"{(base_dir / Path(where).expanduser()).resolve()}#{name}"
+    try:
+        return translate(dataset)
+    except DatasetInfoError as e:
+        raise SpaceError(f"fixed.dataset.{e}") from None
 
 
 def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from trials.config import DatasetSpec
-from trials.data import DataError, to_examples
+from trials.config import TrialConfig
+from trials.data import DataError, check_rendering, renderer, to_examples
 from tuner import backends
 from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
@@ -121,16 +121,45 @@ def _save_note(study: optuna.Study, name: str, space: Space, *, space_file: str)
 
 
 def _check_local_data(space: Space, *, display: str) -> None:
-    """Read the whole local data set now, so a bad record fails `create`, not every trial."""
+    """Read the whole local data set now, so a bad record fails `create`, not every trial; and
+    render its first example through the model's chat template, so a template that would not
+    train the answers as written fails here too."""
     if space.fixed.get("dataset") is None:
         return  # a workload without data
-    spec = DatasetSpec.model_validate(space.fixed["dataset"])
-    if not Path(spec.path).exists():
+    config = TrialConfig.model_validate(space.fixed)
+    if not Path(config.dataset.path).exists():
         return  # a hub id: read when the first trial runs
     try:
-        to_examples(spec)
+        examples = to_examples(config.dataset)
     except DataError as e:
         raise SpaceError(f"{display}: fixed.dataset: {e}") from None
+    tokenizer = _local_tokenizer(config)
+    if tokenizer is None:
+        return  # checked by the first trial, which loads it
+    try:
+        check_rendering(examples, renderer(tokenizer, config), name=Path(config.dataset.path).name)
+    except DataError as e:
+        raise SpaceError(f"{display}: fixed.template: {e}") from None
+
+
+def _local_tokenizer(config: TrialConfig) -> Any:
+    """The base model's tokenizer when this machine has it (a folder, or the hub's cache);
+    None otherwise: create does not download."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a missing cache entry is an answer here, not a warning
+    try:
+        return AutoTokenizer.from_pretrained(
+            config.model_name_or_path,
+            trust_remote_code=config.trust_remote_code,
+            local_files_only=True,
+        )
+    except Exception:  # noqa: BLE001 - not here (or not loadable here): the trial will say
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
