@@ -7,6 +7,7 @@ from); the default is the local server with trust auth.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -244,3 +245,78 @@ def s3(s3_endpoint: str) -> S3:
     bucket = S3(s3_endpoint, f"tuner-{uuid.uuid4().hex[:12]}", s3_env(s3_endpoint))
     bucket.client().create_bucket(Bucket=bucket.bucket)
     return bucket
+
+
+# ----------------------------------------------------------------------------- MLflow's server
+
+
+class MlflowServer:
+    """`mlflow server` on a free localhost port over an SQLite store, started in its own session
+    and stopped by its process id. It takes ~40 s to come up on 2 busy cores: `url` waits for
+    it, so a test can build its other fixtures meanwhile."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.log = root / "server.log"
+        self.process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
+                f"--default-artifact-root={root / 'artifacts'}",
+                "--host=127.0.0.1",
+                f"--port={port}",
+                "--workers=1",
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._url = f"http://127.0.0.1:{port}"
+        self._up = False
+
+    @property
+    def url(self) -> str:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 180
+        while not self._up:
+            try:
+                urllib.request.urlopen(f"{self._url}/health", timeout=2).close()
+                self._up = True
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"mlflow server did not start:\n{self.log.read_text()[-2000:]}")
+                time.sleep(0.3)
+        return self._url
+
+    def stop(self) -> None:
+        import signal
+
+        self.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=15)
+        # Its uvicorn worker is a child in the same session: whatever is left goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The real MLflow tracking server. Required: without mlflow the tests fail, never skip."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"mlflow is required for the tracking tests (pip install -e '.[test]'): {e}")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server
+    finally:
+        server.stop()

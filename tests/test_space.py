@@ -97,6 +97,12 @@ def test_packaged_spaces_validate(workdir: Path) -> None:
 # Each bad file, and the words its one-line error must contain.
 BAD = [
     ("", "is empty"),
+    (
+        GOOD + "  report_to: neptune\n",
+        "fixed.report_to must be tensorboard, mlflow, wandb or none, or a list of them "
+        "(got 'neptune')",
+    ),
+    (GOOD + "  report_to: [mlflow, tensorbord]\n", "fixed.report_to must be tensorboard, mlflow"),
     ("- a\n- b\n", "must be a mapping of sections"),
     ("params: [\n", "invalid YAML"),
     ("!!python/object/apply:os.system ['echo hi']\n", "YAML tag"),

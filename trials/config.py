@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetFormat = Literal["alpaca", "sharegpt", "messages"]
 Scheduler = Literal[
@@ -80,6 +80,22 @@ class SimulatedArgs(BaseModel):
 
 
 SIMULATED_FIELDS = frozenset(SimulatedArgs.model_fields)
+
+# Where a trial's run is reported, through the HF Trainer's own integrations (`report_to`).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def trackers(value: Any) -> list[str]:
+    """`report_to` as a list of TRACKERS: one name or a list of them; `none` or [] for none.
+    Raises ValueError naming the allowed values."""
+    names = [value] if isinstance(value, str) or value is None else value
+    allowed = f"{', '.join(TRACKERS)} or none, or a list of them"
+    if not isinstance(names, list):
+        raise ValueError(f"must be {allowed} (got {value!r})")
+    bad = [n for n in names if n not in (*TRACKERS, "none", None)]
+    if bad:
+        raise ValueError(f"must be {allowed} (got {bad[0]!r})")
+    return [n for n in TRACKERS if n in names]  # each once, in a fixed order
 
 
 class TrialConfig(BaseModel):
@@ -168,6 +184,13 @@ class TrialConfig(BaseModel):
     temperature: float = Field(default=0.6, gt=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
 
+    # Experiment tracking: one run per trial, named STUDY/trial-N (tuner/tracking.py).
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="tensorboard, mlflow, wandb or none, or a list of them: each trial is one "
+        "run, named STUDY/trial-N, with its params, curves and final facts (README: Tracking).",
+    )
+
     simulated: SimulatedArgs = Field(
         default_factory=lambda: SimulatedArgs(),
         description="The simulated workload's own settings (`workload: simulated`).",
@@ -189,6 +212,11 @@ class TrialConfig(BaseModel):
             grouped = {**grouped, **flat}
         rest = {k: v for k, v in data.items() if k not in SIMULATED_FIELDS}
         return {**rest, "simulated": grouped}
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> list[str]:
+        return trackers(value)
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> TrialConfig:
@@ -220,6 +248,7 @@ SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "trust_remote_code",
     "attn_implementation",
     "simulated",
+    "report_to",
 }
 
 

@@ -30,6 +30,7 @@ from trials.generate import score_adapter
 from trials.pruning import PruningCallback
 from trials.reporter import NonFiniteLoss, TrialResult
 from trials.speed import StepTimer
+from trials.tracking import Tracking, tracking_callbacks, trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def run(
     shared_cache: Any | None = None,
     generation: Any | None = None,
     checkpoints: Keeper | None = None,
+    tracking: Tracking | None = None,
 ) -> TrialResult:
     """Train one LoRA adapter. With an Optuna `trial`, each evaluation is reported to it and the
     run stops at once (raising `optuna.TrialPruned`) when the pruner says so.
@@ -56,7 +58,8 @@ def run(
     With `generation` (a space's objective whose metric scores sampled answers), the trained
     adapter then answers the validation prompts and `score` holds their mean score. With
     `checkpoints` (trials/checkpoint.py), the run resumes from the keeper's checkpoint, if it has
-    one, and keeps one as often as the keeper asks.
+    one, and keeps one as often as the keeper asks. With `tracking`, the Trainer reports the run
+    there too (MLflow, TensorBoard, W&B).
     """
     import torch
 
@@ -78,7 +81,17 @@ def run(
         resume = checkpoints.restore(output_dir / "resume")
         clock.lap("restore_s")
     attempt = _Attempt(
-        config, tokenizer, data, output_dir, trial, timings, clock, generation, checkpoints, resume
+        config,
+        tokenizer,
+        data,
+        output_dir,
+        trial,
+        timings,
+        clock,
+        generation,
+        checkpoints,
+        resume,
+        tracking,
     )
     oom_retries = 0
     while True:
@@ -143,6 +156,7 @@ class _Attempt:
     generation: Any | None  # the generation objective's settings, when it scores answers
     checkpoints: Keeper | None  # where checkpoints are kept, when the trial keeps them
     resume: Path | None  # the checkpoint this attempt resumes from
+    tracking: Tracking | None = None  # where the run is reported, besides the Optuna trial
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,7 @@ def _train(attempt: _Attempt, model: Any) -> _Trained:
         attempt.output_dir,
         attempt.trial,
         attempt.checkpoints,
+        attempt.tracking,
     )
     clock.lap("setup_s")
     try:
@@ -349,8 +364,10 @@ def _setup_trainer(
     output_dir: Path,
     trial: Any | None,
     checkpoints: Keeper | None = None,
+    tracking: Tracking | None = None,
 ) -> Any:
-    """TRL's SFTTrainer for one attempt, reporting to `trial` (None: to nobody)."""
+    """TRL's SFTTrainer for one attempt, reporting to `trial` (None: to nobody) and to the
+    trackers of `tracking`."""
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig
@@ -398,7 +415,7 @@ def _setup_trainer(
         # Checkpoints only when the keeper asks (CheckpointCallback); one on local disk.
         save_strategy="no",
         save_total_limit=1,
-        report_to="none",
+        **trainer_args(tracking),
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         # A diverging run must show as NaN, not be averaged away.
@@ -415,6 +432,7 @@ def _setup_trainer(
             pruning := trainer_callback(PruningCallback, trial, metric="eval_loss"),
             timer := trainer_callback(StepTimer),
             *([trainer_callback(CheckpointCallback, checkpoints)] if checkpoints else []),
+            *tracking_callbacks(tracking),
         ],
     )
     # With the progress bar off the Trainer prints every log dict; the store has them already.

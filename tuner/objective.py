@@ -33,6 +33,7 @@ from tuner.store.artifacts import (
 )
 from tuner.store.checkpoints import Saved, StoredCheckpoints, resumable
 from tuner.store.ranking import rank_key
+from tuner.tracking import TrialRun
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,14 @@ class Objective:
                     self.on_trial_start(trial)
                 values = self.space.suggest(trial)
                 trial.set_user_attr(attrs.HPARAMS, values)
-                return self._train(trial, values, timings)
+                with TrialRun(
+                    trial,
+                    self.space,
+                    artifacts=self.artifacts,
+                    store=self.artifact_store,
+                    values=values,
+                ) as run:
+                    return self._train(trial, values, timings, run.tracking)
         except optuna.TrialPruned:
             trial.set_user_attr(attrs.TIMINGS, timings)
             self._record_rank_steps(trial, timings)
@@ -122,7 +130,9 @@ class Objective:
             trial.set_user_attr(attrs.TIMINGS, timings)
             raise
 
-    def _train(self, trial: optuna.Trial, values: dict[str, Any], timings: dict) -> float:
+    def _train(
+        self, trial: optuna.Trial, values: dict[str, Any], timings: dict, tracking: Any = None
+    ) -> float:
         started = time.perf_counter()
         config = self.space.trial_config(values)
         checkpoints = self._checkpoints(trial)
@@ -133,7 +143,7 @@ class Objective:
             self.shared = True
         try:
             with tempfile.TemporaryDirectory(prefix=f"tuner-trial-{trial.number}-") as tmp:
-                result = self._run(config, trial, timings, Path(tmp), checkpoints)
+                result = self._run(config, trial, timings, Path(tmp), checkpoints, tracking)
                 self._record_rank_steps(trial, timings)
                 return self._finish(trial, config, result, started)
         finally:
@@ -211,6 +221,7 @@ class Objective:
         timings: dict,
         tmp: Path,
         checkpoints: StoredCheckpoints | None = None,
+        tracking: Any = None,
     ) -> Any:
         return run_workload(
             config,
@@ -221,6 +232,7 @@ class Objective:
             shared_cache=self.shared_data,
             objective=self.space.objective,
             checkpoints=checkpoints,
+            tracking=tracking,
         )
 
     def _checkpoints(
@@ -283,8 +295,10 @@ def run_workload(
     shared_cache: Any = None,
     objective: Any = None,
     checkpoints: Any = None,
+    tracking: Any = None,
 ) -> Any:
-    """The trial's workload (`fixed.workload`), on this process's share of the trial."""
+    """The trial's workload (`fixed.workload`), on this process's share of the trial; rank 0
+    reports it to the trackers of `tracking` (trials.tracking), the other ranks to none."""
     if config.workload == "simulated":
         from trials import simulated
 
@@ -301,6 +315,7 @@ def run_workload(
         shared_cache=shared_cache,
         generation=generation,
         checkpoints=checkpoints,
+        tracking=tracking,
     )
 
 

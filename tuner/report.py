@@ -135,6 +135,9 @@ def _summary(name: str, opened: Any, study: optuna.Study) -> str:
     if isinstance(dataset, dict):
         items.append(("data set", str(dataset.get("path"))))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items)
+    parent = study.user_attrs.get(attrs.MLFLOW)
+    if parent and parent.get("url"):
+        rows += f"<tr><th>MLflow run</th><td>{_link(parent['url'])}</td></tr>"
 
     best = best_trial(study)
     if best is None:
@@ -164,12 +167,17 @@ def _baseline_text(study: optuna.Study, best: Any) -> str:
 
 
 def _trial_table(rows: list[TrialRow]) -> str:
+    tracked = any(row.runs for row in rows)
     body = []
     for row in rows:
         cells = row.cells(facts=True)
         tds = "".join(f"<td>{_e(c)}</td>" for c in cells)
+        if tracked:
+            runs = "<br>".join(f"{_e(name)}: {_link(where)}" for name, where in row.runs.items())
+            tds += f"<td>{runs}</td>"
         body.append(f"<tr class='{_e(row.state.lower())}'>{tds}</tr>")
-    ths = "".join(f"<th>{_e(h)}</th>" for h in TrialRow.columns(facts=True))
+    columns = TrialRow.columns(facts=True) + (["runs"] if tracked else [])
+    ths = "".join(f"<th>{_e(h)}</th>" for h in columns)
     return (
         f"<table class='trials'><thead><tr>{ths}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     )
@@ -208,6 +216,13 @@ footer {{ color: #888; font-size: 0.8rem; margin-top: 2rem; }}
 </body>
 </html>
 """
+
+
+def _link(where: str) -> str:
+    """A run's page as a link; a folder or an MLflow `runs:/` name as text."""
+    if where.startswith(("http://", "https://")):
+        return f'<a href="{_e(where)}">{_e(where)}</a>'
+    return f"<code>{_e(where)}</code>"
 
 
 def _e(value: Any) -> str:

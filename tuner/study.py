@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
-from tuner import backends
+from tuner import backends, tracking
 from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
@@ -220,6 +220,7 @@ def run_study(
         raise TunerError(f"--jobs must be >= 1 (got {jobs})")
     opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
+    tracking.check_installed(space)
     if backend == "local":
         _check_paths_here(name, space)
     max_retries = space.resources.max_retries
@@ -254,7 +255,8 @@ def run_study(
     monitor.start()
     try:
         if n_trials != 0:
-            backends.run_trials(plan, backend=backend, address=address)
+            with tracking.study_run(study, space):
+                backends.run_trials(plan, backend=backend, address=address)
     finally:
         monitor.stop()
     # Trials of a killed run whose workers were still winding down when this run started.
@@ -405,6 +407,7 @@ class TrialRow:
     duration_s: float | None
     note: str
     facts: dict[str, Any]  # what the trial measured: FACTS, where recorded
+    runs: dict[str, str] = field(default_factory=dict)  # tracker -> the trial's run (link, folder)
 
     @staticmethod
     def columns(*, facts: bool = False) -> list[str]:
@@ -453,6 +456,7 @@ def study_rows(study: optuna.Study) -> list[TrialRow]:
                 duration_s=duration,
                 note=_note(t, retried_as.get(t.number)),
                 facts={k: t.user_attrs[k] for k in FACTS if t.user_attrs.get(k) is not None},
+                runs=dict(t.user_attrs.get(attrs.TRACKING) or {}),
             )
         )
     return rows

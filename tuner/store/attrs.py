@@ -15,6 +15,9 @@ SPACE_FILE = "space_file"  # the YAML it was created from, for people
 ARTIFACTS = "artifacts"
 ARTIFACT_DIR = "artifact_dir"  # an older study's artifact folder
 SWEEP = "sweep"  # a recurring sweep's summary, written when it ends (tuner.sweep)
+# The study's MLflow parent run (tuner.tracking): run_id, experiment_id, tracking_uri (never with
+# a password), url. Workers on any node nest their trial's run under it.
+MLFLOW = "mlflow"
 
 # ----------------------------------------------------------------------------- trial user attrs
 
@@ -29,6 +32,7 @@ TIMINGS = "timings"  # seconds per phase of the trial
 RANK_STEPS = "rank_steps"  # the step each rank of a multi-GPU trial stopped at
 BEST_TEMPERATURE = "best_temperature"  # the sampling temperature an export uses
 CHECKPOINT = "checkpoint"  # the checkpoint a retry resumes from: token, step, ranks
+TRACKING = "tracking"  # tracker -> the trial's run: its MLflow or W&B link, TensorBoard folder
 RESUMED_FROM_STEP = "resumed_from_step"  # the step a retry of a dead worker's trial resumed at
 # Where the trial runs, so that whoever outlives its worker can fail it (tuner.store.recovery).
 WORKER = "worker"  # the backend's id of the slot that runs it
