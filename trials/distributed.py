@@ -48,6 +48,15 @@ def init_group(*, rank: int, world: int, address: str) -> None:
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks in its group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def share(payload: Any) -> Any:
     """Rank 0's `payload`, on every rank."""
     import torch.distributed as dist

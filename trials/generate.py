@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trials import distributed
 from trials.chat import prompt_ids
 
 Scorer = Callable[[str, str], float]
@@ -90,7 +91,10 @@ def score_adapter(
     top_p: float,
     seed: int,
 ) -> tuple[float, dict[str, float]]:
-    """(score at the trial's temperature, {temperature: score} over the grid)."""
+    """(score at the trial's temperature, {temperature: score} over the grid).
+
+    Every rank of a multi-GPU trial calls this: each samples and scores its share of the
+    prompts (see `generate`), and every rank returns the same scores, over all of them."""
     n = len(answers) if settings.max_samples is None else min(settings.max_samples, len(answers))
     rows = val.select(range(n))
     prompts = [
@@ -101,7 +105,7 @@ def score_adapter(
     scorer = load_scorer(metric)
 
     def at(t: float) -> float:
-        predictions = generate(
+        mine = generate(
             model,
             tokenizer,
             prompts,
@@ -111,12 +115,20 @@ def score_adapter(
             batch_size=settings.batch_size,
             seed=seed,
         )
-        values = [float(scorer(p, r)) for p, r in zip(predictions, references, strict=True)]
+        values = _everyones({i: float(scorer(p, references[i])) for i, p in mine.items()})
         return math.fsum(values) / len(values)
 
     score = at(temperature)
     grid = {f"{t:g}": score if t == temperature else at(t) for t in settings.temperature_grid}
     return score, grid
+
+
+def _everyones(values: dict[int, float]) -> list[float]:
+    """Every rank's values by prompt index, gathered, in prompt order (in one process: its own)."""
+    rank, world = distributed.rank_and_world()
+    if world > 1:
+        values = {i: v for share in distributed.gather(values) for i, v in share.items()}
+    return [values[i] for i in sorted(values)]
 
 
 def generate(
@@ -129,42 +141,87 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     seed: int,
+) -> dict[int, str]:
+    """This rank's sampled answers (text, special tokens dropped), by prompt index.
+
+    The prompts go in left-padded batches of `batch_size`; on the ranks of a multi-GPU trial,
+    batch k is sampled by rank k % ranks (in one process, all of them). Each batch is seeded
+    with `seed + k`, so an answer depends on the adapter, the settings and its batch only: the
+    ranks together give exactly the answers one process would."""
+    starts = range(0, len(prompts), batch_size)
+    rank, world = distributed.rank_and_world()
+    # Under ZeRO-3 every forward gathers the weights from all ranks, so generate() runs synced
+    # (a rank that is done keeps stepping until all are) and each rank must call it as often as
+    # the others: a rank out of batches samples the first one again and drops the answers.
+    synced = world > 1 and _partitioned(model)
+    rounds = math.ceil(len(starts) / world)
+    how = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "stop": _stop_ids(model, tokenizer),
+        "synced": synced,
+    }
+    was_training = model.training
+    model.eval()
+    out: dict[int, str] = {}
+    try:
+        for k in range(rank, rounds * world if synced else len(starts), world):
+            if k >= len(starts):
+                _sample(model, tokenizer, prompts[:batch_size], seed=seed, **how)
+                continue
+            start = starts[k]
+            texts = _sample(
+                model, tokenizer, prompts[start : start + batch_size], seed=seed + k, **how
+            )
+            out.update(enumerate(texts, start))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _sample(
+    model: Any,
+    tokenizer: Any,
+    batch: list[list[int]],
+    *,
+    seed: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop: list[int],
+    synced: bool,
 ) -> list[str]:
-    """Sampled answers (text, special tokens dropped), left-padded batches, seeded: the same
-    adapter and settings give the same answers."""
+    """One left-padded batch, sampled from `seed`."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
+    width = max(len(p) for p in batch)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
     torch.manual_seed(seed)
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            width = max(len(p) for p in batch)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-            mask = torch.tensor(
-                [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device
-            )
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,  # top_p alone decides, as the space says
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=_stop_ids(model, tokenizer),
-                    use_cache=True,
-                )
-            out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return [text.strip() for text in out]
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,  # top_p alone decides, as the space says
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=stop,
+            use_cache=True,
+            synced_gpus=synced,
+        )
+    texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return [text.strip() for text in texts]
+
+
+def _partitioned(model: Any) -> bool:
+    """Whether ZeRO-3 holds the model's weights in parts, one on each rank."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

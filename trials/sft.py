@@ -70,6 +70,10 @@ def run(
         torch.cuda.reset_peak_memory_stats()
 
     tokenizer = _setup_tokenizer(config)
+    # The training arguments before the base: under ZeRO-3 they make `from_pretrained` load it
+    # already partitioned over the ranks (they hold the HfDeepSpeedConfig it reads), instead of
+    # whole on every rank first. They stay referenced (the attempt) for as long as the model.
+    args = _training_args(config, output_dir, tracking)
     model = _setup_model(config)
     clock.lap("load_s")
 
@@ -82,6 +86,7 @@ def run(
         clock.lap("restore_s")
     attempt = _Attempt(
         config,
+        args,
         tokenizer,
         data,
         output_dir,
@@ -111,8 +116,12 @@ def run(
         model = None
         _release_memory()
         # The checkpoint was of the larger batch: the smaller one starts again at step 0.
+        smaller = _halved_batch(attempt.config, reason)
         attempt = dataclasses.replace(
-            attempt, config=_halved_batch(attempt.config, reason), resume=None
+            attempt,
+            config=smaller,
+            args=_training_args(smaller, output_dir, attempt.tracking),
+            resume=None,
         )
         oom_retries += 1
         model = _setup_model(attempt.config)  # the kept base when it survived, else loaded again
@@ -147,6 +156,7 @@ class _Attempt:
     with a smaller per-device batch."""
 
     config: TrialConfig
+    args: Any  # the SFTConfig of `config`; made before the base is loaded (see `run`)
     tokenizer: Any
     data: data_mod.Tokenized
     output_dir: Path
@@ -200,7 +210,7 @@ def _train(attempt: _Attempt, model: Any) -> _Trained:
         model,
         attempt.tokenizer,
         attempt.data,
-        attempt.output_dir,
+        attempt.args,
         attempt.trial,
         attempt.checkpoints,
         attempt.tracking,
@@ -356,31 +366,11 @@ def _release(trainer: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def _setup_trainer(
-    config: TrialConfig,
-    model: Any,
-    tokenizer: Any,
-    data: data_mod.Tokenized,
-    output_dir: Path,
-    trial: Any | None,
-    checkpoints: Keeper | None = None,
-    tracking: Tracking | None = None,
-) -> Any:
-    """TRL's SFTTrainer for one attempt, reporting to `trial` (None: to nobody) and to the
-    trackers of `tracking`."""
-    from peft import LoraConfig
-    from transformers import PrinterCallback
+def _training_args(config: TrialConfig, output_dir: Path, tracking: Tracking | None = None) -> Any:
+    """The SFTConfig of one attempt. Under DeepSpeed it also sets the HfDeepSpeedConfig that
+    `from_pretrained` reads for as long as this object lives, so it is made before the base."""
     from trl import SFTConfig
 
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if config.lora_target == "all" else config.lora_target,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        task_type="CAUSAL_LM",
-    )
     deepspeed = None
     if config.deepspeed:
         deepspeed = str(deepspeed_config(config.deepspeed))
@@ -420,6 +410,40 @@ def _setup_trainer(
         include_num_input_tokens_seen="non_padding",
         # A diverging run must show as NaN, not be averaged away.
         logging_nan_inf_filter=False,
+    )
+    if config.deepspeed:
+        import deepspeed as ds
+
+        # ZeRO-3's partitioned load (zero.Init) takes the world size from DeepSpeed's own view
+        # of the process group, which on the CPU the Trainer would give it only once training
+        # starts: join the group the ranks made (a one-process trial: make its group of one).
+        ds.init_distributed()
+    return args
+
+
+def _setup_trainer(
+    config: TrialConfig,
+    model: Any,
+    tokenizer: Any,
+    data: data_mod.Tokenized,
+    args: Any,
+    trial: Any | None,
+    checkpoints: Keeper | None = None,
+    tracking: Tracking | None = None,
+) -> Any:
+    """TRL's SFTTrainer for one attempt with its `args` (`_training_args`), reporting to `trial`
+    (None: to nobody)."""
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if config.lora_target == "all" else config.lora_target,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        task_type="CAUSAL_LM",
     )
     trainer = _trainer_class()(
         model=model,
@@ -532,8 +556,11 @@ def _has_cuda() -> bool:
 
 
 def _count_params(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 a parameter holds only this rank's part; `ds_numel` is its full size.
+    trainable = sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+    )
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return trainable, total
 
 
