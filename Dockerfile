@@ -17,8 +17,9 @@ COPY pyproject.toml README.md ./
 COPY tuner ./tuner
 COPY trials ./trials
 COPY search_spaces ./search_spaces
-# The base image's CUDA torch satisfies `torch>=2.4`: pip keeps it. boto3 for s3:// artifacts.
-RUN pip install '.[s3]'
+# The base image's CUDA torch satisfies `torch>=2.4`: pip keeps it. boto3 for s3:// artifacts,
+# bitsandbytes for QLoRA (`quantization_bit`).
+RUN pip install '.[s3,qlora]'
 
 COPY deploy/docker/entrypoint.sh /usr/local/bin/tuner-entrypoint
 RUN useradd --create-home --uid 1000 tuner && mkdir -p /cache /work && chown tuner /cache /work

@@ -180,6 +180,14 @@ class TrialConfig(BaseModel):
         "configs, `auto` values filled from the trial's) or a path to your own JSON.",
     )
 
+    # QLoRA: the frozen base is loaded quantised through bitsandbytes (the `qlora` extra) and
+    # the adapter trains on top of it; the export merges into the unquantised base.
+    quantization_bit: Literal[4, 8] | None = Field(
+        default=None,
+        description="Load the base quantised for training (QLoRA): 4 = NF4 with double "
+        "quantization, computing in the training dtype; 8 = LLM.int8. Needs bitsandbytes.",
+    )
+
     # Sampling settings recorded with the trial, for the generation objective and the export.
     temperature: float = Field(default=0.6, gt=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -229,6 +237,13 @@ class TrialConfig(BaseModel):
             self.use_loraplus = True
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true")
+        if self.quantization_bit is not None and self.deepspeed:
+            stage = _readable_stage(self.deepspeed)
+            if stage == 3:
+                raise ValueError(
+                    f"quantization_bit cannot be used with ZeRO-3 (deepspeed: {self.deepspeed}), "
+                    "which would shard the packed k-bit weights; use deepspeed: zero2, or none"
+                )
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             raise ValueError(
                 f"val_size must be a share below 1 or a whole count (got {self.val_size})"
@@ -249,6 +264,9 @@ SEARCHABLE = frozenset(TrialConfig.model_fields) - {
     "attn_implementation",
     "simulated",
     "report_to",
+    # What the base is, not how it trains: under a loss objective the full-precision base would
+    # simply win, and the bits are set by what fits on the GPU.
+    "quantization_bit",
 }
 
 
@@ -267,3 +285,12 @@ def deepspeed_stage(value: str) -> int:
     """The ZeRO stage of a `deepspeed` value (0 when its config sets none)."""
     config = json.loads(deepspeed_config(value).read_text())
     return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _readable_stage(value: str) -> int | None:
+    """The ZeRO stage of `value`, or None when its file cannot be read from here (a path relative
+    to another folder): the space reads it at create, and every trial validates again."""
+    try:
+        return deepspeed_stage(value)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None

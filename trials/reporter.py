@@ -81,6 +81,7 @@ class TrialResult:
     gradient_accumulation_steps: int = 0
     oom_retries: int = 0  # 1: the first attempt ran out of memory
     deepspeed_stage: int = 0  # the ZeRO stage the trial trained with; 0: no DeepSpeed
+    quantization_bit: int | None = None  # 4 or 8: trained on a k-bit base (QLoRA); None: not
     data_source: str = ""  # tokenized, shared (the study's cache), fetched, memory; empty: none
     # The generation objective: the mean score of sampled answers at the trial's temperature,
     # and at each temperature of the space's grid (same adapter, no retraining).

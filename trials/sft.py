@@ -144,6 +144,7 @@ def run(
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         oom_retries=oom_retries,
+        quantization_bit=config.quantization_bit,
         **_usage(trainer, timings, started),
         adapter_dir=str(trained.adapter_dir),
         timings=timings,
@@ -324,31 +325,77 @@ _BASES: dict[tuple, Any] = {}
 
 
 def _setup_model(config: TrialConfig) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
     key = (
         config.model_name_or_path,
-        str(dtype),
+        str(training_dtype(config)),
         config.trust_remote_code,
         config.gradient_checkpointing,
         config.attn_implementation,
+        config.quantization_bit,
     )
     if key in _BASES:
         return _BASES[key]
     _BASES.clear()
+    model = load_base(config)
+    # ZeRO-3 shards the parameters in place: such a base cannot serve the next trial.
+    if not (config.deepspeed and deepspeed_stage(config.deepspeed) == 3):
+        _BASES[key] = model
+    return model
+
+
+def training_dtype(config: TrialConfig) -> Any:
+    import torch
+
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+
+
+def load_base(config: TrialConfig) -> Any:
+    """The frozen base a trial attaches its adapter to, in the training dtype; with
+    `quantization_bit`, quantised by bitsandbytes and prepared for k-bit training (the export
+    loads it so too, to check a QLoRA adapter against the loss its trial recorded)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = training_dtype(config)
     model = AutoModelForCausalLM.from_pretrained(
         config.model_name_or_path,
         dtype=dtype,
         trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation,
         use_safetensors=True,
+        **_quantized_load(config, dtype),
     )
-    # ZeRO-3 shards the parameters in place: such a base cannot serve the next trial.
-    if not (config.deepspeed and deepspeed_stage(config.deepspeed) == 3):
-        _BASES[key] = model
+    if config.quantization_bit is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and keeps its unquantised parts (norms, embeddings) in float32, for
+        # stable training on a k-bit base. Checkpointing stays the Trainer's to switch on
+        # (`activation_checkpointing`), as for any other trial.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def _quantized_load(config: TrialConfig, dtype: Any) -> dict[str, Any]:
+    """from_pretrained's arguments for a QLoRA base: bitsandbytes' NF4 with double quantization
+    computing in the training dtype, or LLM.int8; nothing for a full-precision base."""
+    if config.quantization_bit is None:
+        return {}
+    import os
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization_bit == 4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    # A bitsandbytes model cannot be moved after loading: each rank loads onto its own GPU.
+    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def _release(trainer: Any) -> None:
@@ -556,7 +603,10 @@ def _has_cuda() -> bool:
 
 
 def _count_params(model: Any) -> tuple[int, int]:
-    # Under ZeRO-3 a parameter holds only this rank's part; `ds_numel` is its full size.
+    if hasattr(model, "get_nb_trainable_parameters"):
+        # peft's count: a 4-bit weight packs two values in each byte it stores, and a ZeRO-3
+        # parameter holds only this rank's part (`ds_numel` is its full size).
+        return model.get_nb_trainable_parameters()
     trainable = sum(
         getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
     )

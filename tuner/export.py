@@ -57,6 +57,10 @@ class Verification:
     val_loss: float
     trial_val_loss: float | None
     loss_tolerance: float
+    # A QLoRA trial (4 or 8): its adapter is checked on the k-bit base it trained on
+    # (`kbit_val_loss` against the trial's), and merged into the unquantised base (`val_loss`).
+    quantization_bit: int | None = None
+    kbit_val_loss: float | None = None
     passed: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -189,6 +193,12 @@ def _build(
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    val = _validation(config, tokenizer)
+    bits = config.quantization_bit
+    kbit_loss = _kbit_val_loss(config, adapter_dir, val) if bits is not None else None
+
+    # Merged into the base as published, unquantised in the training dtype, for a QLoRA adapter
+    # too: a merge into k-bit weights would round the adapter's delta away.
     base = AutoModelForCausalLM.from_pretrained(
         config.model_name_or_path,
         dtype=dtype,
@@ -198,7 +208,6 @@ def _build(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = PeftModel.from_pretrained(base.to(device), str(adapter_dir)).eval()
 
-    val = _validation(config, tokenizer)
     prompts = [row["prompt"] for row in val[:VERIFY_PROMPTS]]
     before = _logits_and_greedy(model, tokenizer, prompts, device)
     merged = model.merge_and_unload()
@@ -213,6 +222,8 @@ def _build(
         val_loss=_val_loss(merged, val, device, config.per_device_eval_batch_size),
         trial_val_loss=trial.user_attrs.get("eval_loss"),
         loss_tolerance=LOSS_TOLERANCE[str(dtype)],
+        quantization_bit=bits,
+        kbit_val_loss=kbit_loss,
     )
     if not check.max_logit_diff <= check.logit_tolerance:
         check.problems.append(
@@ -222,10 +233,14 @@ def _build(
     if not check.greedy_tokens_equal:
         check.problems.append("merged and base + adapter pick different greedy tokens")
     if check.trial_val_loss is not None:
-        gap = abs(check.val_loss - check.trial_val_loss) / max(abs(check.trial_val_loss), 1e-8)
+        # The trial's loss was measured on its k-bit base: the unquantised merge differs by
+        # the quantisation's error, so a QLoRA adapter is compared on the k-bit base.
+        loss = check.val_loss if kbit_loss is None else kbit_loss
+        on = "" if kbit_loss is None else f" on the {bits}-bit base"
+        gap = abs(loss - check.trial_val_loss) / max(abs(check.trial_val_loss), 1e-8)
         if not gap <= check.loss_tolerance:
             check.problems.append(
-                f"validation loss {check.val_loss:.4f} is not the trial's "
+                f"validation loss{on} {loss:.4f} is not the trial's "
                 f"{check.trial_val_loss:.4f} (relative gap {gap:.3g}, tolerance "
                 f"{check.loss_tolerance:g}): the adapter is not the one that trained"
             )
@@ -243,6 +258,31 @@ def _build(
     tokenizer.save_pretrained(dest)
     generation.save_pretrained(dest)
     return check
+
+
+def _kbit_val_loss(config: Any, adapter_dir: Path, val: list[dict]) -> float:
+    """The adapter's validation loss on the k-bit base its QLoRA trial trained on, loaded as the
+    trial loaded it; the model is freed before the unquantised merge is loaded."""
+    import importlib.util
+
+    import torch
+    from peft import PeftModel
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ExportError(
+            f"the trial trained on a {config.quantization_bit}-bit base (quantization_bit), and "
+            "checking its adapter there needs bitsandbytes: pip install 'tuner[qlora]'"
+        )
+    from trials.sft import load_base
+
+    base = load_base(config)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    try:
+        return _val_loss(model, val, str(base.device), config.per_device_eval_batch_size)
+    finally:
+        del model, base
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _validation(config: Any, tokenizer: Any) -> list[dict[str, Any]]:
@@ -369,11 +409,22 @@ def _provenance(
         },
         "base_model": config.model_name_or_path,
         "dtype": "bfloat16" if config.bf16 else "float16" if config.fp16 else "float32",
+        # QLoRA: the adapter trained on this k-bit form of the base (null: the base as it is).
+        "trained_on_quantized_base": _quantization(config.quantization_bit),
         "dataset": {**config.dataset.model_dump(), "sha256": _dataset_hash(config.dataset.path)},
         "generation": {"temperature": temperature, "top_p": top_p},
         "verification": asdict(verification),
         "versions": _versions(),
     }
+
+
+def _quantization(bits: int | None) -> dict[str, Any] | None:
+    """How trials/sft.py quantised the base for a QLoRA trial, as the provenance states it."""
+    if bits is None:
+        return None
+    if bits == 4:
+        return {"bits": 4, "method": "bitsandbytes", "type": "nf4", "double_quant": True}
+    return {"bits": 8, "method": "bitsandbytes", "type": "llm.int8"}
 
 
 def _dataset_hash(path: str) -> str | None:
@@ -392,7 +443,9 @@ def _dataset_hash(path: str) -> str | None:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for package in ("tuner", "torch", "transformers", "peft", "trl", "optuna", "deepspeed"):
+    for package in (
+        "tuner", "torch", "transformers", "peft", "trl", "optuna", "deepspeed", "bitsandbytes",
+    ):  # fmt: skip
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -405,11 +458,25 @@ def _model_card(p: dict[str, Any]) -> str:
     params = "\n".join(f"| `{k}` | {v} |" for k, v in trial["params"].items())
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items())
     sha = p["dataset"]["sha256"] or "(hub data set: no local file)"
-    loss = (
-        f"{check['val_loss']:.4f} (the trial recorded {check['trial_val_loss']:.4f})"
-        if check["trial_val_loss"] is not None and math.isfinite(check["trial_val_loss"])
-        else f"{check['val_loss']:.4f}"
+    recorded = check["trial_val_loss"]
+    recorded = (
+        f" (the trial recorded {recorded:.4f})"
+        if recorded is not None and math.isfinite(recorded)
+        else ""
     )
+    loss = f"{check['val_loss']:.4f}{recorded}"
+    precision = f"trained and saved in {p['dtype']}"
+    quantized = p["trained_on_quantized_base"]
+    if quantized is not None:
+        bits = quantized["bits"]
+        form = "NF4 with double quantization" if bits == 4 else "LLM.int8"
+        precision = f"the adapter was trained on its {bits}-bit form ({form}, QLoRA)"
+        if p["kind"] == "merged":
+            precision += f", and merged into the unquantised base, saved in {p['dtype']}"
+        loss = (
+            f"{check['kbit_val_loss']:.4f} on the {bits}-bit base{recorded}, "
+            f"{check['val_loss']:.4f} merged into the unquantised base"
+        )
     sampling = p["generation"]
     top_p = sampling["top_p"]
     greedy = "identical" if check["greedy_tokens_equal"] else "different"
@@ -435,7 +502,7 @@ ranked {trial["rank"]} of {study["completed_trials"]} completed trials on `{stud
 |---|---|
 {params}
 
-- Base model: `{p["base_model"]}`, trained and saved in {p["dtype"]}
+- Base model: `{p["base_model"]}`, {precision}
 - Data set: `{p["dataset"]["path"]}` ({p["dataset"]["format"]}), sha256 `{sha}`
 - Sampling (generation_config.json): temperature {sampling["temperature"]:g}, top_p {top_p:g}
 - Study store: `{study["storage"]}`

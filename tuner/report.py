@@ -131,6 +131,9 @@ def _summary(name: str, opened: Any, study: optuna.Study) -> str:
     model = space.fixed.get("model_name_or_path")
     if model:
         items.append(("base model", str(model)))
+    bits = space.fixed.get("quantization_bit")
+    if bits:
+        items.append(("QLoRA", f"trained on a {bits}-bit base; exports merge into the unquantised"))
     dataset = space.fixed.get("dataset")
     if isinstance(dataset, dict):
         items.append(("data set", str(dataset.get("path"))))

@@ -74,6 +74,7 @@ def create_study(
     """
     parsed = load_space(space)
     _check_local_data(parsed, display=str(space))
+    _check_quantization_here(parsed, display=str(space))
     name = name or parsed.name
     url = resolve_url(storage)
     location = choose_location(
@@ -160,6 +161,19 @@ def _local_tokenizer(config: TrialConfig) -> Any:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _check_quantization_here(space: Space, *, display: str) -> None:
+    """A QLoRA space needs bitsandbytes where it is created: this machine is taken to have the
+    workers' set-up (as for its local paths), and without it every trial would fail at load."""
+    import importlib.util
+
+    bits = space.fixed.get("quantization_bit")
+    if bits is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise SpaceError(
+            f"{display}: fixed.quantization_bit: {bits} needs bitsandbytes, which is not "
+            "installed here; pip install 'tuner[qlora]' (on the workers too)"
+        )
 
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
