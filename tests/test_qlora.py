@@ -98,14 +98,14 @@ def test_a_4bit_trial_runs_and_exports_merged_into_the_unquantised_base(
 def test_an_8bit_trial_retries_out_of_memory_on_the_kept_base(
     demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """LLM.int8 trains and evaluates; the real torch.cuda.OutOfMemoryError raised from the
-    training step above a batch of 4 (there is no GPU here to fill) retries at batch 4 on the
-    same quantised base, which the trial then leaves clean for the next one."""
+    """LLM.int8 trains, with gradient checkpointing, and evaluates; the real
+    torch.cuda.OutOfMemoryError raised from the training step above a batch of 4 (there is no
+    GPU here to fill) retries at batch 4 on the same quantised base, which the trial then leaves
+    clean for the next one."""
     from bitsandbytes.nn import Linear8bitLt
 
-    config = TrialConfig.model_validate(
-        {**_qlora_space(demo_dir, "q8")["fixed"], "quantization_bit": 8, "learning_rate": 3e-3}
-    )
+    fixed = {"quantization_bit": 8, "gradient_checkpointing": True, "learning_rate": 3e-3}
+    config = TrialConfig.model_validate({**_qlora_space(demo_dir, "q8")["fixed"], **fixed})
     base = sft._setup_model(config)
     assert isinstance(base.model.layers[0].mlp.up_proj, Linear8bitLt)
     full = config.model_copy(update={"quantization_bit": None})
@@ -123,6 +123,9 @@ def test_an_8bit_trial_retries_out_of_memory_on_the_kept_base(
     assert result.quantization_bit == 8 and result.oom_retries == 1
     assert (result.per_device_train_batch_size, result.steps) == (4, 4)
     assert math.isfinite(result.eval_loss)
+    adapter = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
+    trained = [bool(w.abs().sum() > 0) for k, w in adapter.items() if "lora_B" in k]
+    assert len(trained) == 28 and all(trained)  # B starts at zero: every layer got gradients
     assert list(sft._BASES.values()) == [base]  # kept through the retry and after it
     assert not [n for n, _ in base.named_modules() if "lora" in n]
     assert sft._setup_model(full) is not base  # the key holds the quantisation
