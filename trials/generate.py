@@ -125,7 +125,7 @@ def score_adapter(
 
 def _everyones(values: dict[int, float]) -> list[float]:
     """Every rank's values by prompt index, gathered, in prompt order (in one process: its own)."""
-    rank, world = distributed.rank_and_world()
+    _, world = distributed.rank_and_world()
     if world > 1:
         values = {i: v for share in distributed.gather(values) for i, v in share.items()}
     return [values[i] for i in sorted(values)]
