@@ -162,7 +162,8 @@ def test_a_zero3_trial_loads_the_base_partitioned_and_shares_out_the_prompts(
     batches keeps in step), yet both score all of them, and the answers are the ones one process
     samples from the same adapter."""
     from trials import distributed
-    from trials.generate import _prompt, generate
+    from trials.chat import prompt_ids
+    from trials.generate import generate
 
     log = tmp_path / "scored.jsonl"
     (tmp_path / "noted.py").write_text(NOTING_SCORER.format(log=str(log)))
@@ -198,7 +199,7 @@ def test_a_zero3_trial_loads_the_base_partitioned_and_shares_out_the_prompts(
     base = AutoModelForCausalLM.from_pretrained(trial.model_name_or_path)
     model = PeftModel.from_pretrained(base, ranks[0]["adapter"])
     rows = data.val.select(range(6))
-    prompts = [_prompt(*row) for row in zip(rows["input_ids"], rows["labels"], strict=True)]
+    prompts = [prompt_ids(*row) for row in zip(rows["input_ids"], rows["labels"], strict=True)]
     alone = generate(
         model,
         tokenizer,

@@ -77,6 +77,8 @@ def connection_lost(error: BaseException) -> bool:
         return False
     if cause.connection_invalidated:
         return True
+    if isinstance(cause, sqlalchemy.exc.InterfaceError) and "closed" in str(cause.orig):
+        return True  # psycopg2's "connection already closed": dropped while it was in use
     if not isinstance(cause, sqlalchemy.exc.OperationalError):
         return False
     # psycopg2 sets pgcode to None when no server answered (connection refused). SQLite's
