@@ -134,3 +134,32 @@ def test_a_call_cut_off_by_a_server_restart_is_made_again(pg_url: str) -> None:
 
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert [t.params for t in study.get_trials()] == [{"x": 0.5}]
+
+
+def test_only_errors_of_a_dead_connection_are_retried() -> None:
+    """What the sweep above met under load: the connection died inside a transaction and the
+    session's next query raised PendingRollbackError; psycopg2 says "connection already closed"
+    for a connection dropped in use. Those are retried; an integrity error or a locked SQLite
+    file is not a lost connection."""
+    import optuna
+    import sqlalchemy.exc
+
+    from tuner.store.reconnect import connection_lost
+
+    def wrapped(cause: BaseException) -> optuna.exceptions.StorageInternalError:
+        error = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+        error.__cause__ = cause
+        return error
+
+    class Closed(Exception):
+        pass
+
+    pending = sqlalchemy.exc.PendingRollbackError(
+        "Can't reconnect until invalid transaction is rolled back."
+    )
+    closed = sqlalchemy.exc.InterfaceError("SELECT 1", {}, Closed("connection already closed"))
+    assert connection_lost(wrapped(pending)) and connection_lost(wrapped(closed))
+    integrity = sqlalchemy.exc.IntegrityError("INSERT", {}, Closed("duplicate key value"))
+    locked = sqlalchemy.exc.OperationalError("UPDATE", {}, Closed("database is locked"))
+    other = sqlalchemy.exc.PendingRollbackError("This Session's transaction has been rolled back")
+    assert not any(connection_lost(wrapped(e)) for e in (integrity, locked, other))

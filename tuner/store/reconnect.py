@@ -73,6 +73,10 @@ def connection_lost(error: BaseException) -> bool:
     """Whether a storage error came from a server that closed the connection, or that cannot
     be reached while it restarts (refused, shutting down, starting up)."""
     cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    if isinstance(cause, sqlalchemy.exc.PendingRollbackError) and "reconnect" in str(cause):
+        # The connection died inside a transaction, and the session tried once more on it (as
+        # Optuna's fallback query for trial attrs does): a fresh call gets a fresh connection.
+        return True
     if not isinstance(cause, sqlalchemy.exc.DBAPIError):
         return False
     if cause.connection_invalidated:
