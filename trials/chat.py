@@ -21,6 +21,7 @@ false trains answers with their thinking removed, rendered by the template's non
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # the id where trained, IGNORE elsewhere
     answer: str  # the last trained turn's text: what a sampled answer is scored against
+    text: str  # the rendered conversation the ids spell
+    spans: list[tuple[int, int]]  # the character ranges of `text` that are trained
 
 
 class Renderer:
@@ -71,7 +74,7 @@ class Renderer:
     def encode(self, messages: list[Message]) -> Encoded:
         text, spans, answer = self.render(messages)
         ids, labels = self._tokenize(text, spans)
-        return Encoded(ids, labels, answer)
+        return Encoded(ids, labels, answer, text, spans)
 
     def render(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]], str]:
         """(text, the character ranges trained, the last trained turn's text)."""
@@ -103,7 +106,7 @@ class Renderer:
             if content.lstrip().startswith(THINK_OPEN):
                 # The answer brings its own thinking: the template's empty block would make two.
                 before = _EMPTY_THOUGHT_AT_END.sub("", before)
-            closing = _common_prefix(rest, self.end_of_turn)
+            closing = os.path.commonprefix([rest, self.end_of_turn])
             pieces += [before, content]
             start = length + len(before)
             spans.append((start, start + len(content) + len(closing)))
@@ -200,12 +203,3 @@ def prompt_ids(ids: list[int], labels: list[int]) -> list[int]:
     while k and labels[k - 1] != IGNORE:
         k -= 1
     return list(ids[:k])
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return a[:n]

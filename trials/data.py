@@ -373,17 +373,15 @@ def check_rendering(examples: list[Example], render: Renderer, *, name: str) -> 
     """Render the first example and check that its trained tokens read back as its trained
     turns' text: a template that drops or rewrites answer text (or a tokenizer that cannot spell
     it) is refused here, before any GPU time is spent on it."""
-    example = examples[0]
     try:
-        text, spans, _ = render.render(example.messages)
-        encoded = render.encode(example.messages)
+        encoded = render.encode(examples[0].messages)
     except TemplateError as e:
         raise DataError(f"{name}: example 1: {e}") from None
     trained = render.tokenizer.decode(
         [t for t in encoded.labels if t != -100], skip_special_tokens=False
     )
-    for low, high in spans:
-        want = text[low:high]
+    for low, high in encoded.spans:
+        want = encoded.text[low:high]
         if _squeeze(want) not in _squeeze(trained):
             raise DataError(
                 f"{name}: example 1: the trained tokens do not spell the answer "

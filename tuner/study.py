@@ -39,7 +39,7 @@ from tuner.store.artifacts import (
     remove_artifacts,
     study_location,
 )
-from tuner.store.ranking import best_trial, better, counts_as_best, gain
+from tuner.store.ranking import best_trial, better, counts_as_best, gain, state_counts
 from tuner.store.studies import wait_for_space
 
 logger = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def best_report(name: str, storage: str | None = None) -> dict[str, Any]:
         "trial": best.number,
         "value": best.value,
         "params": best.user_attrs.get(attrs.HPARAMS, best.params),
-        "n_trials": _counts(study),
+        "n_trials": state_counts(study),
         "baseline": None,
     }
     base = baseline_trial(study)
@@ -402,13 +402,6 @@ def best_report(name: str, storage: str | None = None) -> dict[str, Any]:
                 100 * margin / abs(base.value) if base.value else None
             )
     return report
-
-
-def _counts(study: optuna.Study) -> dict[str, int]:
-    counts = {state.name.lower(): 0 for state in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] += 1
-    return {k: v for k, v in counts.items() if v}
 
 
 @dataclass
@@ -508,7 +501,7 @@ def list_studies(storage: str | None = None) -> list[StudyRow]:
             StudyRow(
                 name=summary.study_name,
                 direction=summary.direction.name.lower(),
-                counts=_counts(study),
+                counts=state_counts(study),
                 best_value=best.value if best else None,
                 started=summary.datetime_start.isoformat(timespec="seconds")
                 if summary.datetime_start

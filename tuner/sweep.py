@@ -34,10 +34,9 @@ from tuner.space import Space, load_space
 from tuner.store import attrs, mask_url, open_storage, resolve_url
 from tuner.store.budget import gpu_hours_held
 from tuner.store.locks import series_lock
-from tuner.store.ranking import best_trial, gain, rank_key
+from tuner.store.ranking import best_trial, gain, rank_key, state_counts
 from tuner.study import (
     Progress,
-    _counts,
     _done,
     baseline_trial,
     create_study,
@@ -320,7 +319,7 @@ def _summarise(
     url: str,
 ) -> dict[str, Any]:
     best = best_trial(study)
-    counts = _counts(study)
+    counts = state_counts(study)
     direction = study.direction
     finished = _done(study)
     gpu_hours = gpu_hours_held(study, space.resources.gpus_per_trial)
@@ -525,7 +524,7 @@ def list_sweeps(prefix: str | None = None, storage: str | None = None) -> list[d
                 "series": series,
                 "date": s.date.isoformat(),
                 "study": s.name,
-                "trials": _counts(study),
+                "trials": state_counts(study),
                 "best": best.value if best else None,
                 "change": summary.get("change"),
                 "promoted": summary.get("promoted", False),

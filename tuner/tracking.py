@@ -154,15 +154,12 @@ def _close_parent(study: Any, parent: dict[str, str]) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from tuner.store.ranking import best_trial
+    from tuner.store.ranking import best_trial, state_counts
 
     uri = tracking_uri()
     try:
         client = MlflowClient(uri)
-        counts: dict[str, int] = {}
-        for t in study.get_trials(deepcopy=False):
-            counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-        values = {f"trials_{state}": n for state, n in counts.items()}
+        values = {f"trials_{state}": n for state, n in state_counts(study).items()}
         best = best_trial(study)
         if best is not None:
             values.update(best_value=best.value, best_trial=best.number)

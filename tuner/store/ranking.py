@@ -49,3 +49,11 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         if counts_as_best(t) and (best is None or better(t.value, best.value, study.direction)):
             best = t
     return best
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """How many of the study's trials are in each state ({"complete": 3, "pruned": 1})."""
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name.lower()] += 1
+    return {k: v for k, v in counts.items() if v}
