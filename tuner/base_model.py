@@ -56,7 +56,8 @@ def _find_on_hub(model: str) -> bool:
     if constants.HF_HUB_OFFLINE:
         raise ModelError(
             f"{model!r} is not a folder here nor in the hub cache ({constants.HF_HUB_CACHE}), "
-            f"and HF_HUB_OFFLINE is set; {download}"
+            f"and HF_HUB_OFFLINE is set; download it first (hf download {model}) where the hub "
+            "is reachable, or give a local model folder"
         )
     try:
         get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=HUB_TIMEOUT_S)

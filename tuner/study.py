@@ -61,7 +61,8 @@ def create_study(
     enqueue: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
     artifacts: str | None = None,
 ) -> str:
-    """Validate the space (and its local data), then create the study; returns its name.
+    """Validate the space (its local data, its base model), then create the study; returns its
+    name.
 
     `artifacts`: where the study keeps its artifacts, a local path or s3://BUCKET/PREFIX; else
     $TUNER_ARTIFACTS, else the space's `artifacts:`, else `tuner_artifacts/` beside the store.
@@ -73,7 +74,7 @@ def create_study(
     midway, the study is deleted again, so no half-made study is left behind.
     """
     parsed = load_space(space)
-    _check_local_data(parsed, display=str(space))
+    _check_model_and_data(parsed, display=str(space))
     _check_quantization_here(parsed, display=str(space))
     name = name or parsed.name
     url = resolve_url(storage)
@@ -121,7 +122,7 @@ def _save_note(study: optuna.Study, name: str, space: Space, *, space_file: str)
     save_note(study, study_note(name, space, space_file=space_file))
 
 
-def _check_local_data(space: Space, *, display: str) -> None:
+def _check_model_and_data(space: Space, *, display: str) -> None:
     """Read the whole local data set now, so a bad record fails `create`, not every trial; check
     the base model (tuner.base_model); and render the first example through the model's chat
     template, so a template that would not train the answers as written fails here too."""

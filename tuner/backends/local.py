@@ -220,7 +220,7 @@ def _restricted() -> bool:
 
 def _without_bf16(count: int) -> str | None:
     """The first of the first `count` visible GPUs without bfloat16, as `GPU i (name)`; None if
-    all have it. Device properties only: no CUDA context is made in the driver."""
+    all have it. Reads device properties only: the driver makes no tensor."""
     import torch
 
     if torch.version.cuda is None:
