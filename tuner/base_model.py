@@ -9,6 +9,7 @@ downloaded; `HF_HUB_OFFLINE` is respected. Heavy imports stay inside the functio
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +25,45 @@ class ModelError(Exception):
 def check(config: TrialConfig) -> Any:
     """Resolve `config.model_name_or_path` and load its config and tokenizer; returns the
     tokenizer. Raises ModelError in one line."""
+    from huggingface_hub import constants
+
     model = str(config.model_name_or_path)
-    local = Path(model).is_dir()
-    cached = local or _find_on_hub(model)
-    return _load(config, local_files_only=cached)
+    if Path(model).is_dir():
+        return _load(config, local_files_only=True)
+    if _in_cache(model):
+        try:
+            return _load(config, local_files_only=True)
+        except ModelError:
+            if constants.HF_HUB_OFFLINE:
+                raise
+            # Partly cached (a config fetched alone, say): the hub has the rest.
+    _find_on_hub(model)
+    return _load(config, local_files_only=False)
 
 
-def _find_on_hub(model: str) -> bool:
-    """True when the hub's cache has the model; else (online) make sure the hub has it, and
-    return False. Raises ModelError when neither holds."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+def _in_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     try:
-        if isinstance(try_to_load_from_cache(model, "config.json"), str):
-            return True
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
     except HFValidationError:
         raise ModelError(
             f"{model!r} is neither a model folder here nor a hub id (org/name)"
         ) from None
+
+
+def _find_on_hub(model: str) -> None:
+    """Make sure the hub has the model: one HEAD request, a short timeout, no retries. Raises
+    ModelError when offline, unreachable, or the hub has no such model."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
     download = (
         f"download it first where the hub is reachable (hf download {model}) and set "
         "HF_HUB_OFFLINE=1, or give a local model folder"
@@ -60,7 +75,7 @@ def _find_on_hub(model: str) -> bool:
             "is reachable, or give a local model folder"
         )
     try:
-        get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=HUB_TIMEOUT_S)
+        get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=_timeout())
     except GatedRepoError:
         raise ModelError(
             f"{model!r} is gated on the hub: accept its terms on its page, then log in "
@@ -84,7 +99,11 @@ def _find_on_hub(model: str) -> bool:
             f"the hub ({constants.ENDPOINT}) is unreachable ({_one_line(e)}), and {model!r} is "
             f"not a folder here nor in the hub cache; {download}"
         ) from None
-    return False
+
+
+def _timeout() -> float:
+    # Longer only when the user asked the hub library for it (a slow link).
+    return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_TIMEOUT_S)
 
 
 def _load(config: TrialConfig, *, local_files_only: bool) -> Any:
