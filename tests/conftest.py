@@ -40,14 +40,21 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's files without its pre-training: the data, and a model folder holding only the
-    tokenizer. For tests that create studies and read data but train nothing (a second)."""
+    tokenizer and config (what `study create` loads). For tests that create studies and read
+    data but train nothing (a second)."""
     import random
+
+    from transformers import LlamaConfig
 
     from tuner.demo import build_tokenizer, write_data
 
     root = tmp_path_factory.mktemp("files") / "demo"
     (root / "model").mkdir(parents=True)
-    build_tokenizer().save_pretrained(root / "model")
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(root / "model")
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1).save_pretrained(
+        root / "model"
+    )
     write_data(root / "data.jsonl", random.Random(0))
     return root
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import write_space
+from conftest import small_space, write_space
 from optuna.trial import TrialState
 
-from tuner.backends.local import assign_gpus, visible_gpus
-from tuner.study import create_study
+from tuner.backends.base import RunPlan
+from tuner.backends.local import assign_gpus, check_serves, visible_gpus
+from tuner.errors import BackendError
+from tuner.study import create_study, run_study
 
 
 def test_each_worker_gets_its_own_gpu_and_extra_jobs_share() -> None:
@@ -37,6 +39,43 @@ def test_without_a_gpu_driver_there_is_no_gpu(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(local, "GPU_DRIVERS", ("/nonexistent/nvidia",))
     assert visible_gpus() == []
+
+
+def test_the_local_backend_refuses_what_this_machine_cannot_train(
+    sqlite_url: str, tmp_path: Path, demo_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line at run start, before any worker starts (and DeepSpeed compiles anything): more
+    GPUs per trial than this machine shows, or DeepSpeed where it is not installed."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU, on a GPU runner too
+    eight = small_space(demo_files, name="eight", resources={"gpus_per_trial": 8})
+    name = create_study(write_space(tmp_path / "eight.yaml", eight), storage=sqlite_url)
+    with pytest.raises(BackendError) as error:
+        run_study(name, storage=sqlite_url, n_trials=1)
+    message = str(error.value)
+    assert message.startswith(
+        "resources.gpus_per_trial: 8 GPUs per trial, and this machine has 0 visible "
+        "(CUDA_VISIBLE_DEVICES); the local backend cannot run it: run it with --backend ray"
+    )
+    assert "quickstart.yaml" in message and "\n" not in message
+    assert optuna.load_study(study_name=name, storage=sqlite_url).get_trials() == []
+
+    zero2 = small_space(demo_files, name="zero2", fixed={"deepspeed": "zero2"})
+    name = create_study(write_space(tmp_path / "zero2.yaml", zero2), storage=sqlite_url)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # how Python spells "not installed"
+    with pytest.raises(BackendError, match=r"^fixed.deepspeed: zero2 needs DeepSpeed, which is "):
+        run_study(name, storage=sqlite_url, n_trials=1)
+    assert optuna.load_study(study_name=name, storage=sqlite_url).get_trials() == []
+
+
+def test_what_the_local_backend_serves_without_a_gpu() -> None:
+    """A trial of one GPU (the default: what a cluster would be asked for) or less runs on the
+    CPU, bf16 included (torch computes it there); so do DeepSpeed trials (tests/test_study.py).
+    More GPUs per trial than are visible are refused; as many are served, one GPU a trial."""
+    for gpus, bf16 in ((1, True), (0.5, False), (0, True)):
+        check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=gpus, bf16=bf16), [])
+    check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=2), ["0", "1"])
+    with pytest.raises(BackendError, match="2 GPUs per trial, and this machine has 1 visible"):
+        check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=2), ["0"])
 
 
 def test_an_interrupt_outside_a_trial_is_held_until_the_trial_records_it(

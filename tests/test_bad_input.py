@@ -4,6 +4,11 @@ written to the study store."""
 
 from __future__ import annotations
 
+import ast
+import os
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -167,6 +172,111 @@ def test_a_bad_data_file_is_refused_before_the_study_is_made(
     db = tmp_path / "studies.db"
     code, err = _create(path, db, capsys)
     _assert_refused(code, err, data, expected, db)
+
+
+def test_create_without_the_demo_says_to_prepare_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The packaged quickstart.yaml names demo/ files: in a folder without them, create says
+    what makes them, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "studies.db"
+    code, err = _create(Path("quickstart.yaml"), db, capsys)
+    _assert_refused(code, err, Path("quickstart.yaml"), "run `tuner demo prepare` first", db)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("keep", "expected"),
+    [
+        ((), "the config of"),
+        (("config.json",), "the tokenizer of"),
+    ],
+    ids=["an empty folder", "a config without a tokenizer"],
+)
+def test_a_base_model_whose_config_or_tokenizer_does_not_load_is_refused(
+    tmp_path: Path,
+    demo_files: Path,
+    capsys: pytest.CaptureFixture,
+    keep: tuple[str, ...],
+    expected: str,
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in keep:
+        shutil.copy(demo_files / "model" / name, model / name)
+    space = small_space(demo_files)
+    space["fixed"]["model_name_or_path"] = str(model)
+    path = write_space(tmp_path / "s.yaml", space)
+    db = tmp_path / "studies.db"
+    code, err = _create(path, db, capsys)
+    _assert_refused(code, err, path, f"fixed.model_name_or_path: {expected} '{model}'", db)
+    assert not db.exists()
+
+
+def _create_elsewhere(
+    spaces: list[Path], db: Path, env: dict[str, str]
+) -> list[tuple[str | None, float]]:
+    """create_study of each space in a fresh process under `env` (the hub's settings are read
+    at import): its error (None if it made the study), and the seconds the call took."""
+    script = (
+        "import sys, time\n"
+        "from tuner.errors import TunerError\n"
+        "from tuner.study import create_study\n"
+        "for space in sys.argv[2:]:\n"
+        "    started = time.monotonic()\n"
+        "    try:\n"
+        "        create_study(space, storage=sys.argv[1]); error = None\n"
+        "    except TunerError as e:\n"
+        "        error = str(e)\n"
+        "    print(repr((error, time.monotonic() - started)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, f"sqlite:///{db}", *map(str, spaces)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [ast.literal_eval(line) for line in done.stdout.strip().splitlines()[-len(spaces) :]]
+
+
+def test_a_hub_model_is_found_in_the_cache_offline_and_refused_in_seconds_when_not(
+    tmp_path: Path, demo_files: Path
+) -> None:
+    """No network here: a hub id resolves from the hub cache with HF_HUB_OFFLINE=1; one that is
+    not cached is refused with what to do, offline and with the hub unreachable (a closed
+    port): at once, not after minutes of retries, and with nothing written."""
+    hub = tmp_path / "hf" / "hub"
+    snapshot = hub / "models--tiny--cached" / "snapshots" / ("0" * 40)
+    shutil.copytree(demo_files / "model", snapshot)
+    (hub / "models--tiny--cached" / "refs").mkdir()
+    (hub / "models--tiny--cached" / "refs" / "main").write_text("0" * 40)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    def space(model: str) -> Path:
+        spec = small_space(demo_files, name=model.replace("/", "-"))
+        spec["fixed"]["model_name_or_path"] = model
+        return write_space(tmp_path / f"{spec['name']}.yaml", spec)
+
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    (cached, _), (uncached, _) = _create_elsewhere(
+        [space("tiny/cached"), space("tiny/uncached")], tmp_path / "offline.db", offline
+    )
+    assert cached is None
+    assert uncached is not None and "fixed.model_name_or_path: 'tiny/uncached'" in uncached
+    assert "HF_HUB_OFFLINE is set; download it first" in uncached
+
+    db = tmp_path / "studies.db"
+    unreachable = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed}
+    ((error, seconds),) = _create_elsewhere([space("tiny/uncached")], db, unreachable)
+    assert error is not None and f"the hub ({closed}) is unreachable" in error
+    assert "download it first" in error and "HF_HUB_OFFLINE=1" in error
+    assert seconds < 10, seconds
+    assert not db.exists()
 
 
 @pytest.mark.parametrize("series", ["../escape", "a/b", "/etc/cron.d/x", ".hidden"])

@@ -194,6 +194,9 @@ def test_a_template_that_drops_answers_is_refused_at_create(tmp_path: Path) -> N
     )
     model = tmp_path / "model"
     char_tokenizer(prompt_only, ["abc"], bos=None, eos="<|im_end|>").save_pretrained(model)
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_hidden_layers=1).save_pretrained(model)  # create loads it
     data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}] * 4)
     space = {
         "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import optuna
@@ -88,8 +89,8 @@ def test_a_mistyped_command_or_option_is_one_line_and_exit_2(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr
 
 
-def test_run_refuses_a_study_whose_data_is_gone(tmp_path: Path) -> None:
-    (tmp_path / "model").mkdir()
+def test_run_refuses_a_study_whose_data_is_gone(tmp_path: Path, demo_files: Path) -> None:
+    shutil.copytree(demo_files / "model", tmp_path / "model")
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
     (tmp_path / "s.yaml").write_text(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import run_cli, small_space, write_space
 
-from trials.config import SEARCHABLE
+from trials.config import SEARCHABLE, SIMULATED_FIELDS
 from tuner.errors import SpaceError
 from tuner.space import load_space, packaged_spaces
 
@@ -202,6 +203,16 @@ BAD = [
 ]
 
 
+# The simulated workload's settings are not a LoRA trial's (issue 21).
+BAD += [
+    (GOOD + "  steps: 4\n", "fixed.steps is not a known option (a setting of workload: simulated)"),
+    (
+        GOOD + "  simulated: {steps: 4}\n",
+        "fixed.simulated is not a known option (a setting of workload: simulated)",
+    ),
+]
+
+
 @pytest.mark.parametrize(("text", "expected"), BAD, ids=[e for _, e in BAD])
 def test_bad_space_is_one_clear_line(workdir: Path, text: str, expected: str) -> None:
     path = write_space(workdir / "bad.yaml", text)
@@ -238,6 +249,26 @@ def test_the_simulated_settings_are_a_group_and_the_flat_spelling_still_reads(
     bad = write_space(workdir / "x.yaml", SIMULATED + "  simulated: {steps: 0}\n")
     with pytest.raises(SpaceError, match=r"fixed.simulated.steps must be > 0 \(got 0\)"):
         load_space(bad)
+
+
+def test_unknown_options_offer_only_what_the_workload_reads(workdir: Path) -> None:
+    """A LoRA space's errors never list or suggest the simulated workload's knobs (they once
+    listed diverge_above_lr, hang_above_lr, step_seconds and steps as searchable); a simulated
+    space's do."""
+    knobs = re.compile(rf"\b({'|'.join(SIMULATED_FIELDS)}|simulated)\b")
+    for i, text in enumerate(
+        [
+            GOOD.replace("learning_rate:", "diverge_above:"),
+            GOOD + "  step_second: 1\n",
+            GOOD + "  hang_above: 1\n",
+            GOOD + "  step: 4\n",
+        ]
+    ):
+        with pytest.raises(SpaceError) as error:
+            load_space(write_space(workdir / f"lora{i}.yaml", text))
+        assert "not a" in str(error.value) and not knobs.search(str(error.value)), error.value
+    with pytest.raises(SpaceError, match="fixed.step_second is .*did you mean 'step_seconds'"):
+        load_space(write_space(workdir / "sim.yaml", SIMULATED + "  step_second: 1\n"))
 
 
 def test_baseline_default_outside_the_range_says_so(workdir: Path) -> None:

@@ -200,6 +200,32 @@ def test_nan_loss_and_errors_fail_the_trial_and_the_study_goes_on(
     assert "no_such_module" in trials[0].user_attrs["fail_reason"]
 
 
+def test_a_run_whose_trials_keep_failing_the_same_way_stops_and_names_the_error(
+    sqlite_url: str, demo_files: Path, tmp_path: Path
+) -> None:
+    """A set-up every trial trips on (a base model folder without its weights: create loads
+    only its config and tokenizer): the run stops after `resources.max_identical_failures` (3)
+    alike failures, not the whole budget, and says why; 0 turns the check off, and the budget
+    runs out as before."""
+    broken = small_space(demo_files, name="broken", budget={"n_trials": 8}, pruner="none")
+    name = create_study(write_space(tmp_path / "broken.yaml", broken), storage=sqlite_url)
+    progress = run_study(name, storage=sqlite_url)
+    trials = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
+    assert _states_of(trials) == [TrialState.FAIL] * 3 and progress.failed == 3
+    reason = trials[0].user_attrs["fail_reason"]
+    assert all(t.user_attrs["fail_reason"] == reason for t in trials), reason
+    assert progress.stop_reason is not None and progress.stop_reason.startswith(
+        "3 trials in a row failed with the same error"
+    )
+    assert progress.stop_reason.endswith(reason), progress.stop_reason
+
+    patient = {**broken, "name": "patient", "budget": {"n_trials": 4}}
+    patient["resources"] = {"max_identical_failures": 0}
+    name = create_study(write_space(tmp_path / "patient.yaml", patient), storage=sqlite_url)
+    progress = run_study(name, storage=sqlite_url)
+    assert progress.failed == 4 and progress.stop_reason is None
+
+
 def re_any(text: str, words: tuple[str, ...]) -> bool:
     return any(w in text.lower() for w in words)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 __all__ = [
     "BackendError",
+    "RunFailed",
     "SpaceError",
     "StorageError",
     "TunerError",
@@ -21,7 +22,7 @@ __all__ = [
     "write_report",
 ]
 
-from tuner.errors import BackendError, SpaceError, StorageError, TunerError
+from tuner.errors import BackendError, RunFailed, SpaceError, StorageError, TunerError
 
 if TYPE_CHECKING:
     from tuner.export import export_trial

@@ -1,8 +1,11 @@
-"""One root exception; the CLI turns any of these into a one-line message and exit status 2."""
+"""One root exception; the CLI turns any of these into a one-line message and its exit status
+(`exit_code`: 2 for input the user can fix, 1 for a run that ran and failed)."""
 
 
 class TunerError(Exception):
     """A problem the user can fix: the message says what was wrong and what is allowed."""
+
+    exit_code = 2
 
 
 class SpaceError(TunerError):
@@ -15,6 +18,13 @@ class StorageError(TunerError):
 
 class BackendError(TunerError):
     """Trials could not be started or kept running where they were asked to run."""
+
+
+class RunFailed(TunerError):
+    """A run started and its trials failed: not the input's fault as far as tuner could tell
+    beforehand, so exit status 1, as for any command that ran and failed."""
+
+    exit_code = 1
 
 
 def did_you_mean(word: object, candidates: object, aliases: dict[str, str] | None = None) -> str:

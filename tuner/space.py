@@ -300,6 +300,13 @@ class Resources(BaseModel):
     max_retries: int = Field(
         default=2, ge=0, description="Retries of a trial whose worker died (not of its own error)."
     )
+    max_identical_failures: int | None = Field(
+        default=3,
+        ge=0,
+        description="A run stops when this many trials in a row fail with the same error (type "
+        "and message), names it, and exits 1: a broken set-up (a base model or data that does "
+        "not load) fails every trial alike. Diverged (NaN) trials do not count; 0 or null: never.",
+    )
     trial_timeout: Seconds | None = Field(
         default=None,
         gt=0,
@@ -613,6 +620,7 @@ def load_space(space: str | Path, *, base_dir: Path | None = None) -> Space:
 
 
 _SECTIONS = list(Space.model_fields)
+_SIMULATED_KEYS = {"simulated", *SIMULATED_FIELDS}
 
 # What people write for the trial's options, from other tools and blog posts.
 ALIASES = {
@@ -767,13 +775,18 @@ def _parse_param(name: Any, spec: Any) -> Param:
 
 
 def _check_fixed_keys(fixed: dict[str, Any], params: Mapping[str, Param]) -> None:
-    # The simulated workload's settings may also stand beside the others (`steps: 4`), as they
-    # did before they were grouped under `simulated:`; stored studies still have them so.
-    fields = [*TrialConfig.model_fields, *sorted(SIMULATED_FIELDS)]
+    # Only the options of the space's workload: the simulated one's knobs mean nothing to a LoRA
+    # trial, and must be neither suggested nor silently ignored there. They may also stand
+    # beside the others (`steps: 4`), as before they were grouped under `simulated:`; stored
+    # studies still have them so.
+    simulated = fixed.get("workload") == "simulated"
+    fields = [f for f in TrialConfig.model_fields if simulated or f != "simulated"]
+    fields += sorted(SIMULATED_FIELDS) if simulated else []
     for key in fixed:
         if key not in fields:
+            whose = " (a setting of workload: simulated)" * (key in _SIMULATED_KEYS)
             raise SpaceError(
-                f"fixed.{key} is not a known option{did_you_mean(key, fields, ALIASES)}"
+                f"fixed.{key} is not a known option{whose}{did_you_mean(key, fields, ALIASES)}"
             )
         if key in params:
             raise SpaceError(f"fixed.{key} is also searched in params.{key}; keep one of the two")
@@ -869,7 +882,10 @@ def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
     if _looks_local(data_path, base_dir, data_file=True):
         resolved = (base_dir / Path(data_path).expanduser()).resolve()
         if not resolved.exists():
-            raise SpaceError(f"fixed.dataset.path: no such file or directory {str(resolved)!r}")
+            raise SpaceError(
+                f"fixed.dataset.path: no such file or directory {str(resolved)!r}"
+                + _demo_hint(resolved, base_dir)
+            )
         dataset["path"] = str(resolved)
     if fixed.get("deepspeed") is not None:
         fixed["deepspeed"] = _resolve_deepspeed(fixed["deepspeed"], base_dir)
@@ -877,8 +893,22 @@ def _resolve_paths(fixed: dict[str, Any], base_dir: Path) -> None:
     if _looks_local(model, base_dir, data_file=False):
         resolved = (base_dir / Path(model).expanduser()).resolve()
         if not resolved.is_dir():
-            raise SpaceError(f"fixed.model_name_or_path: no such model directory {str(resolved)!r}")
+            raise SpaceError(
+                f"fixed.model_name_or_path: no such model directory {str(resolved)!r}"
+                + _demo_hint(resolved, base_dir)
+            )
         fixed["model_name_or_path"] = str(resolved)
+
+
+def _demo_hint(missing: Path, base_dir: Path) -> str:
+    """What makes the demo's files, when a space (quickstart.yaml) names them and they are not
+    here yet."""
+    from tuner.demo import DemoPaths
+
+    demo = DemoPaths((base_dir / "demo").resolve())
+    if missing in (demo.model, demo.data):
+        return "; run `tuner demo prepare` first (it writes demo/ here)"
+    return ""
 
 
 def _resolve_deepspeed(value: Any, base_dir: Path) -> str:

@@ -21,8 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
-from tuner import backends, tracking
-from tuner.errors import SpaceError, StorageError, TunerError
+from tuner import backends, base_model, tracking
+from tuner.errors import RunFailed, SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
@@ -61,7 +61,8 @@ def create_study(
     enqueue: Sequence[tuple[dict[str, Any], dict[str, Any]]] = (),
     artifacts: str | None = None,
 ) -> str:
-    """Validate the space (and its local data), then create the study; returns its name.
+    """Validate the space (its local data, its base model), then create the study; returns its
+    name.
 
     `artifacts`: where the study keeps its artifacts, a local path or s3://BUCKET/PREFIX; else
     $TUNER_ARTIFACTS, else the space's `artifacts:`, else `tuner_artifacts/` beside the store.
@@ -73,7 +74,7 @@ def create_study(
     midway, the study is deleted again, so no half-made study is left behind.
     """
     parsed = load_space(space)
-    _check_local_data(parsed, display=str(space))
+    _check_model_and_data(parsed, display=str(space))
     _check_quantization_here(parsed, display=str(space))
     name = name or parsed.name
     url = resolve_url(storage)
@@ -121,46 +122,29 @@ def _save_note(study: optuna.Study, name: str, space: Space, *, space_file: str)
     save_note(study, study_note(name, space, space_file=space_file))
 
 
-def _check_local_data(space: Space, *, display: str) -> None:
-    """Read the whole local data set now, so a bad record fails `create`, not every trial; and
-    render its first example through the model's chat template, so a template that would not
-    train the answers as written fails here too."""
-    if space.fixed.get("dataset") is None:
-        return  # a workload without data
+def _check_model_and_data(space: Space, *, display: str) -> None:
+    """Read the whole local data set now, so a bad record fails `create`, not every trial; check
+    the base model (tuner.base_model); and render the first example through the model's chat
+    template, so a template that would not train the answers as written fails here too."""
+    if space.fixed.get("workload", "sft") != "sft":
+        return  # a workload without a model or data
     config = TrialConfig.model_validate(space.fixed)
-    if not Path(config.dataset.path).exists():
-        return  # a hub id: read when the first trial runs
+    examples = None
+    if Path(config.dataset.path).exists():  # else a hub id: read when the first trial runs
+        try:
+            examples = to_examples(config.dataset)
+        except DataError as e:
+            raise SpaceError(f"{display}: fixed.dataset: {e}") from None
     try:
-        examples = to_examples(config.dataset)
-    except DataError as e:
-        raise SpaceError(f"{display}: fixed.dataset: {e}") from None
-    tokenizer = _local_tokenizer(config)
-    if tokenizer is None:
-        return  # checked by the first trial, which loads it
+        tokenizer = base_model.check(config)
+    except base_model.ModelError as e:
+        raise SpaceError(f"{display}: fixed.model_name_or_path: {e}") from None
+    if examples is None:
+        return
     try:
         check_rendering(examples, renderer(tokenizer, config), name=Path(config.dataset.path).name)
     except DataError as e:
         raise SpaceError(f"{display}: fixed.template: {e}") from None
-
-
-def _local_tokenizer(config: TrialConfig) -> Any:
-    """The base model's tokenizer when this machine has it (a folder, or the hub's cache);
-    None otherwise: create does not download."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a missing cache entry is an answer here, not a warning
-    try:
-        return AutoTokenizer.from_pretrained(
-            config.model_name_or_path,
-            trust_remote_code=config.trust_remote_code,
-            local_files_only=True,
-        )
-    except Exception:  # noqa: BLE001 - not here (or not loadable here): the trial will say
-        return None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def _check_quantization_here(space: Space, *, display: str) -> None:
@@ -200,6 +184,9 @@ class Progress:
     best_value: float | None = None  # the study's best so far, trials before this run included
     best_trial: int | None = None
     last: FrozenTrial | None = None  # the trial whose finishing this report is about
+    # Why the run stopped early, in one line naming the error and the count, when its trials kept
+    # failing the same way (resources.max_identical_failures); None when it ran its course.
+    stop_reason: str | None = None
 
     @property
     def finished(self) -> int:
@@ -226,7 +213,8 @@ def run_study(
     `resources.placement_timeout` fails the run (BackendError). None: `ray` inside a Ray job,
     else `local`.
     `timeout` (default: the budget's) stops new trials from starting after that many seconds;
-    running ones finish. Returns what this run did.
+    running ones finish. Returns what this run did; its `stop_reason` is set when the run stopped
+    because `resources.max_identical_failures` trials in a row failed with the same error.
     """
     backend = backend or backends.default_backend()
     backends.check_name(backend)
@@ -263,21 +251,34 @@ def run_study(
         trial_timeout=space.resources.trial_timeout,
         lookahead=space.resources.lookahead,
         placement_timeout=space.resources.placement_timeout,
+        max_identical_failures=space.resources.max_identical_failures,
+        **_device_needs(space),
     )
     monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
     started = datetime.now()  # Optuna records trials' times as naive local time
     monitor.start()
+    stop_reason = None
     try:
         if n_trials != 0:
             with tracking.study_run(study, space):
                 backends.run_trials(plan, backend=backend, address=address)
+    except RunFailed as e:
+        stop_reason = str(e)  # returned with the summary: the caller reports both
     finally:
         monitor.stop()
+    monitor.progress.stop_reason = stop_reason
     # Trials of a killed run whose workers were still winding down when this run started.
     recovery.fail_orphans(study, max_retries=max_retries)
     if space.resources.checkpoint_every is not None:
         checkpoints.drop_unresumable(study, opened.artifact_store(), since=started)
     return monitor.progress
+
+
+def _device_needs(space: Space) -> dict[str, Any]:
+    """What a trial asks of the machine it trains on; the simulated workload trains nothing."""
+    if space.fixed.get("workload", "sft") != "sft":
+        return {}
+    return {"bf16": bool(space.fixed.get("bf16")), "deepspeed": space.fixed.get("deepspeed")}
 
 
 def _done(study: optuna.Study) -> int:

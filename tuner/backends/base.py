@@ -27,6 +27,10 @@ class RunPlan:
     trial_timeout: float | None = None  # a trial running longer is killed and failed
     lookahead: int | None = None  # suggestions the driver keeps ready; None: by the slots
     placement_timeout: float = 1200.0  # no slot placed for this long: the run fails, saying why
+    max_identical_failures: int | None = 3  # this many alike failures in a row stop the run
+    # What a trial needs of the machine it trains on (the local backend checks them at start).
+    bf16: bool = False
+    deepspeed: str | None = None  # the trial's DeepSpeed config, which needs deepspeed there
 
     @property
     def ranks(self) -> int:

@@ -21,6 +21,11 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
 - what a dead worker costs: its trial fails with the reason and is retried with the same
   params, up to `max_retries`; past `MAX_DEATHS_PER_SLOT` deaths per slot the run stops;
 - stale trials: as it waits, it runs Optuna's heartbeat check, as workers do before each trial;
+- trials that keep failing the same way (`max_identical_failures` in a row, the same error type
+  and message): the set-up is broken, not the params, and every trial would fail alike. The run
+  stops (RunFailed, naming the error and the count) and its running trials are stopped as on an
+  interrupt: they share the cause (base model, data, code), and letting them run on to the same
+  error (minutes of hub retries, say) is the slow failure this is for;
 - Ctrl-C or SIGTERM: each slot's trial is asked to stop, then killed after a grace period; every
   trial the run started ends FAIL "interrupted", and the interrupt is raised again.
 """
@@ -38,9 +43,10 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import Backend, Ended, RunPlan, Slot
 from tuner.backends.feed import FEED_WAIT_S, TrialFeed, take
-from tuner.errors import BackendError
+from tuner.errors import BackendError, RunFailed
 from tuner.store import attrs, recovery
 from tuner.store.budget import spent
+from tuner.store.optuna_private import storage as storage_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ class Driver:
         self._asked = 0  # waiting slots last reported
         self._asked_at: float | None = None  # when the first slot that had to wait was started
         self._told_placed = False
+        self._failing: tuple[str, ...] | None = None  # the error the last trials failed with
+        self._failed_alike = 0  # how many in a row
 
     def run(self) -> None:
         from tuner.settings import get_settings
@@ -239,6 +247,8 @@ class Driver:
     def _ended(self, seat: _Seat, ended: Ended) -> None:
         seat.since = None
         if ended.ran is not None:
+            if ended.ran.trial_id is not None and not ended.ran.requeued:
+                self._count_failures(ended.ran.trial_id)
             if ended.ran.requeued:
                 self._give_back()  # its retry takes the place of the trial failed elsewhere
             if not ended.reusable:
@@ -250,6 +260,21 @@ class Driver:
         if self.deaths > MAX_DEATHS_PER_SLOT * max(1, self.peak_placed):
             raise BackendError(f"trial workers keep dying; last: {ended.died}")
         self._settle(seat, ended.died or "its worker died", retry=ended.retry)
+
+    def _count_failures(self, trial_id: int) -> None:
+        """Count the trials that failed with the same error in a row, as they end; raise
+        RunFailed at `max_identical_failures`. Any other ending starts the count again."""
+        limit = self.plan.max_identical_failures
+        if not limit:
+            return
+        error = _own_error(storage_of(self.study).get_trial(trial_id))
+        same = error is not None and error == self._failing
+        self._failing, self._failed_alike = error, (self._failed_alike + 1 if same else 1)
+        if error is not None and self._failed_alike >= limit:
+            raise RunFailed(
+                f"{self._failed_alike} trials in a row failed with the same error, so the run "
+                f"stopped (resources.max_identical_failures: {limit}): {' '.join(error)}"
+            )
 
     def _settle(self, seat: _Seat, reason: str, *, retry: bool) -> None:
         """A slot's worker is gone: fail the trial it left RUNNING (retried when `retry`), and
@@ -360,6 +385,19 @@ class Driver:
         worker = seat.slot.worker
         trials = self.study.get_trials(deepcopy=False)
         return [t for t in trials if t.user_attrs.get(attrs.WORKER) == worker]
+
+
+def _own_error(trial: Any) -> tuple[str, ...] | None:
+    """The error a FAIL trial failed by (its fail reason and detail: type and message); None for
+    any other ending, and for a diverged trial: NaN is the params' doing (the sampler steers
+    away from it), not a broken set-up, and a search near its learning-rate edge meets it often."""
+    if trial.state != TrialState.FAIL:
+        return None
+    reason = trial.user_attrs.get(attrs.FAIL_REASON)
+    if reason is None or reason == "nan":
+        return None
+    detail = trial.user_attrs.get(attrs.FAIL_DETAIL)
+    return (reason,) if detail is None else (reason, detail)
 
 
 def _bundle(plan: RunPlan) -> str:

@@ -10,6 +10,7 @@ gone sees its pipe close and exits.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -22,11 +23,16 @@ from typing import Any
 
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
+from tuner.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
 IDLE_EXIT_S = 10.0  # how long a free worker may take to exit once told to
 GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # NVIDIA's and AMD's (ROCm) kernel drivers
+ELSEWHERE = (
+    "run it with --backend ray on a cluster that can, or use a space for this machine "
+    "(quickstart.yaml, lora_sft_small.yaml)"
+)
 
 
 class LocalBackend:
@@ -38,8 +44,10 @@ class LocalBackend:
 
     def open(self, plan: RunPlan) -> None:
         jobs = self.capacity(plan)
+        gpus = visible_gpus()
+        check_serves(plan, gpus)
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
-        self.gpus = assign_gpus(jobs, visible_gpus())
+        self.gpus = assign_gpus(jobs, gpus)
         self.log_level = logging.getLogger("tuner").getEffectiveLevel()
 
     def capacity(self, plan: RunPlan) -> int:
@@ -164,6 +172,63 @@ class _HeldInterrupts:
             yield
         finally:
             self.open = False
+
+
+def check_serves(plan: RunPlan, gpus: list[str]) -> None:
+    """Refuse, in one line, a space this machine cannot train, before any worker starts (so
+    before DeepSpeed builds its ops for minutes). `gpus`: the GPUs visible here.
+
+    What this machine cannot serve, precisely:
+    - `gpus_per_trial` above 1 with fewer GPUs visible: such a trial is one rank per GPU. At or
+      below 1, a trial runs on the CPU when there is no GPU (the demo, and the default of 1,
+      which is what a cluster would be asked for), as the local backend always did;
+    - `bf16` on a CUDA GPU older than compute capability 8.0 (Ampere), which has no bfloat16.
+      On the CPU torch computes bfloat16 (slowly), and the HF Trainer accepts it: not refused;
+    - `deepspeed` when DeepSpeed is not installed. DeepSpeed on the CPU accelerator is a
+      supported path here (one process, tests/test_study.py), and is not refused.
+    """
+    if plan.gpus_per_trial > 1:
+        if len(gpus) < plan.gpus_per_trial:
+            raise BackendError(
+                f"resources.gpus_per_trial: {plan.gpus_per_trial:g} GPUs per trial, and this "
+                f"machine has {len(gpus)} visible{' (CUDA_VISIBLE_DEVICES)' * _restricted()}; "
+                f"the local backend cannot run it: {ELSEWHERE}"
+            )
+        logger.warning(
+            "resources.gpus_per_trial is %g, but the local backend trains each trial on one "
+            "GPU; --backend ray trains it on %g (ray start --head here)",
+            plan.gpus_per_trial,
+            plan.gpus_per_trial,
+        )
+    if plan.bf16 and gpus:
+        old = _without_bf16(min(len(gpus), plan.jobs or 1))  # the GPUs the workers train on
+        if old is not None:
+            raise BackendError(
+                f"fixed.bf16: {old} has no bfloat16 (CUDA compute capability 8.0 or later); "
+                f"set bf16: false (fp16: true), or {ELSEWHERE}"
+            )
+    if plan.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+        raise BackendError(
+            f"fixed.deepspeed: {plan.deepspeed} needs DeepSpeed, which is not installed here "
+            f"(pip install 'lora-tuner[deepspeed]'); or {ELSEWHERE}"
+        )
+
+
+def _restricted() -> bool:
+    return os.environ.get("CUDA_VISIBLE_DEVICES") is not None
+
+
+def _without_bf16(count: int) -> str | None:
+    """The first of the first `count` visible GPUs without bfloat16, as `GPU i (name)`; None if
+    all have it. Reads device properties only: the driver makes no tensor."""
+    import torch
+
+    if torch.version.cuda is None:
+        return None  # ROCm: the GPUs it supports compute bfloat16
+    for i in range(min(count, torch.cuda.device_count())):
+        if torch.cuda.get_device_capability(i) < (8, 0):
+            return f"GPU {i} ({torch.cuda.get_device_name(i)})"
+    return None
 
 
 def visible_gpus() -> list[str]:
