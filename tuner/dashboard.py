@@ -68,7 +68,7 @@ def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIA
     import optuna_dashboard
 
     url = resolve_url(storage)
-    store = open_storage(url)
+    store = open_storage(url, must_exist=True)  # a viewer makes no store
     artifacts = StudyArtifacts(store, url)
     app = optuna_dashboard.wsgi(store, artifact_store=artifacts)
     return Guard(artifacts.routed(app), access)

@@ -492,7 +492,8 @@ class StudyRow:
 
 
 def list_studies(storage: str | None = None) -> list[StudyRow]:
-    store = open_storage(storage)
+    """Every study in the store; NoStore (and nothing made) when there is no store."""
+    store = open_storage(storage, must_exist=True)
     rows = []
     for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=store)
