@@ -4,6 +4,7 @@ written to the study store."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from test_space import BAD as BAD_SPACES
 from test_space import GOOD as GOOD_SPACE
 
 from tuner.cli import main
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ")  # tuner.cli.LOG_FORMAT
 
 ALPACA = '{"instruction": "add 2 and 3", "output": "5"}\n'
 
@@ -95,7 +98,7 @@ def _create(space_file: Path, db: Path, capsys: pytest.CaptureFixture) -> tuple[
 
 
 def _assert_refused(code: int, err: str, file: Path, expected: str, db: Path) -> None:
-    lines = [line for line in err.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+    lines = [line for line in err.splitlines() if not LOG_LINE.match(line)]
     assert code == 2, err[:500]
     assert len(lines) == 1 and lines[0].startswith("error: "), err[:500]
     assert "Traceback" not in err

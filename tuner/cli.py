@@ -276,7 +276,7 @@ def _run_failure(progress: Any) -> str | None:
         return stop_reason
     if progress.finished and not progress.complete:
         return (
-            f"none of the {_plural(progress.finished, 'trial')} this run finished completed "
+            f"this run finished {_plural(progress.finished, 'trial')} and completed none "
             "(see `tuner study show`)"
         )
     return None

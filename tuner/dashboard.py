@@ -65,10 +65,10 @@ def check_exposure(host: str, access: Access) -> None:
 
 def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIApp:
     """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
-    import optuna_dashboard
-
     url = resolve_url(storage)
     store = open_storage(url, must_exist=True)  # a viewer makes no store
+    import optuna_dashboard  # after: no store is said without loading the dashboard first
+
     artifacts = StudyArtifacts(store, url)
     app = optuna_dashboard.wsgi(store, artifact_store=artifacts)
     return Guard(artifacts.routed(app), access)
