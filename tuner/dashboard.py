@@ -215,7 +215,7 @@ class StudyArtifacts:
         return self._opened[location]
 
     def _stores(self) -> list[Any]:
-        from tuner.store.artifacts import study_location
+        from tuner.store.urls import study_location
 
         study_id = getattr(self._request, "study_id", None)
         if study_id is not None:

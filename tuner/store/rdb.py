@@ -6,6 +6,7 @@ Both are Optuna's own RDB storage (riding out dropped connections, tuner.store.r
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -100,13 +101,25 @@ def _check_exists(url: str, engine_kwargs: dict) -> None:
         f"there is no study store at {mask_url(url)} yet "
         "(`tuner study create --space FILE` makes one)"
     )
+    needed = {"studies", "version_info"}
     path = url.removeprefix("sqlite:///")
-    if url.startswith("sqlite:///") and path != ":memory:" and not Path(path).is_file():
-        raise missing  # connecting would create the file
+    if url.startswith("sqlite:///") and path != ":memory:":
+        if not Path(path).is_file():
+            raise missing  # connecting would create the file
+        # Opened read-only (mode=ro), by the standard library: no second engine to set up.
+        read_only = f"{Path(path).as_uri()}?mode=ro"
+        try:
+            with contextlib.closing(sqlite3.connect(read_only, uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.Error as e:
+            raise _cannot_open(url, e) from None
+        if not needed <= tables:
+            raise missing
+        return
     engine = sqlalchemy.create_engine(url, **engine_kwargs)
     try:
         inspector = sqlalchemy.inspect(engine)
-        if not all(inspector.has_table(t) for t in ("studies", "version_info")):
+        if not all(inspector.has_table(t) for t in needed):
             raise missing
     finally:
         engine.dispose()

@@ -17,9 +17,8 @@ import optuna
 from tuner.errors import StorageError, did_you_mean
 from tuner.space import Space
 from tuner.store import attrs
-from tuner.store.artifacts import study_location
 from tuner.store.rdb import NoStore, open_storage
-from tuner.store.urls import mask_url, resolve_url
+from tuner.store.urls import mask_url, resolve_url, study_location
 
 
 @dataclass
