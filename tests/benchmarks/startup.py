@@ -5,8 +5,10 @@
 For each of `tuner --help`, `spaces`, `study list`, `study show NAME` and `study best NAME`:
 the median wall time of `--runs` runs of the installed `tuner` command (a fresh process each
 time, as a user types it), beside the median of `optuna studies --storage sqlite:///SAME.db`
-on the same store, and their ratio. Goal: under 1 s each on an idle 2-core machine; the load
-average is printed with the figures, since a busy machine slows both. Ends with one JSON line.
+on the same store, and their ratio. Goal: under 1 s each on an idle 2-core machine. A busy
+machine slows both: the load average is printed with the figures, and so is the median CPU time
+(user + system) of each command, which the load moves less than the wall time. Ends with one
+JSON line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,24 +47,23 @@ def main() -> None:
     env = {**os.environ, "TUNER_STORAGE": url}
 
     optuna_cmd = [*_script("optuna"), "studies", "--storage", url]
-    optuna_s = _median(optuna_cmd, runs=args.runs, cwd=workdir, env=env)
+    optuna_s, optuna_cpu = _median(optuna_cmd, runs=args.runs, cwd=workdir, env=env)
     rows = []
     for label, argv in COMMANDS.items():
-        tuner_s = _median([*_script("tuner"), *argv], runs=args.runs, cwd=workdir, env=env)
-        rows.append({"command": label, "tuner_s": tuner_s, "ratio": tuner_s / optuna_s})
+        wall, cpu = _median([*_script("tuner"), *argv], runs=args.runs, cwd=workdir, env=env)
+        rows.append({"command": label, "tuner_s": wall, "cpu_s": cpu, "ratio": wall / optuna_s})
 
     load = os.getloadavg()
     print(f"median of {args.runs} runs; {os.cpu_count()} cores, load average {load[0]:.2f}")
-    print(f"{'command':<24} {'tuner':>8} {'optuna studies':>15} {'ratio':>6}")
+    header = ("command", "tuner", "(cpu)", "optuna studies", "(cpu)", "ratio")
+    print("{:<24} {:>8} {:>7} {:>15} {:>7} {:>6}".format(*header))
     for row in rows:
         print(
-            f"{row['command']:<24} {row['tuner_s']:>7.2f}s {optuna_s:>14.2f}s {row['ratio']:>6.2f}"
+            f"{row['command']:<24} {row['tuner_s']:>7.2f}s {row['cpu_s']:>6.2f}s "
+            f"{optuna_s:>14.2f}s {optuna_cpu:>6.2f}s {row['ratio']:>6.2f}"
         )
-    print(
-        json.dumps(
-            {"runs": args.runs, "load_average": load[0], "optuna_studies_s": optuna_s, "rows": rows}
-        )
-    )
+    summary = {"runs": args.runs, "load_average": load[0], "optuna_studies_s": optuna_s}
+    print(json.dumps({**summary, "optuna_studies_cpu_s": optuna_cpu, "rows": rows}))
 
 
 def _make_store(url: str) -> None:
@@ -89,15 +91,19 @@ def _script(name: str) -> list[str]:
     return [found] if found else [sys.executable, "-m", name]
 
 
-def _median(cmd: list[str], *, runs: int, cwd: Path, env: dict) -> float:
-    times = []
+def _median(cmd: list[str], *, runs: int, cwd: Path, env: dict) -> tuple[float, float]:
+    """The median wall time and CPU time (user + system) of `runs` runs of `cmd`."""
+    walls, cpus = [], []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-        times.append(time.perf_counter() - started)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return statistics.median(times)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 if __name__ == "__main__":
