@@ -91,6 +91,22 @@ def test_reads_make_no_store(tmp_path: Path) -> None:
     assert other.stat().st_size == 0
 
 
+def test_reading_an_empty_database_makes_no_tables(storage_url: str) -> None:
+    import sqlalchemy
+
+    for args in (("study", "list"), ("study", "show", "x"), ("sweep", "list")):
+        result = run_cli(*args, "--storage", storage_url)
+        assert "there is no study store at" in result.stdout + result.stderr, result.stderr
+    if storage_url.startswith("sqlite"):
+        assert not Path(storage_url.removeprefix("sqlite:///")).exists()
+        return
+    engine = sqlalchemy.create_engine(storage_url)
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
 def test_a_missing_study_suggests_the_closest_name(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'tuner.db'}"
     optuna.create_study(storage=url, study_name="quickstart")

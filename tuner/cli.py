@@ -72,8 +72,8 @@ def _setup(
 ) -> None:
     """Runs before any command (not for --help)."""
     if quiet or verbose:
+        # In the environment, so that worker processes (local, or Ray actors) inherit it.
         os.environ["TUNER_VERBOSITY"] = str(-1 if quiet else verbose)
-    # Set in the environment, so that worker processes (local or Ray actors) inherit it.
     _set_log_levels(_verbosity())
 
 
