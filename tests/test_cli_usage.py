@@ -6,7 +6,9 @@ without the training stack."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,13 +111,48 @@ def test_reading_an_empty_database_makes_no_tables(storage_url: str) -> None:
 
 def test_a_missing_study_suggests_the_closest_name(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'tuner.db'}"
-    optuna.create_study(storage=url, study_name="quickstart")
+    args = ("study", "create", "--space", "simulated.yaml", "--name", "quickstart")
+    created = run_cli(*args, cwd=tmp_path, env=ENV)
+    # Log lines carry the time, for the logs of unattended runs.
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO tuner.study: created study quickstart in .*\n",
+        created.stderr,
+    ), created.stderr
     result = run_cli("study", "show", "quickstrat", cwd=tmp_path, env=ENV)
     assert result.returncode == 2
     assert result.stderr == (
         f"error: no study 'quickstrat' in {url}; did you mean 'quickstart'? "
         "(see `tuner study list`)\n"
     )
+
+
+def test_verbosity_flags_set_the_levels_and_the_workers_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tuner.cli import main
+
+    monkeypatch.delenv("TUNER_VERBOSITY", raising=False)
+    root = logging.getLogger()
+    saved = root.level
+    try:
+        for flags, env, level in [
+            (["-q"], "-1", logging.WARNING),
+            (["-v"], "1", logging.DEBUG),
+            (["-vv"], "2", logging.DEBUG),
+        ]:
+            monkeypatch.setattr(sys, "argv", ["tuner", *flags, "spaces"])
+            with pytest.raises(SystemExit) as exited:
+                main()
+            assert exited.value.code == 0
+            assert os.environ["TUNER_VERBOSITY"] == env  # what worker processes inherit
+            assert logging.getLogger("tuner.study").getEffectiveLevel() == level
+            assert logging.getLogger("urllib3").getEffectiveLevel() == (
+                logging.DEBUG if env == "2" else logging.WARNING
+            )
+    finally:
+        root.setLevel(saved)
+        for name in ("tuner", "trials"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 # ----------------------------------------------------------------------------- study run's end
