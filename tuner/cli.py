@@ -60,6 +60,7 @@ def _setup(
             count=True,
             help="More output: -v tuner's debug lines and Optuna's, -vv every library's "
             "(workers too, through $TUNER_VERBOSITY).",
+            show_default=False,
         ),
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
