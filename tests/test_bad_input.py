@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from test_space import BAD as BAD_SPACES
 from test_space import GOOD as GOOD_SPACE
 
 from tuner.cli import main
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ")  # tuner.cli.LOG_FORMAT
 
 ALPACA = '{"instruction": "add 2 and 3", "output": "5"}\n'
 
@@ -100,7 +103,7 @@ def _create(space_file: Path, db: Path, capsys: pytest.CaptureFixture) -> tuple[
 
 
 def _assert_refused(code: int, err: str, file: Path, expected: str, db: Path) -> None:
-    lines = [line for line in err.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+    lines = [line for line in err.splitlines() if not LOG_LINE.match(line)]
     assert code == 2, err[:500]
     assert len(lines) == 1 and lines[0].startswith("error: "), err[:500]
     assert "Traceback" not in err

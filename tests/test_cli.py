@@ -72,7 +72,10 @@ def test_help_and_unknown_study(tmp_path: Path) -> None:
     assert run_cli("--help").returncode == 0
     missing = run_cli("study", "show", "nope", cwd=tmp_path, env={"TUNER_STORAGE": ""})
     assert missing.returncode == 2
-    assert missing.stderr.strip().startswith("error: no study 'nope' in sqlite:///")
+    assert missing.stderr.strip().startswith(
+        "error: no study 'nope': there is no study store at sqlite:///"
+    )
+    assert not (tmp_path / "tuner.db").exists()  # a read makes no store
     bad_flag = run_cli("study", "run", "x", "--timeout", "soon", cwd=tmp_path)
     assert bad_flag.returncode == 2 and "--timeout must be seconds" in bad_flag.stderr
 

@@ -1,7 +1,8 @@
 """`tuner`: a thin command line over the library (tuner.study, tuner.space, tuner.demo).
 
 Each command calls one library function and formats its result; only this module writes to
-stdout. A `TunerError` becomes one line on stderr and exit status 2.
+stdout. A `TunerError` becomes one line on stderr and its exit status (2: bad input); so does
+a usage error (unknown command, missing or bad argument).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -21,7 +23,6 @@ from tuner.text import number as _num
 app = typer.Typer(
     help="Hyperparameter search for LoRA fine-tuning, on Optuna.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 study_app = typer.Typer(help="Create, run and inspect studies.", no_args_is_help=True)
@@ -34,16 +35,80 @@ sweep_app = typer.Typer(
 app.add_typer(sweep_app, name="sweep")
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+# Libraries whose INFO lines are chatter (ray...job.sdk: "WebSocket closed" as a followed job's
+# log ends); shown from -vv.
+NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "ray.dashboard.modules.job.sdk")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from tuner import __version__
+
+        typer.echo(f"tuner {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
-    """Runs before any command (not for --help): Optuna's own INFO lines would repeat ours, and
-    its notes that heartbeats and artifacts are experimental are not for the user to act on."""
+def _setup(
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="More output: -v tuner's debug lines and Optuna's, -vv every library's "
+            "(workers too, through $TUNER_VERBOSITY).",
+            show_default=False,
+        ),
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Runs before any command (not for --help)."""
+    if quiet or verbose:
+        # In the environment, so that worker processes (local, or Ray actors) inherit it.
+        os.environ["TUNER_VERBOSITY"] = str(-1 if quiet else verbose)
+    _set_log_levels(_verbosity())
+
+
+def _verbosity() -> int:
+    try:
+        return int(os.environ.get("TUNER_VERBOSITY", "0"))
+    except ValueError:
+        return 0
+
+
+def _set_log_levels(verbosity: int) -> None:
+    """-1: warnings only; 0: tuner's INFO lines; 1: tuner's DEBUG lines and Optuna's INFO;
+    2+: everything. Optuna's lines go through our handler (one format, with timestamps); at 0
+    its INFO lines would repeat ours, and its notes that heartbeats and artifacts are
+    experimental are not for the user to act on."""
     import warnings
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    verbosity = max(-1, min(verbosity, 2))
+    logging.getLogger().setLevel(
+        logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity >= 2 else logging.INFO
+    )
+    for name in ("tuner", "trials"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(
+        {-1: logging.WARNING, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    )
+    if verbosity < 2:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 app.add_typer(demo_app, name="demo")
@@ -62,7 +127,13 @@ Storage = Annotated[
 NTrials = Annotated[
     int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
 ]
-AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
+StudyName = Annotated[
+    str, typer.Argument(metavar="NAME", help="The study's name (see `tuner study list`).")
+]
+# The names of tuner.backends.BACKENDS (a test checks they agree), spelt out so that --help
+# lists them without importing the backends.
+BackendName = Literal["local", "ray"]
 Address = Annotated[
     str | None,
     typer.Option(
@@ -123,13 +194,13 @@ Jobs = Annotated[
 
 @study_app.command("run")
 def study_run(
-    name: str,
+    name: StudyName,
     storage: Storage = None,
     n_trials: NTrials = None,
     timeout: Timeout = None,
     jobs: Jobs = None,
     backend: Annotated[
-        str | None,
+        BackendName | None,
         typer.Option(
             help="local: worker processes here; ray: a Ray cluster. "
             "Default: ray inside a Ray job (`ray job submit`), else local.",
@@ -137,8 +208,14 @@ def study_run(
         ),
     ] = None,
     address: Address = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The final summary as one JSON object on stdout.")
+    ] = False,
 ) -> None:
-    """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly."""
+    """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly.
+
+    Exit status 1 when the run was stopped (its trials kept failing the same way) or when it
+    finished trials but completed none."""
     from tuner import backends
     from tuner.space import parse_duration
     from tuner.study import best_report, run_study
@@ -168,24 +245,64 @@ def study_run(
             bar.close()
             typer.echo(f"interrupted; run `tuner study run {name}` again to continue", err=True)
             raise typer.Exit(130) from None
-    typer.echo(
-        f"{_plural(progress.finished, 'trial')} finished: {progress.complete} complete, "
-        f"{progress.pruned} pruned, {progress.failed} failed"
-    )
     try:
         report = best_report(name, storage)
     except TunerError:
-        return
-    typer.echo(_best_line(report))
-    storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
-    typer.echo(f"details: tuner study show {name}{storage_flag}")
-    typer.echo(f"watch:   tuner dashboard{storage_flag}")
-    typer.echo(f"export:  tuner study export {name}{storage_flag} --out {name}-best")
+        report = None  # no completed trial yet: no best line
+    failure = _run_failure(progress)
+    if as_json:
+        typer.echo(json.dumps(_run_summary(name, progress, report, failure)))
+    else:
+        typer.echo(
+            f"{_plural(progress.finished, 'trial')} finished: {progress.complete} complete, "
+            f"{progress.pruned} pruned, {progress.failed} failed"
+        )
+        if report is not None:
+            typer.echo(_best_line(report))
+        if failure is None and report is not None:
+            storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
+            typer.echo(f"details: tuner study show {name}{storage_flag}")
+            typer.echo(f"watch:   tuner dashboard{storage_flag}")
+            typer.echo(f"export:  tuner study export {name}{storage_flag} --out {name}-best")
+    if failure is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(1)
+
+
+def _run_failure(progress: Any) -> str | None:
+    """Why the run failed, if it did: stopped because its trials kept failing the same way, or
+    none of the trials it finished completed (a run that reports success must have a result)."""
+    stop_reason = getattr(progress, "stop_reason", None)
+    if stop_reason:
+        return stop_reason
+    if progress.finished and not progress.complete:
+        return (
+            f"this run finished {_plural(progress.finished, 'trial')} and completed none "
+            "(see `tuner study show`)"
+        )
+    return None
+
+
+def _run_summary(
+    name: str, progress: Any, report: dict[str, Any] | None, failure: str | None
+) -> dict[str, Any]:
+    return {
+        "study": name,
+        "finished": progress.finished,
+        "complete": progress.complete,
+        "pruned": progress.pruned,
+        "failed": progress.failed,
+        "best_value": report["value"] if report else None,
+        "best_trial": report["trial"] if report else None,
+        "metric": report["metric"] if report else None,
+        "stop_reason": getattr(progress, "stop_reason", None),
+        "error": failure,
+    }
 
 
 @study_app.command("submit")
 def study_submit(
-    name: str,
+    name: StudyName,
     address: Annotated[
         str, typer.Option(help="The Ray dashboard of the cluster: http://HEAD:8265.")
     ],
@@ -226,11 +343,24 @@ def study_submit(
 
 
 @study_app.command("list")
-def study_list(storage: Storage = None) -> None:
+def study_list(storage: Storage = None, as_json: AsJson = False) -> None:
     """Studies in the store, with trial counts and best values."""
+    import dataclasses
+
+    from tuner.store import NoStore
     from tuner.study import list_studies
 
-    rows = list_studies(storage)
+    try:
+        rows = list_studies(storage)
+    except NoStore as e:
+        if as_json:
+            typer.echo("[]")
+        else:
+            typer.echo(f"no studies: {e}")
+        return
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+        return
     if not rows:
         typer.echo("no studies")
         return
@@ -243,7 +373,7 @@ def study_list(storage: Storage = None) -> None:
 
 @study_app.command("show")
 def study_show(
-    name: str,
+    name: StudyName,
     storage: Storage = None,
     facts: Annotated[
         bool,
@@ -251,19 +381,59 @@ def study_show(
             "--facts", help="Also tokens/s, peak GPU memory, GPU-hours, best step, truncation."
         ),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="The trial table, params and facts included, as a JSON list of rows."
+        ),
+    ] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="The same table as CSV.")] = False,
 ) -> None:
     """Every trial: state, value, params, where it was pruned, how long it took."""
     from tuner.study import TrialRow, trial_rows
 
+    rows = trial_rows(name, storage)
+    if as_json or as_csv:
+        _print_records([_record(row) for row in rows], as_csv=as_csv)
+        return
     table = _table(*TrialRow.columns(facts=facts))
-    for row in trial_rows(name, storage):
+    for row in rows:
         table.add_row(*row.cells(facts=facts))
     _print(table)
 
 
+def _record(row: Any) -> dict[str, Any]:
+    """A trial as a flat row, named as Optuna's `trials_dataframe()` names its columns (params_X,
+    user_attrs_X for the measured facts), so that the same scripts read both."""
+    return {
+        "number": row.number,
+        "value": row.value,
+        "state": row.state,
+        "duration_s": row.duration_s,
+        **{f"params_{k}": v for k, v in row.params.items()},
+        **{f"user_attrs_{k}": v for k, v in row.facts.items()},
+        "pruned_at_step": row.pruned_at_step,
+        "note": row.note,
+    }
+
+
+def _print_records(records: list[dict[str, Any]], *, as_csv: bool) -> None:
+    if not as_csv:
+        typer.echo(json.dumps(records, indent=2))
+        return
+    import csv
+
+    columns: dict[str, None] = {}  # every row's keys, in first-seen order
+    for record in records:
+        columns.update(dict.fromkeys(record))
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+
+
 @study_app.command("best")
 def study_best(
-    name: str,
+    name: StudyName,
     storage: Storage = None,
     as_json: AsJson = False,
 ) -> None:
@@ -281,7 +451,7 @@ def study_best(
 
 @study_app.command("export")
 def study_export(
-    name: str,
+    name: StudyName,
     out: Annotated[Path, typer.Option("--out", help="Folder to write (made atomically).")],
     trial: Annotated[
         int | None, typer.Option("--trial", help="Trial number (default: the best).")
@@ -310,7 +480,7 @@ def study_export(
 
 @study_app.command("report")
 def study_report(
-    name: str,
+    name: StudyName,
     out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
         "report.html"
     ),
@@ -333,7 +503,7 @@ def study_report(
 
 @study_app.command("delete")
 def study_delete(
-    name: str,
+    name: StudyName,
     storage: Storage = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
@@ -356,7 +526,9 @@ def sweep_run(
         ),
     ] = None,
     storage: Storage = None,
-    backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    backend: Annotated[
+        BackendName, typer.Option(help="local: worker processes here; ray: a Ray cluster.")
+    ] = "local",
     address: Address = None,
     jobs: Jobs = None,
     date: Annotated[
@@ -439,9 +611,14 @@ def sweep_list(
     as_json: AsJson = False,
 ) -> None:
     """The series' sweeps, oldest first, with the champion marked."""
+    from tuner.store import NoStore
     from tuner.sweep import list_sweeps
 
-    rows = list_sweeps(name, storage)
+    try:
+        rows = list_sweeps(name, storage)
+    except NoStore as e:
+        typer.echo("[]" if as_json else f"no sweeps: {e}")
+        return
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -695,27 +872,34 @@ class _ProgressBar:
 
 
 def main() -> None:
-    import click
-
+    # Timestamps: runs are often unattended (cron, a Ray job), their logs read afterwards.
+    # The levels follow -v/-q (_setup).
     logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr
     )
-    # ray...job.sdk: "WebSocket closed" as a followed job's log ends.
-    for noisy in ("httpx", "urllib3", "filelock", "ray.dashboard.modules.job.sdk"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        code = app(standalone_mode=False)
+        # prog_name: `python -m tuner` (a Ray job's entrypoint) names itself `tuner` too, in
+        # usage lines and in the shell completion's variable (_TUNER_COMPLETE).
+        code = app(standalone_mode=False, prog_name="tuner")
     except TunerError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except (click.exceptions.Abort, typer.Abort):
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except (click.ClickException, typer.TyperException) as e:
-        # A mistyped command or option (typer carries its own copy of click: its errors are
-        # not click's). One line, as for every other bad input; usage errors exit 2.
-        typer.echo(f"error: {e.format_message()} (tuner --help)", err=True)
-        sys.exit(getattr(e, "exit_code", 2))
+    except typer.TyperException as e:
+        # A usage error: a mistyped command or option, a missing or bad argument. typer 0.29
+        # carries its own copy of click, whose exceptions all derive from TyperException (not
+        # from click's: the `click` package need not even be installed). One line, as for every
+        # other bad input; usage errors exit 2.
+        message = e.format_message().strip()
+        if message:  # empty for a bare group (`tuner study`): its help was just printed
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "tuner"
+            typer.echo(f"error: {message} (see `{where} --help`)", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

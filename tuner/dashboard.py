@@ -65,10 +65,10 @@ def check_exposure(host: str, access: Access) -> None:
 
 def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIApp:
     """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
-    import optuna_dashboard
-
     url = resolve_url(storage)
-    store = open_storage(url)
+    store = open_storage(url, must_exist=True)  # a viewer makes no store
+    import optuna_dashboard  # after: no store is said without loading the dashboard first
+
     artifacts = StudyArtifacts(store, url)
     app = optuna_dashboard.wsgi(store, artifact_store=artifacts)
     return Guard(artifacts.routed(app), access)
@@ -215,7 +215,7 @@ class StudyArtifacts:
         return self._opened[location]
 
     def _stores(self) -> list[Any]:
-        from tuner.store.artifacts import study_location
+        from tuner.store.urls import study_location
 
         study_id = getattr(self._request, "study_id", None)
         if study_id is not None:

@@ -26,18 +26,11 @@ from tuner.errors import RunFailed, SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
-    checkpoints,
     mask_url,
     open_storage,
     open_study,
     recovery,
     resolve_url,
-)
-from tuner.store.artifacts import (
-    choose_location,
-    clear_tokenized,
-    remove_artifacts,
-    study_location,
 )
 from tuner.store.ranking import best_trial, better, counts_as_best, gain, state_counts
 from tuner.store.studies import wait_for_space
@@ -73,6 +66,8 @@ def create_study(
     Nothing is written unless the space is valid. If writing the study's attributes fails
     midway, the study is deleted again, so no half-made study is left behind.
     """
+    from tuner.store.artifacts import choose_location  # optuna.artifacts loads boto3: not for reads
+
     parsed = load_space(space)
     _check_model_and_data(parsed, display=str(space))
     _check_quantization_here(parsed, display=str(space))
@@ -270,6 +265,8 @@ def run_study(
     # Trials of a killed run whose workers were still winding down when this run started.
     recovery.fail_orphans(study, max_retries=max_retries)
     if space.resources.checkpoint_every is not None:
+        from tuner.store import checkpoints
+
         checkpoints.drop_unresumable(study, opened.artifact_store(), since=started)
     return monitor.progress
 
@@ -493,7 +490,8 @@ class StudyRow:
 
 
 def list_studies(storage: str | None = None) -> list[StudyRow]:
-    store = open_storage(storage)
+    """Every study in the store; NoStore (and nothing made) when there is no store."""
+    store = open_storage(storage, must_exist=True)
     rows = []
     for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=store)
@@ -515,6 +513,9 @@ def list_studies(storage: str | None = None) -> list[StudyRow]:
 def delete_study(name: str, storage: str | None = None) -> int:
     """Delete the study and its artifacts (the trials' and the study's own, wherever its location
     is); returns how many artifacts were removed."""
+    from tuner.store.artifacts import clear_tokenized, remove_artifacts
+    from tuner.store.urls import study_location
+
     opened = open_study(name, storage)
     removed = remove_artifacts(opened.study, opened.store, opened.artifact_store())
     optuna.delete_study(study_name=name, storage=opened.store)

@@ -504,7 +504,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 def list_sweeps(prefix: str | None = None, storage: str | None = None) -> list[dict[str, Any]]:
     """Each sweep of the series (or of all series), oldest first, the current champion marked."""
-    store = open_storage(storage)
+    store = open_storage(storage, must_exist=True)  # a listing makes no store
     sweeps = series_studies(store, prefix)
     champions: dict[str, str | None] = {}
     by_series: dict[str, list[SeriesStudy]] = {}

@@ -17,11 +17,12 @@ teams and clusters. Everything in tuner that reads or writes a study comes throu
 - `optuna_private`: the private members of Optuna tuner relies on, checked by a test.
 """
 
-from tuner.store.rdb import open_storage
+from tuner.store.rdb import NoStore, open_storage
 from tuner.store.studies import OpenStudy, open_study
 from tuner.store.urls import default_artifact_dir, mask_text, mask_url, resolve_url, strip_password
 
 __all__ = [
+    "NoStore",
     "OpenStudy",
     "default_artifact_dir",
     "mask_text",

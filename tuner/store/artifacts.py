@@ -31,7 +31,6 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from tuner.errors import TunerError
 from tuner.settings import Settings, get_settings
-from tuner.store import attrs
 from tuner.store.folders import get_folder, put_folder
 from tuner.store.urls import default_artifact_dir
 
@@ -108,15 +107,6 @@ def choose_location(
     if space_value is not None:
         return parse_location(space_value, source=f"{space_file}: artifacts")
     return parse_location(str(default_artifact_dir(storage_url)), source="the default")
-
-
-def study_location(user_attrs: dict[str, Any], storage_url: str) -> str:
-    """The artifact location a study records; an older study's folder, else the default."""
-    return (
-        user_attrs.get(attrs.ARTIFACTS)
-        or user_attrs.get(attrs.ARTIFACT_DIR)
-        or str(default_artifact_dir(storage_url))
-    )
 
 
 # ----------------------------------------------------------------------------- the stores

@@ -6,6 +6,7 @@ Both are Optuna's own RDB storage (riding out dropped connections, tuner.store.r
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -20,13 +21,26 @@ if TYPE_CHECKING:
     import sqlalchemy
 
 
+class NoStore(StorageError):
+    """There is no study store at the URL (no SQLite file, or a database without Optuna's
+    tables), and the caller asked not to make one."""
+
+
 def open_storage(
-    url: str | None = None, *, heartbeat: bool = False, tables: bool = True
+    url: str | None = None,
+    *,
+    heartbeat: bool = False,
+    tables: bool = True,
+    must_exist: bool = False,
 ) -> optuna.storages.RDBStorage:
     """Open (and create the tables of) the store at `url`; unreachable → StorageError.
 
     `tables=False` skips making (and so inspecting) the tables: for a process of a run, whose
     study exists, so that a hundred workers starting at once do not each inspect the schema.
+
+    `must_exist`: make nothing, neither the SQLite file nor the tables; no store there → NoStore.
+    For commands that only read (`study list`, `study show`, ...): a mistyped --storage or the
+    wrong folder must not leave an empty tuner.db (or schema) behind.
 
     Connections are checked before use (pre-ping), so a restarted server costs a reconnect, not
     the sweep. With `heartbeat`, running trials beat every `TUNER_HEARTBEAT_INTERVAL` seconds
@@ -43,7 +57,8 @@ def open_storage(
     if url.startswith("sqlite"):
         # Several worker processes share the file: wait for the lock rather than fail.
         engine_kwargs["connect_args"] = {"timeout": 60}
-        _prepare_sqlite(url)
+        if not must_exist:
+            _prepare_sqlite(url)
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         # One connection kept per process, so a sweep holds about one per running trial however
@@ -54,12 +69,14 @@ def open_storage(
         engine_kwargs["pool_timeout"] = 120
     for attempt in range(3):
         try:
+            if must_exist:
+                _check_exists(url, engine_kwargs)
             storage = ReconnectingRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=settings.heartbeat_interval if heartbeat else None,
                 grace_period=settings.grace_period if heartbeat else None,
-                skip_table_creation=not tables,
+                skip_table_creation=must_exist or not tables,
             )
             if url.startswith("sqlite"):
                 _serialize_sqlite(storage.engine)
@@ -73,6 +90,39 @@ def open_storage(
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
             raise _cannot_open(url, e) from None
     raise AssertionError("unreachable")
+
+
+def _check_exists(url: str, engine_kwargs: dict) -> None:
+    """NoStore unless the store at `url` holds Optuna's tables. Checked before Optuna opens it:
+    its version check writes a version row into a database without one."""
+    import sqlalchemy
+
+    missing = NoStore(
+        f"there is no study store at {mask_url(url)} yet "
+        "(`tuner study create --space FILE` makes one)"
+    )
+    needed = {"studies", "version_info"}
+    path = url.removeprefix("sqlite:///")
+    if url.startswith("sqlite:///") and path != ":memory:":
+        if not Path(path).is_file():
+            raise missing  # connecting would create the file
+        # Opened read-only (mode=ro), by the standard library: no second engine to set up.
+        read_only = f"{Path(path).as_uri()}?mode=ro"
+        try:
+            with contextlib.closing(sqlite3.connect(read_only, uri=True)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.Error as e:
+            raise _cannot_open(url, e) from None
+        if not needed <= tables:
+            raise missing
+        return
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        if not all(inspector.has_table(t) for t in needed):
+            raise missing
+    finally:
+        engine.dispose()
 
 
 def _serialize_sqlite(engine: sqlalchemy.Engine) -> None:

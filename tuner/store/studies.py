@@ -14,12 +14,11 @@ from typing import Any
 
 import optuna
 
-from tuner.errors import StorageError
+from tuner.errors import StorageError, did_you_mean
 from tuner.space import Space
 from tuner.store import attrs
-from tuner.store.artifacts import study_location
-from tuner.store.rdb import open_storage
-from tuner.store.urls import mask_url, resolve_url
+from tuner.store.rdb import NoStore, open_storage
+from tuner.store.urls import mask_url, resolve_url, study_location
 
 
 @dataclass
@@ -57,12 +56,18 @@ def open_study(
     from tuner.store.recovery import RetryStale
 
     url = resolve_url(storage)
-    store = open_storage(url, heartbeat=heartbeat, tables=not in_run)
+    try:
+        # Opening a study never makes a store: a mistyped --storage leaves nothing behind.
+        store = open_storage(url, heartbeat=heartbeat, tables=False, must_exist=not in_run)
+    except NoStore as e:
+        raise StorageError(f"no study {name!r}: {e}") from None
     try:
         stored = store.get_study_user_attrs(store.get_study_id_from_name(name))
     except KeyError:
+        names = [s.study_name for s in store.get_all_studies()]
         raise StorageError(
-            f"no study {name!r} in {mask_url(url)} (see `tuner study list`)"
+            f"no study {name!r} in {mask_url(url)}{did_you_mean(name, names)} "
+            "(see `tuner study list`)"
         ) from None
     if attrs.SPACE not in stored:
         stored = {**stored, attrs.SPACE: wait_for_space(store, name)}

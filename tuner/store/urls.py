@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import StorageError
 from tuner.settings import DEFAULT_ARTIFACT_DIR, DEFAULT_SQLITE_FILE, Settings, get_settings
+from tuner.store import attrs
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)@")
 
@@ -65,3 +67,14 @@ def default_artifact_dir(url: str) -> Path:
     if url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACT_DIR
     return Path(DEFAULT_ARTIFACT_DIR).resolve()
+
+
+def study_location(user_attrs: dict[str, Any], storage_url: str) -> str:
+    """The artifact location a study records; an older study's folder, else the default. Here,
+    not in tuner.store.artifacts, so that opening a study (a read) does not load Optuna's
+    artifact stores (and boto3 with them)."""
+    return (
+        user_attrs.get(attrs.ARTIFACTS)
+        or user_attrs.get(attrs.ARTIFACT_DIR)
+        or str(default_artifact_dir(storage_url))
+    )
