@@ -29,7 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import backends
-from tuner.errors import TunerError
+from tuner.errors import RunFailed, TunerError
 from tuner.space import Space, load_space
 from tuner.store import attrs, mask_url, open_storage, resolve_url
 from tuner.store.budget import gpu_hours_held
@@ -107,6 +107,7 @@ def run_sweep(
             study, parsed, previous=previous, champion=champion, warm=warm, run=progress, url=url
         )
         summary["duration_s"] = round(time.time() - started, 1)
+        summary["stop_reason"] = progress.stop_reason
         error = None
         if summary["promoted"]:
             try:
@@ -120,6 +121,11 @@ def run_sweep(
         _write_summary(out, name, summary)
     if error is not None:
         raise ExportFailed(f"sweep {name} ran, but its best could not be exported: {error}")
+    # Written first, then raised: cron's mail (and its exit status) says the night went wrong.
+    if progress.stop_reason:
+        raise RunFailed(f"sweep {name}: {progress.stop_reason}")
+    if progress.finished and not progress.complete:
+        raise RunFailed(f"sweep {name}: none of its {progress.finished} trials completed")
     return summary
 
 
