@@ -318,7 +318,12 @@ def run_workload(
 def quiet_worker_logs(level: int) -> None:
     """In a worker process: the driver reports each finished trial, so Optuna's own lines and
     its notes that heartbeats and artifacts are experimental would only repeat it."""
-    logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level,
+        # The CLI's format (timestamped, for unattended runs), with the worker's process.
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
