@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -58,9 +62,12 @@ def test_the_best_trial_exports_as_a_checkpoint_plain_transformers_loads(
 ) -> None:
     name, url = study
     out = tmp_path / "best"
-    result = run_cli("study", "export", name, "--out", str(out), "--storage", url)
+    with _umask(0o022):  # the export's process inherits it
+        result = run_cli("study", "export", name, "--out", str(out), "--storage", url)
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout
+    # Readable by a serving account, as any save_pretrained is: folders 0755, files 0644.
+    assert _modes(out) == {"folder": {0o755}, "file": {0o644}}
 
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "README.md", export_mod.PROVENANCE} <= files
@@ -93,13 +100,31 @@ def test_the_best_trial_exports_as_a_checkpoint_plain_transformers_loads(
     assert "ranked 1 of 3 completed trials" in card
 
 
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(folder: Path) -> dict[str, set[int]]:
+    modes: dict[str, set[int]] = {"folder": set(), "file": set()}
+    for path in (folder, *folder.rglob("*")):
+        modes["folder" if path.is_dir() else "file"].add(stat.S_IMODE(path.stat().st_mode))
+    return modes
+
+
 def test_trial_n_adapter_only_and_a_non_empty_destination(
     study: tuple[str, str], tmp_path: Path
 ) -> None:
     name, url = study
     out = tmp_path / "t2"
-    report = export_trial(name, out=out, storage=url, trial_number=2, adapter_only=True)
+    with _umask(0o027):
+        report = export_trial(name, out=out, storage=url, trial_number=2, adapter_only=True)
     assert report.trial == 2
+    assert _modes(out) == {"folder": {0o750}, "file": {0o640}}  # what the umask allows
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / export_mod.PROVENANCE).read_text())["trial"]["rank"] == 3
 

@@ -1,5 +1,5 @@
 """Trainer callback (trials/callbacks.py) that reports every evaluation to the Optuna trial and
-stops training the moment the trial is pruned."""
+stops training the moment the trial is pruned; and, as training begins, the steps it will take."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ class PruningCallback:
     @property
     def store_seconds(self) -> float:
         return self.reporter.store_seconds
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.reporter.plan(state.max_steps)  # the Trainer's count: epochs and resumes included
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):  # noqa: ANN001
         value = (metrics or {}).get(self.reporter.metric)

@@ -11,6 +11,10 @@ from typing import Any
 
 import optuna
 
+# The trial's user attr of the steps it trains (tuner.store.attrs.MAX_STEPS, for the progress bar;
+# named here too, as trials/ does not import tuner/).
+MAX_STEPS = "max_steps"
+
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the validation loss is NaN or infinite."""
@@ -35,6 +39,14 @@ class Reporter:
         if trial is not None and trial.study.direction == optuna.study.StudyDirection.MAXIMIZE:
             self.sign = -1.0
         self.store_seconds = 0.0  # time spent talking to the study store, for the overhead figure
+
+    def plan(self, max_steps: int) -> None:
+        """Record the steps the run will train, as it starts: whoever watches the study (the
+        progress bar) can then tell how far a running trial is, and when it will be done."""
+        if self.trial is not None and max_steps > 0:
+            started = time.perf_counter()
+            self.trial.set_user_attr(MAX_STEPS, max_steps)
+            self.store_seconds += time.perf_counter() - started
 
     def report(self, value: float, step: int, *, final: bool = False) -> None:
         if not math.isfinite(value):

@@ -47,6 +47,7 @@ def run(
     started = time.perf_counter()
     loss = 4.0
     knobs = config.simulated
+    reporter.plan(knobs.steps)
     for step in range(1, knobs.steps + 1):
         time.sleep(knobs.step_seconds)
         loss = loss_at(config, step, rng)

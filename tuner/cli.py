@@ -229,7 +229,9 @@ def study_run(
         )
         _follow(job, foreground=True)
         return
-    with _ProgressBar() as bar:
+    from tuner.progress import ProgressBar
+
+    with ProgressBar() as bar:
         try:
             progress = run_study(
                 name,
@@ -576,7 +578,9 @@ def sweep_run(
         )
         _follow(job, foreground=True)
         return
-    with _ProgressBar() as bar:
+    from tuner.progress import ProgressBar
+
+    with ProgressBar() as bar:
         try:
             summary = run_sweep(
                 space,
@@ -812,63 +816,6 @@ def _print(renderable: Any) -> None:
     from rich.console import Console
 
     Console(width=None if sys.stdout.isatty() else 200).print(renderable)
-
-
-class _ProgressBar:
-    """A tqdm bar of finished trials (complete/pruned/failed, best so far), plus one log line per
-    finished trial so that a non-terminal log (cron, CI) shows the run too."""
-
-    def __enter__(self) -> _ProgressBar:
-        self.bar: Any = None
-        return self
-
-    def update(self, progress: Any) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(
-                total=progress.target,
-                unit="trial",
-                file=sys.stderr,
-                disable=None,
-                dynamic_ncols=True,
-            )
-        if progress.last is not None:
-            self._log(progress.last, progress)
-        self.bar.set_postfix_str(
-            f"complete {progress.complete}, pruned {progress.pruned}, failed {progress.failed}, "
-            f"best {_num(progress.best_value)}"
-        )
-        self.bar.update(progress.finished - self.bar.n)
-
-    def _log(self, trial: Any, progress: Any) -> None:
-        from tqdm import tqdm
-
-        from tuner.store import attrs
-
-        state = trial.state.name.lower()
-        value = f" {_num(trial.value)}" if trial.value is not None else ""
-        where = f" at step {trial.last_step}" if state == "pruned" else ""
-        said = (trial.user_attrs.get(attrs.FAIL_REASON), trial.user_attrs.get(attrs.FAIL_DETAIL))
-        reason = " ".join(filter(None, said))
-        reason = f": {reason}" if reason else ""
-        values = trial.user_attrs.get(attrs.HPARAMS, {})
-        params = " ".join(f"{k}={_num(v)}" for k, v in values.items())
-        best = f" | best {_num(progress.best_value)} (trial {progress.best_trial})"
-        tqdm.write(
-            f"trial {trial.number} {state}{value}{where}{reason} [{params}]{best}", file=sys.stderr
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-# ----------------------------------------------------------------------------- entry point
 
 
 def main() -> None:

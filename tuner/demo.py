@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trials.quiet import quiet_libraries
+
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = "1"
@@ -52,6 +54,7 @@ def prepare_demo(
         logger.info("demo already prepared in %s", root)
         return paths
 
+    quiet_libraries()  # the pre-training's own log lines only, not the libraries' bars
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

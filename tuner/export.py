@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from trials.quiet import quiet_libraries
 from tuner.errors import TunerError
 from tuner.objective import ADAPTER_FILES
 from tuner.store import attrs, mask_url, open_study
@@ -99,6 +100,7 @@ def export_trial(
         raise ExportError(f"trial {trial.number} has no adapter in the artifact store ({why})")
     config = space.trial_config(trial.user_attrs[attrs.HPARAMS])
 
+    quiet_libraries()  # before the training stack is imported: DeepSpeed warns as it is
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
@@ -116,6 +118,7 @@ def export_trial(
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(_model_card(provenance))
         shutil.rmtree(adapter_dir)
+        _as_umask_allows(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,6 +359,16 @@ def _generation_config(cls: Any, model: str, tokenizer: Any) -> Any:
         return cls.from_pretrained(model)
     except OSError:  # the base ships none
         return cls(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def _as_umask_allows(folder: Path) -> None:
+    """The modes a plain `save_pretrained` gives (0755 folders, 0644 files under umask 022), so
+    that a serving account can read the export: `mkdtemp` makes its folder 0700, and the weights
+    are written 0600."""
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace(tmp: Path, out: Path) -> None:

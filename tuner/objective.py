@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 
+from trials.quiet import quiet_libraries
 from tuner.settings import node_cache_dir
 from tuner.space import Space
 from tuner.store import attrs, recovery, retention
@@ -75,10 +76,10 @@ class Objective:
             from trials import simulated  # noqa: F401
 
             return
-        import datasets
+        quiet_libraries()  # before the imports: DeepSpeed warns as it is imported
         import peft  # noqa: F401
         import torch
-        import transformers
+        import transformers  # noqa: F401
         import trl  # noqa: F401
 
         from trials import sft
@@ -86,11 +87,6 @@ class Objective:
         torch.set_num_threads(threads)
         sft.set_deepspeed_accelerator()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        # Deprecation notices from inside transformers/peft/trl, once per trial per worker.
-        warnings.filterwarnings("ignore", category=FutureWarning)
 
     def __call__(self, trial: optuna.Trial) -> float:
         timings: dict[str, float] = {}
@@ -322,7 +318,12 @@ def run_workload(
 def quiet_worker_logs(level: int) -> None:
     """In a worker process: the driver reports each finished trial, so Optuna's own lines and
     its notes that heartbeats and artifacts are experimental would only repeat it."""
-    logging.basicConfig(level=level, format="%(levelname)s %(processName)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level,
+        # The CLI's format (timestamped, for unattended runs), with the worker's process.
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 

@@ -169,6 +169,17 @@ def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Spac
 
 
 @dataclass
+class RunningTrial:
+    """A trial in progress, as its reports to the store show it."""
+
+    number: int
+    step: int | None  # the step of its last evaluation; None before the first
+    max_steps: int | None  # the steps it trains, as its workload recorded them; None: not yet
+    value: float | None  # what it reported at `step`: the validation loss
+    eta_s: float | None  # seconds to its last step at its own pace; None: not known yet
+
+
+@dataclass
 class Progress:
     """What the run has done so far, for a progress bar."""
 
@@ -182,6 +193,7 @@ class Progress:
     # Why the run stopped early, in one line naming the error and the count, when its trials kept
     # failing the same way (resources.max_identical_failures); None when it ran its course.
     stop_reason: str | None = None
+    running: list[RunningTrial] = field(default_factory=list)  # by trial number
 
     @property
     def finished(self) -> int:
@@ -298,7 +310,9 @@ def _check_paths_here(name: str, space: Space) -> None:
 
 
 class _Monitor(threading.Thread):
-    """Polls the store and reports what finished: the workers may be other processes."""
+    """Polls the store and reports what finished, and where each running trial is: the workers
+    may be other processes. `on_progress` is called at once, for each finished trial (with
+    `last` set), and after each poll while trials run."""
 
     def __init__(
         self,
@@ -320,6 +334,7 @@ class _Monitor(threading.Thread):
         if best is not None:
             self.progress.best_value, self.progress.best_trial = best.value, best.number
         self._stop_event = threading.Event()
+        self._paces: dict[int, _Pace] = {}
 
     def run(self) -> None:
         if self.on_progress is not None:
@@ -341,12 +356,14 @@ class _Monitor(threading.Thread):
 
     def poll(self, *, final: bool = False) -> bool:
         try:
-            trials = self.study.get_trials(deepcopy=False, states=FINISHED)
+            trials = self.study.get_trials(deepcopy=False)
         except Exception as e:  # a store hiccup must not end the run; the next poll retries
             (logger.warning if final else logger.debug)("progress poll failed: %s", e)
             return False
-        new = [t for t in trials if t.number not in self.seen]
+        new = [t for t in trials if t.state in FINISHED and t.number not in self.seen]
         p = self.progress
+        was_running = bool(p.running)
+        p.running = self._running([t for t in trials if t.state == TrialState.RUNNING])
         for t in sorted(new, key=lambda t: (t.datetime_complete or t.datetime_start, t.number)):
             self.seen.add(t.number)
             p.complete += t.state == TrialState.COMPLETE
@@ -360,7 +377,50 @@ class _Monitor(threading.Thread):
             if self.on_progress is not None:
                 self.on_progress(p)
         p.last = None
+        if not new and (p.running or was_running) and self.on_progress is not None:
+            self.on_progress(p)  # a running trial's step, value and ETA (or none left)
         return True
+
+    def _running(self, trials: list[FrozenTrial]) -> list[RunningTrial]:
+        now = time.monotonic()
+        # The workload reports the loss negated in a study that maximises (trials.reporter).
+        sign = -1.0 if self.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        running = []
+        for t in sorted(trials, key=lambda t: t.number):
+            step, max_steps = t.last_step, t.user_attrs.get(attrs.MAX_STEPS)
+            value = None if step is None else sign * t.intermediate_values[step]
+            eta = None
+            if step is not None and max_steps:
+                pace = self._paces.setdefault(t.number, _Pace(now, step))
+                eta = pace.eta(now, step, max_steps, t.datetime_start)
+            running.append(RunningTrial(t.number, step, max_steps, value, eta))
+        self._paces = {
+            n: pace for n, pace in self._paces.items() if n in {r.number for r in running}
+        }
+        return running
+
+
+class _Pace:
+    """A running trial's steps per second, from the evaluations the monitor has seen."""
+
+    def __init__(self, now: float, step: int) -> None:
+        self.first_at, self.first_step = now, step
+        self.last_at, self.last_step = now, step
+
+    def eta(self, now: float, step: int, max_steps: int, started: datetime | None) -> float | None:
+        """Seconds until `max_steps`. Until a second evaluation is seen, the pace since the
+        trial started (its model loading included, so the first ETA errs long)."""
+        if step != self.last_step:
+            self.last_at, self.last_step = now, step
+        if self.last_step > self.first_step:
+            rate = (self.last_step - self.first_step) / (self.last_at - self.first_at)
+            since = now - self.last_at
+        else:
+            if started is None or step <= 0:
+                return None
+            # Optuna records trials' times as naive local time.
+            rate, since = step / max((datetime.now() - started).total_seconds(), 1e-3), 0.0
+        return max(0.0, (max_steps - step) / rate - since)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -34,6 +34,9 @@ BEST_TEMPERATURE = "best_temperature"  # the sampling temperature an export uses
 CHECKPOINT = "checkpoint"  # the checkpoint a retry resumes from: token, step, ranks
 TRACKING = "tracking"  # tracker -> the trial's run: its MLflow or W&B link, TensorBoard folder
 RESUMED_FROM_STEP = "resumed_from_step"  # the step a retry of a dead worker's trial resumed at
+# The steps the trial trains, recorded by its workload as training starts (trials.reporter, which
+# names it too: trials/ does not import tuner/), for the progress bar's step count and ETA.
+MAX_STEPS = "max_steps"
 # Where the trial runs, so that whoever outlives its worker can fail it (tuner.store.recovery).
 WORKER = "worker"  # the backend's id of the slot that runs it
 HOST = "host"

@@ -1,0 +1,110 @@
+"""Quiet by default: what a user reads is tuner's own lines and its progress bar, not the training
+stack's warnings and bars (trials/quiet.py); `TUNER_VERBOSITY` >= 1 (`tuner -v`) lets them through,
+and errors always come through."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import run_cli
+
+from tuner.space import packaged_spaces
+
+# A log line of tuner's own (`LEVEL name: message`, with the date and time the CLI adds; a worker
+# names its process too) and the lines the CLI itself writes; anything else is a library's.
+TUNERS = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+ )?"
+    r"(tuner|trials)(\.\w+)*: "
+)
+CLI_LINES = {
+    "demo": re.compile(r"demo (model|data): "),
+    "create": re.compile(r"quickstart$"),
+    "run": re.compile(
+        r"\d+ trials? finished: |best |(details|watch|export): |"
+        r"trial \d+ (complete|pruned|failed)\b|.*\d+ \[[^\]]*(trial/s|s/trial)"  # the bar
+    ),
+    "export": re.compile(r"exported trial \d+ "),
+}
+
+
+def _not_tuners(output: str, command: str) -> list[str]:
+    return [
+        line
+        for line in output.splitlines()
+        if line.strip() and not (TUNERS.match(line) or CLI_LINES[command].match(line))
+    ]
+
+
+def test_a_quickstart_run_and_its_export_print_only_tuners_lines(tmp_path: Path) -> None:
+    """`tuner demo prepare`, `study create`, two trials at once and an export, as a user runs
+    them (a short pre-training and 10 steps a trial: the lines are the same)."""
+    env = {"TUNER_STORAGE": "", "TUNER_VERBOSITY": "0"}
+    space = yaml.safe_load(packaged_spaces()["quickstart.yaml"].read_text())
+    space["fixed"].update(max_steps=10, eval_steps=5, logging_steps=5)
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+
+    steps = {
+        "demo": ["demo", "prepare", "--pretrain-steps", "5"],
+        "create": ["study", "create", "--space", "quickstart.yaml"],
+        "run": ["study", "run", "quickstart", "--n-trials", "2", "--jobs", "2"],
+        "export": ["study", "export", "quickstart", "--out", "best"],
+    }
+    printed = {}
+    for command, args in steps.items():
+        result = run_cli(*args, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        printed[command] = result.stdout + result.stderr
+        assert _not_tuners(printed[command], command) == [], (
+            f"`tuner {' '.join(args)}` printed:\n{printed[command]}"
+        )
+    assert "trial 1 complete" in printed["run"] and "exported trial" in printed["export"]
+
+
+QUIETED = """
+import logging, warnings
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from trials.quiet import quiet_libraries
+quiet_libraries()
+quiet_libraries()  # a second call adds nothing
+from transformers.utils import logging as hf_logging
+print("bars", hf_logging.is_progress_bar_enabled(), flush=True)
+hub = logging.getLogger("huggingface_hub.utils._http")
+hub.warning("Retrying in 1s [Retry 1/5].")
+hub.error("hub error")
+warnings.warn_explicit(
+    "`is_gradient_checkpointing` is deprecated", FutureWarning, "m.py", 1,
+    module="transformers.modeling_utils",
+)
+warnings.warn_explicit("deprecated in user code", FutureWarning, "m.py", 2, module="recipe")
+logging.getLogger("tuner.study").info("tuner's own line")
+"""
+
+
+def _quieted(verbosity: str) -> str:
+    env = {**os.environ, "TUNER_VERBOSITY": verbosity}
+    done = subprocess.run(
+        [sys.executable, "-c", QUIETED], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_by_default_library_warnings_go_and_errors_and_tuners_lines_stay() -> None:
+    lines = _quieted("0").splitlines()
+    assert "bars False" in lines
+    assert not [line for line in lines if "Retrying" in line or "is_gradient_check" in line]
+    assert sum("hub error" in line for line in lines) == 1  # shown, and once
+    assert any("deprecated in user code" in line for line in lines)  # not the libraries' own
+    assert "INFO tuner.study: tuner's own line" in lines
+
+
+def test_verbose_lets_the_libraries_speak_once_each() -> None:
+    lines = _quieted("1").splitlines()
+    assert "bars True" in lines
+    assert sum("Retrying in 1s" in line for line in lines) == 1  # not also through logging
+    assert any("is_gradient_checkpointing" in line for line in lines)
