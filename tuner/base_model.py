@@ -108,6 +108,9 @@ def _timeout() -> float:
 
 def _load(config: TrialConfig, *, local_files_only: bool) -> Any:
     """Load the model's config and tokenizer (no weights): what every trial loads first."""
+    from trials.quiet import quiet_libraries
+
+    quiet_libraries()  # `study create` prints tuner's lines only, as a run does
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
