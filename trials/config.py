@@ -279,8 +279,9 @@ class TrialConfig(BaseModel):
         description="QLoRA: the frozen base is loaded quantised by bitsandbytes and prepared "
         "with peft's prepare_model_for_kbit_training: 4 = NF4 with double quantization, "
         "computing in the training dtype (bf16/fp16, else float32); 8 = LLM.int8. Needs "
-        "`pip install 'lora-tuner[qlora]'` where `study create` runs and on the workers. Not "
-        "with a ZeRO-3 deepspeed config. The export merges into the unquantised base.",
+        "`pip install 'lora-tuner[qlora]'` where `study create` runs (it refuses without it) and "
+        "on the workers; bitsandbytes' CPU backend trains it too. Not with a ZeRO-3 deepspeed "
+        "config. The export merges into the unquantised base.",
     )
 
     # Sampling settings recorded with the trial, for the generation objective and the export.
