@@ -117,23 +117,29 @@ def _env(repo: Path) -> dict[str, str]:
 def test_readme_commands_run_as_written(fresh_clone: Path):
     # Not a command before the README activates the venv: the first-hour failure it fixes.
     assert shutil.which("tuner", path=_env(fresh_clone)["PATH"]) is None
-    failures = []
+    failures, shell = [], ""
     for block in shell_blocks_after_make_demo(README.read_text()):
         if block.mark == "run":
-            failures += _run(block, fresh_clone)
+            failures += _run(block, fresh_clone, shell)
         elif block.mark.startswith("serves"):
-            failures += _serve(block, fresh_clone, block.mark.split()[1])
+            failures += _serve(block, fresh_clone, block.mark.split()[1], shell)
+        if ACTIVATE in block.code:
+            shell = ACTIVATE + "\n"  # the reader's terminal stays activated for what follows
     assert not failures, "README commands that failed:\n" + "\n".join(failures)
 
 
-def _run(block: Block, repo: Path) -> list[str]:
+ACTIVATE = "source .venv/bin/activate"
+
+
+def _run(block: Block, repo: Path, shell: str) -> list[str]:
     # One script, as a user pastes it: the trap names every command that fails, and goes on.
     script = (
         "set -o errtrace\n"
         "trap 'echo \"README.md line $((LINENO + OFFSET)): exit $?: $BASH_COMMAND\" >&2' ERR\n"
+        + shell
         + block.code
     )
-    env = {**_env(repo), "OFFSET": str(block.line - 2)}
+    env = {**_env(repo), "OFFSET": str(block.line - 2 - shell.count("\n"))}
     done = subprocess.run(
         ["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=900
     )
@@ -143,9 +149,9 @@ def _run(block: Block, repo: Path) -> list[str]:
     return failed
 
 
-def _serve(block: Block, repo: Path, url: str) -> list[str]:
+def _serve(block: Block, repo: Path, url: str, shell: str) -> list[str]:
     server = subprocess.Popen(
-        ["bash", "-c", block.code],
+        ["bash", "-c", shell + block.code],
         cwd=repo,
         env=_env(repo),
         stdout=subprocess.PIPE,
@@ -162,7 +168,7 @@ def _serve(block: Block, repo: Path, url: str) -> list[str]:
                         return []
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
-        return [f"README.md line {block.line}: {block.code.strip()} did not serve {url}"]
+        return [f"README.md line {block.line + 1}: {block.code.strip()} did not serve {url}"]
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -171,6 +177,9 @@ def _serve(block: Block, repo: Path, url: str) -> list[str]:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
+        output = server.stdout.read() if server.stdout else ""
+        if output.strip():
+            print(f"{block.code.strip()} printed:\n{output[-2000:]}")
 
 
 def _anchors(path: Path) -> set[str]:
