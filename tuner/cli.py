@@ -687,8 +687,20 @@ def dashboard(
 
 
 @app.command("spaces")
-def spaces() -> None:
+def spaces(
+    fields: Annotated[
+        bool,
+        typer.Option(
+            "--fields", help="Print every key a space file can hold instead (Markdown reference)."
+        ),
+    ] = False,
+) -> None:
     """The search spaces that ship with tuner (usable by name with --space)."""
+    if fields:
+        from tuner.space_reference import reference_markdown
+
+        typer.echo(reference_markdown(), nl=False)
+        return
     from tuner.space import packaged_spaces, read_yaml
 
     for name, path in packaged_spaces().items():

@@ -36,17 +36,21 @@ Scalar = None | bool | int | float | str
 
 
 class _Param(BaseModel):
+    """One block under `params`: `type` picks the kind."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class FloatParam(_Param):
     """A real number in [low, high], optionally on a log scale or a grid of `step`."""
 
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(default=None, gt=0)
+    type: Literal["float"] = Field(description="Picks this kind.")
+    low: float = Field(description="The lowest value (> 0 on a log scale).")
+    high: float = Field(description="The highest value (>= low).")
+    log: bool = Field(default=False, description="Sample on a log scale; needs low > 0.")
+    step: float | None = Field(
+        default=None, gt=0, description="Only low, low + step, ... (not with log)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -66,11 +70,13 @@ class FloatParam(_Param):
 class IntParam(_Param):
     """A whole number in [low, high], optionally on a log scale or every `step`."""
 
-    type: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-    step: int = Field(default=1, gt=0)
+    type: Literal["int"] = Field(description="Picks this kind.")
+    low: int = Field(description="The lowest value (> 0 on a log scale).")
+    high: int = Field(description="The highest value (>= low).")
+    log: bool = Field(default=False, description="Sample on a log scale; needs low > 0.")
+    step: int = Field(
+        default=1, gt=0, description="Only low, low + step, ... (above 1: not with log)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
@@ -90,8 +96,10 @@ class IntParam(_Param):
 class CategoricalParam(_Param):
     """One of a list of plain values."""
 
-    type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1)
+    type: Literal["categorical"] = Field(description="Picks this kind.")
+    choices: list[Scalar] = Field(
+        min_length=1, description="Plain values (numbers, strings, booleans), none repeated."
+    )
 
     @field_validator("choices")
     @classmethod
@@ -117,9 +125,15 @@ class MultipleParam(_Param):
     The trial records the resolved value; Optuna sees the factor, as `<name>/<of>`.
     """
 
-    type: Literal["multiple"]
-    of: str
-    factors: list[float] = Field(min_length=1)
+    type: Literal["multiple"] = Field(description="Picks this kind.")
+    of: str = Field(
+        description="The option this one multiplies (searched or fixed), e.g. lora_rank."
+    )
+    factors: list[float] = Field(
+        min_length=1,
+        description="The value is `of` × one of these (each > 0); Optuna sees the factor as "
+        "`NAME/OF` (e.g. `lora_alpha/lora_rank`), the trial records the resolved value.",
+    )
 
     @field_validator("factors")
     @classmethod
@@ -178,28 +192,53 @@ class Generation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(default=256, gt=0)
+    max_new_tokens: int = Field(default=256, gt=0, description="Tokens sampled per answer at most.")
     max_samples: int | None = Field(
-        default=128, gt=0, description="Validation prompts scored (the first N); null: all."
+        default=128,
+        gt=0,
+        description="Validation prompts scored (the first N, the same for every trial, seeded); "
+        "null: all.",
     )
-    batch_size: int = Field(default=16, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="Prompts sampled at once.")
     temperature_grid: list[Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: [0.2, 0.6, 1.0],
-        description="Also scored for every finished adapter; [] to skip.",
+        description="Temperatures the same adapter is also scored at, with no retraining; "
+        "`temperature_scores` and `best_temperature` in the trial's user attrs are what an "
+        "export samples with. [] to skip.",
     )
 
 
 class ObjectiveSpec(BaseModel):
-    """What a trial is judged on: the validation loss, or a score of sampled answers."""
+    """What a trial is judged on: the validation loss, or a score of sampled answers.
+
+    With a generation metric, after training the adapter samples answers to the validation
+    prompts at the trial's `temperature`/`top_p` and the scorer compares each with the reference
+    answer (the last assistant turn); the mean is the trial's value. Median pruning still
+    compares the validation loss at each evaluation (reported negated in a maximised study).
+    A space that searches `temperature` or `top_p` with a loss metric is refused at create:
+    sampling cannot change a loss.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     metric: str = Field(
         default="eval_loss",
-        description="eval_loss, perplexity, exact_match, contains, or file.py:function.",
+        description="`eval_loss` or `perplexity` (the validation value after the last step, "
+        "minimized); or a generation metric: `exact_match` (whitespace aside), `contains`, "
+        "`trials.scorers:boxed` (the last \\boxed{}, MATH-500 style), or your own "
+        "`(prediction, reference) -> float` as `file.py:function` or `module:function`, loaded "
+        "once at create.",
     )
-    direction: Literal["minimize", "maximize"] | None = None
-    generation: Generation | None = None
+    direction: Literal["minimize", "maximize"] | None = Field(
+        default=None,
+        description="A loss metric is minimized; a generation metric is maximized unless this "
+        "says otherwise.",
+    )
+    generation: Generation | None = Field(
+        default=None,
+        description="How a generation metric samples and scores (see `objective.generation`); "
+        "only with a generation metric.",
+    )
 
     @property
     def samples(self) -> bool:
@@ -230,10 +269,15 @@ Seconds = Annotated[
 
 
 class Budget(BaseModel):
+    """When a study stops starting trials, and what it keeps on disk."""
+
     model_config = ConfigDict(extra="forbid")
 
     n_trials: int | None = Field(
-        default=None, gt=0, description="Finished trials the study aims at."
+        default=None,
+        gt=0,
+        description="Finished trials the study aims at: `study run` without --n-trials runs the "
+        "rest.",
     )
     timeout: Seconds | None = Field(
         default=None, gt=0, description="Seconds (or 30m, 2h, 1h30m) after which no trial starts."
@@ -286,17 +330,24 @@ class SweepPolicy(BaseModel):
 
 
 class Resources(BaseModel):
-    """What one trial asks of a cluster (the Ray backend places trials by these)."""
+    """What one trial asks of a cluster (the Ray backend places trials by these), and how trials
+    that die, hang or are preempted are handled: `max_retries`, `lookahead`, `trial_timeout` and
+    `checkpoint_every` apply to both backends."""
 
     model_config = ConfigDict(extra="forbid")
 
     gpus_per_trial: float = Field(
         default=1,
         ge=0,
-        description="A fraction shares a GPU; above 1, a whole number of ranks that train the "
-        "trial as one torch-distributed job.",
+        description="GPUs each trial asks for (the Ray backend places trials by it; GPU-hours "
+        "count it). A fraction shares a GPU; above 1, a whole number of ranks on one node that "
+        "train the trial as one torch-distributed job (DDP or DeepSpeed).",
     )
-    cpus_per_trial: float = Field(default=1, gt=0)
+    cpus_per_trial: float = Field(
+        default=1,
+        gt=0,
+        description="CPUs the Ray backend reserves for each trial, shared among its ranks.",
+    )
     max_retries: int = Field(
         default=2, ge=0, description="Retries of a trial whose worker died (not of its own error)."
     )
@@ -318,7 +369,7 @@ class Resources(BaseModel):
         description="A checkpoint of a running trial (adapter, optimizer, scheduler, RNG states, "
         "step) in the study's artifact store every N optimizer steps (a whole number) or every "
         "so long (30m, 1h); a trial whose worker or node died resumes from its last one. "
-        "Null: none, a retry starts again at step 0.",
+        "Null: none, a retry starts again at step 0. The packaged lora_sft*.yaml turn it on.",
     )
     placement_timeout: Seconds = Field(
         default=1200,
@@ -372,21 +423,58 @@ class Resources(BaseModel):
 
 
 class Space(BaseModel):
-    """A validated search space. `fixed` holds plain values; paths in it are absolute."""
+    """A space file's sections; only `params` and `fixed` are required."""
+
+    # Once validated, `fixed` holds plain values and the paths in it are absolute.
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=500)
-    description: str = ""
-    params: dict[str, Param]
-    fixed: dict[str, Any]
-    objective: ObjectiveSpec = ObjectiveSpec()
-    sampler: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_SAMPLER))
-    pruner: dict[str, Any] = Field(default_factory=lambda: dict(algorithms.DEFAULT_PRUNER))
-    budget: Budget = Budget()
-    resources: Resources = Resources()
-    sweep: SweepPolicy = SweepPolicy()
-    baseline: dict[str, Any] | None = None
+    name: str = Field(min_length=1, max_length=500, description="The default study name.")
+    description: str = Field(default="", description="One line, shown by `tuner spaces`.")
+    params: dict[str, Param] = Field(
+        description="What the search changes: one block per searchable option (see `params`). "
+        "An option is searched or fixed, not both."
+    )
+    fixed: dict[str, Any] = Field(
+        description="Everything else one trial needs: the trial's options (see `fixed`)."
+    )
+    objective: ObjectiveSpec = Field(
+        default=ObjectiveSpec(), description="What a trial is judged on (see `objective`)."
+    )
+    sampler: dict[str, Any] = Field(
+        default_factory=lambda: dict(algorithms.DEFAULT_SAMPLER),
+        description="An Optuna sampler by name (`tpe` alone, or `{name: tpe, ...}`) with the "
+        "class's own keyword arguments, checked when the space loads; given options replace the "
+        "default's one by one. Each worker process offsets `seed`, so workers never draw the "
+        "same random trials. `tpe` is Optuna's TPE that also learns from trials that failed "
+        "with a constraint (out of memory, NaN), which Optuna's own TPE skips.",
+    )
+    pruner: dict[str, Any] = Field(
+        default_factory=lambda: dict(algorithms.DEFAULT_PRUNER),
+        description="An Optuna pruner by name with its keyword arguments (`patient` takes "
+        "`wrapped:`, another pruner). The reported step is the training step (the Trainer's "
+        "global_step), so `n_warmup_steps: 100` means not before step 100; the evaluation "
+        "after the last step is reported but never prunes. The default can stop a trial at its "
+        "first evaluation once 3 trials have finished.",
+    )
+    budget: Budget = Field(
+        default=Budget(), description="When the study stops starting trials (see `budget`)."
+    )
+    resources: Resources = Field(
+        default=Resources(),
+        description="What a trial asks for, and how dead, hung and preempted trials are "
+        "handled (see `resources`).",
+    )
+    sweep: SweepPolicy = Field(
+        default=SweepPolicy(), description="For `tuner sweep run` (see `sweep`)."
+    )
+    baseline: dict[str, Any] | None = Field(
+        default=None,
+        description="The point a person would have trained without a search, `{param: "
+        "value}`: enqueued as trial 0 (in a nightly sweep, right after the warm-start trials); "
+        "params it leaves out take the trial's defaults. `study run` and `study best` report "
+        "the margin over it.",
+    )
     artifacts: str | None = Field(
         default=None,
         description="Where the study keeps adapters, checkpoints, reports and the tokenised data: "
