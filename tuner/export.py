@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import TunerError
+from tuner.extras import DISTRIBUTION
 from tuner.objective import ADAPTER_FILES
 from tuner.store import attrs, mask_url, open_study
 from tuner.store.artifacts import open_artifacts
@@ -271,7 +272,7 @@ def _kbit_val_loss(config: Any, adapter_dir: Path, val: list[dict]) -> float:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ExportError(
             f"the trial trained on a {config.quantization_bit}-bit base (quantization_bit), and "
-            "checking its adapter there needs bitsandbytes: pip install 'tuner[qlora]'"
+            "checking its adapter there needs bitsandbytes: pip install 'lora-tuner[qlora]'"
         )
     from trials.sft import load_base
 
@@ -444,7 +445,7 @@ def _dataset_hash(path: str) -> str | None:
 def _versions() -> dict[str, str]:
     out = {}
     for package in (
-        "tuner", "torch", "transformers", "peft", "trl", "optuna", "deepspeed", "bitsandbytes",
+        DISTRIBUTION, "torch", "transformers", "peft", "trl", "optuna", "deepspeed", "bitsandbytes",
     ):  # fmt: skip
         try:
             out[package] = metadata.version(package)
