@@ -1,21 +1,34 @@
 # Two targets a newcomer needs: `make demo` (set up, then a real sweep on the embedded SQLite
-# store, offline, and its best trial exported) and `make test`. GPU machines: `make setup TORCH=torch` keeps pip's CUDA build.
+# store, offline, and its best trial exported) and `make test`.
+#
+# setup installs every extra (`.[all,test]`) at the versions the tests pass with (constraints.txt,
+# torch included). torch's version comes from there; its build from the index pip reads: PyPI's
+# Linux wheel is the CUDA one, and TORCH_INDEX adds PyTorch's index for another build, e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu     (CPU only, a smaller download)
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128   (CUDA 12.8)
+# (a local build label, +cpu or +cu128, satisfies the pin torch==2.13.0). Another torch version
+# means changing the pin in constraints.txt: TORCH=torch==2.12.0 alone conflicts with it.
 
-PYTHON ?= python3
-VENV   ?= .venv
-TORCH  ?= torch==2.13.0
-BIN    := $(VENV)/bin
-JOBS   ?= 2
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch
+TORCH_INDEX ?=
+BIN         := $(VENV)/bin
+JOBS        ?= 2
+PIP_C       := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo test lint bench quality clean
+.PHONY: setup demo test lint bench quality constraints clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# A venv made before the distribution was renamed `lora-tuner` holds it as `tuner`, over the same
+# files: uninstalled first, as removing it later would take the `tuner` command with it.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip uninstall --quiet --yes tuner 2>/dev/null || true
+	$(PIP_C) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) '$(TORCH)'
+	$(PIP_C) -e '.[all,test]'
 	touch $@
 
 demo: setup
@@ -38,8 +51,15 @@ bench: setup
 # Search quality on the demo LoRA and the simulated workload, 5 seeds × 40 trials (~50 min, 2 cores):
 # the table, JSON and plot the README shows, in docs/search-quality/.
 quality: setup
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP_C) -e '.[bench]'
 	$(BIN)/python tests/benchmarks/search_quality.py --out docs/search-quality
+
+# Rewrite each pin of constraints.txt with the version .venv has (after `make test` passed there).
+constraints: setup
+	$(BIN)/pip freeze --exclude-editable | awk -F'==' \
+	  'NR == FNR { n = tolower($$1); gsub(/[_.]/, "-", n); sub(/\+.*/, "", $$2); v[n] = $$2; next } \
+	   $$1 in v { print $$1 "==" v[$$1]; next } { print }' - constraints.txt > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo tuner.db tuner.db-* tuner_artifacts

@@ -160,7 +160,7 @@ def test_create_refuses_what_cannot_train(demo_files: Path, tmp_path: Path) -> N
         missing = refused("nobnb", quantization_bit=8)
     assert missing.endswith(
         "nobnb.yaml: fixed.quantization_bit: 8 needs bitsandbytes, which is not installed here; "
-        "pip install 'tuner[qlora]' (on the workers too)"
+        "pip install 'lora-tuner[qlora]' (on the workers too)"
     )
     assert optuna.get_all_study_names(url) == []  # nothing was created
 

@@ -199,7 +199,7 @@ def test_a_missing_tracker_package_stops_the_run_with_one_line(tmp_path: Path) -
     assert ran.returncode == 2
     assert ran.stderr.strip().splitlines() == [
         "error: fixed.report_to: wandb needs the wandb package where trials run "
-        "(pip install 'tuner[tracking]', or pip install wandb)"
+        "(pip install 'lora-tuner[wandb]')"
     ]
     assert optuna.load_study(study_name="wb", storage=db).get_trials() == []
 

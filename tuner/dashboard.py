@@ -23,6 +23,7 @@ from http.cookies import SimpleCookie
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from tuner import extras
 from tuner.errors import TunerError
 from tuner.store import open_storage, resolve_url
 
@@ -65,6 +66,7 @@ def check_exposure(host: str, access: Access) -> None:
 
 def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIApp:
     """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
+    extras.require("dashboard", what="the dashboard")
     url = resolve_url(storage)
     store = open_storage(url, must_exist=True)  # a viewer makes no store
     import optuna_dashboard  # after: no store is said without loading the dashboard first

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.quiet import quiet_libraries
 from tuner.errors import TunerError
+from tuner.extras import DISTRIBUTION
 from tuner.objective import ADAPTER_FILES
 from tuner.store import attrs, mask_url, open_study
 from tuner.store.artifacts import open_artifacts
@@ -274,7 +275,7 @@ def _kbit_val_loss(config: Any, adapter_dir: Path, val: list[dict]) -> float:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ExportError(
             f"the trial trained on a {config.quantization_bit}-bit base (quantization_bit), and "
-            "checking its adapter there needs bitsandbytes: pip install 'tuner[qlora]'"
+            "checking its adapter there needs bitsandbytes: pip install 'lora-tuner[qlora]'"
         )
     from trials.sft import load_base
 
@@ -457,7 +458,7 @@ def _dataset_hash(path: str) -> str | None:
 def _versions() -> dict[str, str]:
     out = {}
     for package in (
-        "tuner", "torch", "transformers", "peft", "trl", "optuna", "deepspeed", "bitsandbytes",
+        DISTRIBUTION, "torch", "transformers", "peft", "trl", "optuna", "deepspeed", "bitsandbytes",
     ):  # fmt: skip
         try:
             out[package] = metadata.version(package)

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
-from tuner import backends, base_model, tracking
+from tuner import backends, base_model, extras, tracking
 from tuner.errors import RunFailed, SpaceError, StorageError, TunerError
 from tuner.space import Space, load_space
 from tuner.store import (
@@ -71,6 +71,7 @@ def create_study(
     parsed = load_space(space)
     _check_model_and_data(parsed, display=str(space))
     _check_quantization_here(parsed, display=str(space))
+    _check_deepspeed_here(parsed, display=str(space))
     name = name or parsed.name
     url = resolve_url(storage)
     location = choose_location(
@@ -109,7 +110,10 @@ def create_study(
 
 
 def _save_note(study: optuna.Study, name: str, space: Space, *, space_file: str) -> None:
-    # The dashboard shows it on the study's page: what this study is, at a glance.
+    # The dashboard shows it on the study's page: what this study is, at a glance. Without the
+    # 'dashboard' extra there is no page to show it on (and no optuna_dashboard to write it).
+    if not extras.is_installed("dashboard"):
+        return
     from optuna_dashboard import save_note
 
     from tuner.dashboard import study_note
@@ -151,8 +155,16 @@ def _check_quantization_here(space: Space, *, display: str) -> None:
     if bits is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise SpaceError(
             f"{display}: fixed.quantization_bit: {bits} needs bitsandbytes, which is not "
-            "installed here; pip install 'tuner[qlora]' (on the workers too)"
+            "installed here; pip install 'lora-tuner[qlora]' (on the workers too)"
         )
+
+
+def _check_deepspeed_here(space: Space, *, display: str) -> None:
+    """A DeepSpeed space needs the 'deepspeed' extra, taken like bitsandbytes above to be the
+    workers' too; without it every trial would fail as the Trainer starts."""
+    preset = space.fixed.get("deepspeed")
+    if preset is not None:
+        extras.require("deepspeed", what=f"{display}: fixed.deepspeed: {Path(preset).name}")
 
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:

@@ -34,12 +34,14 @@ from typing import Any
 from trials.config import trackers
 from trials.tracking import Tracking
 from tuner.errors import TunerError
+from tuner.extras import install_hint
 from tuner.store import attrs, mask_url
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "tuner"  # the MLflow experiment of studies when MLFLOW_EXPERIMENT_NAME is unset
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+EXTRAS = {"tensorboard": "tracking", "mlflow": "tracking", "wandb": "wandb"}  # pyproject.toml's
 PROBE_S = 5.0  # how long a tracking server may take to answer that it is up
 # MLflow retries a request 7 times with a doubling backoff (minutes in all) by default: a
 # tracker that went away would hold a GPU trial that long. Set unless set already.
@@ -70,7 +72,7 @@ def check_installed(space: Any) -> None:
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise TunerError(
                 f"fixed.report_to: {name} needs the {PACKAGES[name]} package where trials run "
-                f"(pip install 'tuner[tracking]', or pip install {PACKAGES[name]})"
+                f"({install_hint(EXTRAS[name])})"
             )
 
 

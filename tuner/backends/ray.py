@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from tuner import extras
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.ray_job import is_job_address
 from tuner.backends.worker import Worker, WorkerSpec
@@ -44,6 +45,7 @@ class RayBackend:
     elastic = True  # slots start beyond the room, and wait for it
 
     def __init__(self, address: str | None = None) -> None:
+        extras.require("ray", what="--backend ray")
         self.address = address
         self.largest: tuple[float, float] | None = None  # (GPU, CPU): the biggest node seen
         self._looked = 0.0

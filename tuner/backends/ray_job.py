@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner import extras
 from tuner.errors import BackendError, TunerError
 from tuner.store import mask_url, open_study, resolve_url, strip_password
 
@@ -224,6 +225,7 @@ def _outcome(client: Any, job_id: str, wait_s: float = 30) -> JobOutcome:
 
 def _client(address: str) -> Any:
     """A client of the job API at `address`, sending Ray's token if this machine has one."""
+    extras.require("ray", what=f"the Ray job API at {address}")
     from ray._private.authentication.authentication_token_setup import (
         maybe_enable_token_auth_if_token_available,
     )

@@ -178,7 +178,7 @@ def open_artifacts(url: str) -> AtomicFileStore | PrefixedBoto3Store:
         import boto3
     except ImportError:
         raise ArtifactsError(
-            f"the artifact location {location.url} needs boto3: pip install 'tuner[s3]'"
+            f"the artifact location {location.url} needs boto3: pip install 'lora-tuner[s3]'"
         ) from None
     # boto3 reads AWS_ENDPOINT_URL (MinIO, Ceph, R2) and the credentials from the environment
     # or ~/.aws itself; none of them passes through tuner.

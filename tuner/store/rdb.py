@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuner import extras
 from tuner.errors import StorageError
 from tuner.settings import get_settings
 from tuner.store.urls import mask_text, mask_url, resolve_url
@@ -88,7 +89,9 @@ def open_storage(
                 raise _cannot_open(url, e) from None
             time.sleep(0.5 * (attempt + 1))
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-            raise _cannot_open(url, e) from None
+            # A postgresql:// URL without psycopg2: the 'postgres' extra, not a broken store.
+            missing = extras.missing_extra(e, what=f"the study store {mask_url(url)}")
+            raise (missing or _cannot_open(url, e)) from None
     raise AssertionError("unreachable")
 
 
