@@ -15,7 +15,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from trials.config import SEARCHABLE, DatasetSpec, SimulatedArgs, TrialConfig
 from tuner import algorithms
@@ -226,12 +225,9 @@ def _bounds(metadata: list[Any]) -> str:
 def _default(model: type[BaseModel], name: str, field: FieldInfo) -> str:
     if (model, name) in _SHOWN_DEFAULTS:
         return _SHOWN_DEFAULTS[(model, name)]
-    if field.default_factory is not None:
-        value = field.default_factory()
-    elif field.default is PydanticUndefined:
+    if field.is_required():
         return "required"
-    else:
-        value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return "see below"
     return f"`{_value(value)}`"
