@@ -389,12 +389,13 @@ class Driver:
 
 def _own_error(trial: Any) -> tuple[str, ...] | None:
     """The error a FAIL trial failed by (its fail reason and detail: type and message); None for
-    any other ending, and for a diverged trial: NaN is the params' doing (the sampler steers
-    away from it), not a broken set-up, and a search near its learning-rate edge meets it often."""
+    any other ending, and for a diverged trial or one out of memory: NaN and OOM are the params'
+    doing (a constraint the sampler steers away from), not a broken set-up, and a search near its
+    learning-rate or batch edge meets them often, with the same message each time."""
     if trial.state != TrialState.FAIL:
         return None
     reason = trial.user_attrs.get(attrs.FAIL_REASON)
-    if reason is None or reason == "nan":
+    if reason is None or reason in ("nan", "oom"):
         return None
     detail = trial.user_attrs.get(attrs.FAIL_DETAIL)
     return (reason,) if detail is None else (reason, detail)
