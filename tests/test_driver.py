@@ -144,3 +144,23 @@ def test_a_worker_that_dies_before_its_trial_begins_gives_its_turn_back(
     assert backend.started == 3  # the failed slot was replaced
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert [t.params["learning_rate"] for t in trials] == list(LRS)
+
+
+def test_out_of_memory_and_divergence_are_not_a_broken_set_up() -> None:
+    """Trials that run out of memory or diverge fail with the same line again and again near a
+    batch or learning-rate edge; that is the params' doing, which the sampler steers away from,
+    so they never stop the run as alike failures do. Any other error counts."""
+    from tuner.store import attrs
+
+    def failed(reason: str, detail: str | None = None) -> optuna.trial.FrozenTrial:
+        said = {attrs.FAIL_REASON: reason} | ({attrs.FAIL_DETAIL: detail} if detail else {})
+        return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=said)
+
+    oom = "CUDA out of memory (at per-device batch 1, already halved once)"
+    assert driver._own_error(failed("oom", oom)) is None
+    assert driver._own_error(failed("nan", "loss is nan at step 3")) is None
+    assert driver._own_error(failed("OSError: no file named model.safetensors")) == (
+        "OSError: no file named model.safetensors",
+    )
+    complete = optuna.trial.create_trial(state=TrialState.COMPLETE, value=1.0)
+    assert driver._own_error(complete) is None
