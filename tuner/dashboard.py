@@ -68,7 +68,10 @@ def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIA
     """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
     extras.require("dashboard", what="the dashboard")
     url = resolve_url(storage)
-    store = open_storage(url, must_exist=True)  # a viewer makes no store
+    # A viewer makes no SQLite file (a dashboard started in the wrong folder says so). A database
+    # that exists is the operator's, made for tuner: a dashboard service starts beside it before
+    # the first study (compose, Kubernetes), so it gets Optuna's tables rather than an error.
+    store = open_storage(url, must_exist=url.startswith("sqlite"))
     import optuna_dashboard  # after: no store is said without loading the dashboard first
 
     artifacts = StudyArtifacts(store, url)
