@@ -132,8 +132,8 @@ def test_a_trial_nothing_will_resume_leaves_no_checkpoint(
     assert _leftover_checkpoints(tmp_path)  # kept while the trial ran
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
     _, stderr = run.communicate(timeout=300)
-    # Its one trial failed, so the run completed none: that is an error the caller must see.
-    assert run.returncode == 1 and "completed none" in stderr, stderr
+    # Its one trial failed, so every trial of the run failed: an error the caller must see.
+    assert run.returncode == 1 and "every one failed" in stderr, stderr
     (trial,) = study.get_trials()
     assert trial.state == TrialState.FAIL and trial.user_attrs["checkpoint"]["step"] > 0
     assert _leftover_checkpoints(tmp_path) == []

@@ -1,6 +1,6 @@
 """The command line as a newcomer meets it, through the real entry point (the `tuner` script and
 `python -m tuner`): usage mistakes are one line and exit 2, reads make no store, a missing study
-suggests the closest name, a run that completes nothing fails, and the read-only commands start
+suggests the closest name, a run whose every trial failed fails, and the read-only commands start
 without the training stack."""
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def test_a_run_that_completes_no_trial_fails(tmp_path: Path) -> None:
     assert ran.returncode == 1, ran.stderr
     assert ran.stdout.splitlines() == ["1 trial finished: 0 complete, 0 pruned, 1 failed"]
     assert ran.stderr.splitlines()[-1] == (
-        "error: this run finished 1 trial and completed none (see `tuner study show`)"
+        "error: this run finished 1 trial and every one failed (see `tuner study show`)"
     )
     as_json = run_cli(
         "study", "run", "diverging", "--n-trials", "1", "--json", cwd=tmp_path, env=ENV

@@ -215,7 +215,7 @@ def study_run(
     """Run trials of a study on this machine, with a progress bar; Ctrl-C stops cleanly.
 
     Exit status 1 when the run was stopped (its trials kept failing the same way) or when it
-    finished trials but completed none."""
+    finished trials and every one failed."""
     from tuner import backends
     from tuner.space import parse_duration
     from tuner.study import best_report, run_study
@@ -273,13 +273,14 @@ def study_run(
 
 def _run_failure(progress: Any) -> str | None:
     """Why the run failed, if it did: stopped because its trials kept failing the same way, or
-    none of the trials it finished completed (a run that reports success must have a result)."""
+    every trial it finished failed (a run that reports success must have a result). A pruned
+    trial is a result: the pruner stopped it on purpose, and its curve informs the search."""
     stop_reason = getattr(progress, "stop_reason", None)
     if stop_reason:
         return stop_reason
-    if progress.finished and not progress.complete:
+    if progress.finished and progress.failed == progress.finished:
         return (
-            f"this run finished {_plural(progress.finished, 'trial')} and completed none "
+            f"this run finished {_plural(progress.finished, 'trial')} and every one failed "
             "(see `tuner study show`)"
         )
     return None

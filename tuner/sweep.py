@@ -124,8 +124,8 @@ def run_sweep(
     # Written first, then raised: cron's mail (and its exit status) says the night went wrong.
     if progress.stop_reason:
         raise RunFailed(f"sweep {name}: {progress.stop_reason}")
-    if progress.finished and not progress.complete:
-        raise RunFailed(f"sweep {name}: none of its {progress.finished} trials completed")
+    if progress.finished and progress.failed == progress.finished:
+        raise RunFailed(f"sweep {name}: all {progress.finished} trials of its run failed")
     return summary
 
 
