@@ -133,9 +133,13 @@ def test_verbosity_flags_set_the_levels_and_the_workers_environment(
 ) -> None:
     from tuner.cli import main
 
-    monkeypatch.delenv("TUNER_VERBOSITY", raising=False)
+    # setenv first: it records the variable's absence, so that what main() sets is undone after
+    # (later tests' subprocesses would otherwise inherit -vv).
+    monkeypatch.setenv("TUNER_VERBOSITY", "0")
+    monkeypatch.delenv("TUNER_VERBOSITY")
     root = logging.getLogger()
-    saved = root.level
+    saved = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    saved_root = root.level
     try:
         for flags, env, level in [
             (["-q"], "-1", logging.WARNING),
@@ -152,9 +156,9 @@ def test_verbosity_flags_set_the_levels_and_the_workers_environment(
                 logging.DEBUG if env == "2" else logging.WARNING
             )
     finally:
-        root.setLevel(saved)
-        for name in ("tuner", "trials"):
-            logging.getLogger(name).setLevel(logging.NOTSET)
+        root.setLevel(saved_root)
+        for name in logging.root.manager.loggerDict:
+            logging.getLogger(name).setLevel(saved.get(name, logging.NOTSET))
 
 
 # ----------------------------------------------------------------------------- study run's end
