@@ -89,8 +89,7 @@ class ProgressBar:
         state = trial.state.name.lower()
         value = f" {number(trial.value)}" if trial.value is not None else ""
         where = f" at step {trial.last_step}" if state == "pruned" else ""
-        said = (trial.user_attrs.get(attrs.FAIL_REASON), trial.user_attrs.get(attrs.FAIL_DETAIL))
-        reason = " ".join(filter(None, said))
+        reason = " ".join(attrs.failure(trial))
         reason = f": {reason}" if reason else ""
         values = trial.user_attrs.get(attrs.HPARAMS, {})
         params = " ".join(f"{k}={number(v)}" for k, v in values.items())

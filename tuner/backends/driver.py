@@ -394,11 +394,10 @@ def _own_error(trial: Any) -> tuple[str, ...] | None:
     learning-rate or batch edge meets them often, with the same message each time."""
     if trial.state != TrialState.FAIL:
         return None
-    reason = trial.user_attrs.get(attrs.FAIL_REASON)
-    if reason is None or reason in ("nan", "oom"):
+    said = attrs.failure(trial)
+    if not said or said[0] in ("nan", "oom"):
         return None
-    detail = trial.user_attrs.get(attrs.FAIL_DETAIL)
-    return (reason,) if detail is None else (reason, detail)
+    return said
 
 
 def _bundle(plan: RunPlan) -> str:

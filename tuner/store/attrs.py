@@ -49,3 +49,10 @@ FED = "tuner_fed"  # True when the driver sampled the trial's params (tuner.back
 FIXED_PARAMS = "fixed_params"
 FAILED_TRIAL = "failed_trial"  # the number of the trial a retry replaces
 RETRY_HISTORY = "retry_history"
+
+
+def failure(trial) -> tuple[str, ...]:  # noqa: ANN001 - any trial with user_attrs
+    """What a trial said of its failure: its reason, then the detail behind it if any; () if
+    nothing. One reading for the progress lines and the driver's count of alike failures."""
+    said = (trial.user_attrs.get(FAIL_REASON), trial.user_attrs.get(FAIL_DETAIL))
+    return tuple(s for s in said if s is not None)
