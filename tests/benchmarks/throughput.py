@@ -123,7 +123,9 @@ def _write_data(path: Path, n: int, cutoff: int) -> Path:
     return path
 
 
-def _tuner(model_dir: Path, data: Path, out: Path, args, *, packing: bool, bf16: bool) -> dict:  # noqa: ANN001
+def _tuner(  # noqa: ANN001
+    model_dir: Path, data: Path, out: Path, args, *, packing: bool, bf16: bool, liger: bool = False
+) -> dict:
     import torch
 
     from trials import sft
@@ -143,6 +145,7 @@ def _tuner(model_dir: Path, data: Path, out: Path, args, *, packing: bool, bf16:
         lora_alpha=32,
         bf16=bf16,
         packing=packing,
+        use_liger_kernel=liger,
         gradient_checkpointing=args.gradient_checkpointing,
     )
     if torch.cuda.is_available():
