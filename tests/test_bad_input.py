@@ -5,6 +5,7 @@ written to the study store."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import small_space, write_space
+from conftest import TUNER, run_cli, small_space, write_space
 from test_space import BAD as BAD_SPACES
 from test_space import GOOD as GOOD_SPACE
 
@@ -309,3 +310,403 @@ def test_a_series_name_cannot_make_a_sweep_write_elsewhere(
     )
     assert code == 2 and "a series name is letters, digits" in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["data.jsonl", "model", "s.yaml", "work"]
+
+
+# --- issue 22: i22-input ---
+# Numbers, names and special files, as a careless, hurried or hostile user types them: one line
+# naming the flag, key or file, exit status 2, no traceback, nothing written. Runs that could
+# block (a FIFO) or eat the memory (/dev/zero) are separate processes with a timeout.
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+def _sim_space(**sections: object) -> dict:
+    """A space of the simulated workload: nothing to load, trials of a fraction of a second."""
+    space = {
+        "name": "sim",
+        "params": {"lora_dropout": {"type": "float", "low": 0.0, "high": 0.1}},
+        "fixed": {"workload": "simulated", "simulated": {"steps": 2, "step_seconds": 0.0}},
+        "sampler": {"name": "tpe", "seed": 0},
+    }
+    for key, value in sections.items():
+        space[key] = value
+    return space
+
+
+def _one_error_line(code: int, err: str, *words: str) -> str:
+    lines = [line for line in err.splitlines() if not LOG_LINE.match(line)]
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _trials_in(db: Path) -> int:
+    url = f"sqlite:///{db}"
+    return sum(
+        len(optuna.load_study(study_name=n, storage=url).trials)
+        for n in optuna.get_all_study_names(url)
+    )
+
+
+@pytest.fixture
+def sim_study(tmp_path: Path) -> Path:
+    """A simulated study `sim` in a fresh SQLite store; the store's path."""
+    from tuner.study import create_study
+
+    db = tmp_path / "studies.db"
+    create_study(write_space(tmp_path / "sim.yaml", _sim_space()), storage=f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def keep_sigterm() -> object:
+    """`study run` in this process sets its SIGTERM handler (Ctrl-C's): put pytest's back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+BAD_RUN_FLAGS = [
+    (["--n-trials", "-1"], ["--n-trials", "from 1 to 1,000,000", "-1"]),
+    (["--n-trials", "0"], ["--n-trials", "from 1 to 1,000,000"]),
+    (["--n-trials", "4294967296"], ["--n-trials", "4294967296"]),
+    (["--n-trials", "3e9"], ["--n-trials"]),
+    (["--jobs", "0"], ["--jobs", "from 1 to 1,024"]),
+    (["--jobs", "1000000000000"], ["--jobs", "from 1 to 1,024"]),  # was a MemoryError
+    (["--timeout", "0"], ["--timeout must be > 0", "none for no limit"]),
+    (["--timeout", "0s"], ["--timeout must be > 0"]),
+    (["--timeout", "2h30"], ["--timeout", "2h30m, not 2h30"]),
+    (["--timeout", "-5"], ["--timeout must be seconds"]),
+    (["--timeout", "9" * 400 + "d"], ["--timeout must be a finite duration"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    BAD_RUN_FLAGS,
+    ids=[" ".join(args)[:24] for args, _ in BAD_RUN_FLAGS],
+)
+def test_a_count_or_duration_out_of_range_is_refused_before_any_trial(
+    sim_study: Path,
+    capsys: pytest.CaptureFixture,
+    keep_sigterm: object,
+    args: list[str],
+    words: list[str],
+) -> None:
+    code, err = _main(["study", "run", "sim", "--storage", f"sqlite:///{sim_study}", *args], capsys)
+    _one_error_line(code, err, *words)
+    assert _trials_in(sim_study) == 0
+
+
+def _fixed(**options: object) -> dict:
+    return {**_sim_space()["fixed"], **options}
+
+
+# (id, sections of the simulated space, the words of the error line)
+BAD_NUMBERS = [
+    ("n_trials -1", {"budget": {"n_trials": -1}}, "budget.n_trials must be > 0 (got -1)"),
+    (
+        "n_trials 2**32",
+        {"budget": {"n_trials": 4294967296}},
+        "budget.n_trials must be <= 1,000,000 (got 4294967296)",
+    ),
+    ("n_trials 3e9", {"budget": {"n_trials": 3e9}}, "budget.n_trials must be <= 1,000,000"),
+    ("timeout 2h30", {"budget": {"timeout": "2h30"}}, "budget.timeout must be seconds or a"),
+    ("timeout 0m", {"budget": {"timeout": "0m"}}, "budget.timeout must be > 0 (got '0m')"),
+    ("timeout inf", {"budget": {"timeout": INF}}, "budget.timeout must be a finite number"),
+    (
+        "high inf",
+        {"params": {"learning_rate": {"type": "float", "low": 1e-5, "high": INF}}},
+        "params.learning_rate.high must be a finite number (got inf)",
+    ),
+    (
+        "low -inf",
+        {"params": {"learning_rate": {"type": "float", "low": -INF, "high": 1e-3}}},
+        "params.learning_rate.low must be a finite number (got -inf)",
+    ),
+    (
+        "low nan",
+        {"params": {"learning_rate": {"type": "float", "low": NAN, "high": 1e-3}}},
+        "params.learning_rate.low must be a finite number (got nan)",
+    ),
+    (
+        "width overflows",
+        {"params": {"lora_dropout": {"type": "float", "low": -1e308, "high": 1e308}}},
+        "params.lora_dropout must span a finite width: high - low overflows",
+    ),
+    (
+        "step inf",
+        {"params": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "step": INF}}},
+        "params.learning_rate.step must be a finite number",
+    ),
+    (
+        "1 and true",
+        {"params": {"lr_scheduler_type": {"type": "categorical", "choices": ["cosine", 1, True]}}},
+        "params.lr_scheduler_type.choices must not hold both 1 and true: they are equal",
+    ),
+    (
+        "nan choice",
+        {"params": {"lora_dropout": {"type": "categorical", "choices": [0.1, NAN]}}},
+        "params.lora_dropout.choices must hold finite numbers (got nan)",
+    ),
+    (
+        "inf factor",
+        {"params": {"lora_alpha": {"type": "multiple", "of": "lora_rank", "factors": [1, INF]}}},
+        "params.lora_alpha.factors[1] must be a finite number (got inf)",
+    ),
+    # Invented: fixed.seed goes to transformers.set_seed (numpy's range), so -1 or 2**32 made
+    # every trial fail after its model loaded; a lookahead of 10**8 had the driver sample
+    # without pause.
+    ("fixed.seed -1", {"fixed": _fixed(seed=-1)}, "fixed.seed must be >= 0 (got -1)"),
+    ("fixed.seed 2**32", {"fixed": _fixed(seed=2**32)}, "fixed.seed must be <= 4,294,967,295"),
+    (
+        "sampler.seed -1",
+        {"sampler": {"name": "tpe", "seed": -1}},
+        "sampler.seed must be a whole number from 0",
+    ),
+    (
+        "lookahead 1e8",
+        {"resources": {"lookahead": 10**8}},
+        "resources.lookahead must be <= 1,024",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"), [c[1:] for c in BAD_NUMBERS], ids=[c[0] for c in BAD_NUMBERS]
+)
+def test_a_number_out_of_range_in_a_space_is_refused_at_create(
+    tmp_path: Path, capsys: pytest.CaptureFixture, sections: dict, expected: str
+) -> None:
+    space = write_space(tmp_path / "bad.yaml", _sim_space(**sections))
+    db = tmp_path / "studies.db"
+    code, err = _create(space, db, capsys)
+    _assert_refused(code, err, space, expected, db)
+
+
+def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
+    """`--timeout none` runs every trial asked for, though the space's budget.timeout (1 s)
+    starts no trial after the first (a worker takes longer than that to start), as the same
+    run without it shows."""
+    from tuner.study import create_study
+
+    space = _sim_space(budget={"timeout": 1}, resources={"lookahead": 0})
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    create_study(write_space(tmp_path / "sim.yaml", space), storage=url)
+    runs = {}
+    for timeout in (["--timeout", "none"], []):
+        done = run_cli(
+            "study", "run", "sim", "--storage", url, "--n-trials", "3", "--json", *timeout
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[bool(timeout)] = json.loads(done.stdout)["finished"]
+    assert runs == {True: 3, False: 1}
+
+
+def test_optuna_would_store_1_and_true_as_one_choice() -> None:
+    """Why [cosine, 1, true] is refused rather than kept: Optuna finds a choice's index with ==,
+    so a trial given True is stored, and read back, as 1."""
+    study = optuna.create_study()
+    study.enqueue_trial({"x": True})
+    trial = study.ask()
+    assert trial.suggest_categorical("x", ["cosine", 1, True]) is True
+    study.tell(trial, 0.0)
+    assert study.trials[0].params["x"] is not True
+
+
+BAD_NAMES = [
+    ("empty", "", "must not be empty"),
+    ("a newline forging an error line", "a\nerror: forged", "must be printable"),
+    ("a tab", "tab\there", "must be printable"),
+    ("a path", "a/b", "must not hold '/'"),
+    ("..", "..", "must not hold '/', '\\' or '..'"),
+    ("a Windows path", "..\\up", "must not hold"),
+    ("a leading space", " padded", "must not start or end with a space"),
+    ("201 bytes", "x" * 201, "must be at most 200 bytes long, not 201"),
+    ("101 two-byte characters", "é" * 101, "must be at most 200 bytes long, not 202"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [c[1:] for c in BAD_NAMES], ids=[c[0] for c in BAD_NAMES]
+)
+def test_a_study_name_that_cannot_be_stored_printed_or_a_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str, expected: str
+) -> None:
+    space = write_space(tmp_path / "sim.yaml", _sim_space())
+    db = tmp_path / "studies.db"
+    code, err = _main(
+        ["study", "create", "--space", str(space), "--name", name, "--storage", f"sqlite:///{db}"],
+        capsys,
+    )
+    _one_error_line(code, err, "--name", expected)
+    assert not db.exists() or optuna.get_all_study_names(f"sqlite:///{db}") == []
+
+
+def test_a_bad_name_in_the_space_file_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    space = write_space(tmp_path / "bad.yaml", _sim_space(name="nightly/../../etc"))
+    db = tmp_path / "studies.db"
+    code, err = _create(space, db, capsys)
+    _assert_refused(code, err, space, "bad.yaml: name must not hold '/'", db)
+
+
+@pytest.mark.parametrize(
+    ("series", "expected"),
+    [("", "--name must not be empty"), ("x" * 190, "at most 189 bytes long, not 190")],
+    ids=["empty", "too long for its exports' file names"],
+)
+def test_a_series_name_that_is_empty_or_too_long_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture, series: str, expected: str
+) -> None:
+    space = write_space(tmp_path / "sim.yaml", _sim_space())
+    db = tmp_path / "studies.db"
+    out = tmp_path / "sweeps"
+    where = ["--storage", f"sqlite:///{db}", "--out", str(out)]
+    code, err = _main(["sweep", "run", "--space", str(space), "--name", series, *where], capsys)
+    _one_error_line(code, err, expected)
+    assert not db.exists() and not out.exists()
+
+
+def _special(tmp_path: Path, what: str) -> Path:
+    """A path that is not a regular file: made here, or the system's own."""
+    if what == "an empty folder":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty"
+    if what == "a FIFO":
+        os.mkfifo(tmp_path / "data.jsonl")  # named as data: it must still not be opened
+        return tmp_path / "data.jsonl"
+    if what == "a socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(tmp_path / "s.sock"))
+        return tmp_path / "s.sock"
+    return Path(what)  # /dev/null, /dev/zero
+
+
+SPECIAL_DATA = [
+    ("an empty folder", "is a folder but not a saved `datasets` folder"),
+    ("/dev/null", "is a character device"),
+    ("a FIFO", "is a FIFO (named pipe)"),
+    ("/dev/zero", "is a character device"),
+    ("a socket", "is a socket"),
+]
+
+
+@pytest.mark.parametrize(("what", "expected"), SPECIAL_DATA, ids=[w for w, _ in SPECIAL_DATA])
+def test_data_that_is_not_a_file_or_a_saved_dataset_is_refused_without_opening_it(
+    tmp_path: Path, demo_files: Path, what: str, expected: str
+) -> None:
+    data = _special(tmp_path, what)
+    space = small_space(demo_files)
+    space["fixed"]["dataset"] = {"path": str(data)}
+    path = write_space(tmp_path / "s.yaml", space)
+    db = tmp_path / "studies.db"
+    done = run_cli(
+        "study", "create", "--space", str(path), "--storage", f"sqlite:///{db}", timeout=120
+    )
+    line = _one_error_line(done.returncode, done.stderr, "s.yaml: fixed.dataset: ", expected)
+    assert str(data) in line and "a folder that `datasets`' save_to_disk wrote" in line
+    assert not db.exists()
+
+
+def _at_most_2_gb() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+
+
+@pytest.mark.parametrize(
+    ("what", "expected"),
+    [("a FIFO", "is a FIFO"), ("/dev/zero", "is a character device"), ("a socket", "is a socket")],
+    ids=["a FIFO", "/dev/zero", "a socket"],
+)
+def test_a_space_that_is_not_a_regular_file_neither_blocks_nor_eats_memory(
+    tmp_path: Path, what: str, expected: str
+) -> None:
+    space = _special(tmp_path, what)
+    db = tmp_path / "studies.db"
+    done = subprocess.run(
+        [*TUNER, "study", "create", "--space", str(space), "--storage", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_at_most_2_gb,  # reading /dev/zero, it would otherwise take the machine's
+    )
+    _one_error_line(done.returncode, done.stderr, f"{space}: {expected}", "regular YAML file")
+    assert not db.exists()
+
+
+def test_a_space_file_of_more_than_10_mb_is_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    space = tmp_path / "huge.yaml"
+    with space.open("wb") as f:
+        f.truncate(50_000_000)  # sparse: no disk spent
+    db = tmp_path / "studies.db"
+    code, err = _create(space, db, capsys)
+    _assert_refused(code, err, space, "is larger than 10,000,000 bytes", db)
+
+
+# Invented: cases a hurried user meets that the issue did not list.
+
+
+def test_a_sampler_seed_near_numpys_limit_does_not_break_the_feed_or_a_worker(
+    tmp_path: Path,
+) -> None:
+    """Each worker (and the driver's feed) offsets the seed so their draws differ; a seed near
+    2**32 - 1 went past numpy's range: the feed died with a traceback, so did a second
+    worker's sampler. Offsets wrap around inside the range now."""
+    from tuner.study import create_study
+
+    space = write_space(
+        tmp_path / "sim.yaml", _sim_space(sampler={"name": "tpe", "seed": 2**32 - 1})
+    )
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    create_study(space, storage=url)
+    done = run_cli("study", "run", "sim", "--storage", url, "--n-trials", "2", "--jobs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "feed stopped" not in done.stderr, done.stderr
+    assert "2 trials finished: 2 complete" in done.stdout
+
+
+def test_a_saved_dataset_dict_without_the_split_names_the_splits(
+    tmp_path: Path, demo_files: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Was a KeyError traceback."""
+    import datasets
+
+    rows = [{"instruction": "add 2 and 3", "output": "5"}] * 4
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(
+        tmp_path / "saved"
+    )
+    capsys.readouterr()  # the save's own progress bar
+    space = small_space(demo_files)
+    space["fixed"]["dataset"] = {"path": str(tmp_path / "saved")}
+    path = write_space(tmp_path / "s.yaml", space)
+    db = tmp_path / "studies.db"
+    code, err = _create(path, db, capsys)
+    _assert_refused(
+        code, err, path, "saved: has no split 'train' (splits: validation); choose one", db
+    )
+
+
+def test_a_parquet_file_that_is_not_parquet_is_one_line(
+    tmp_path: Path, demo_files: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Was a pyarrow traceback (and the reader's own ERROR log line beside it)."""
+    data = tmp_path / "train.parquet"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    space = small_space(demo_files)
+    space["fixed"]["dataset"] = {"path": str(data)}
+    path = write_space(tmp_path / "s.yaml", space)
+    db = tmp_path / "studies.db"
+    code, err = _create(path, db, capsys)
+    assert "ERROR" not in err
+    _assert_refused(code, err, data, "train.parquet: cannot be read as parquet (ArrowInvalid", db)

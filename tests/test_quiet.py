@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import run_cli
 
@@ -108,3 +109,32 @@ def test_verbose_lets_the_libraries_speak_once_each() -> None:
     assert "bars True" in lines
     assert sum("Retrying in 1s" in line for line in lines) == 1  # not also through logging
     assert any("is_gradient_checkpointing" in line for line in lines)
+
+
+# --- issue 22: i22-input ---
+
+DEEPSPEED = """
+import logging
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from trials.quiet import quiet_libraries
+quiet_libraries()
+import deepspeed  # no GPU here: "Setting accelerator to CPU" as it is imported
+from deepspeed.utils import logger
+logger.error("an error of DeepSpeed's")
+"""
+
+
+@pytest.mark.parametrize("verbosity", ["0", "1"])
+def test_deepspeeds_lines_go_to_the_log_never_to_stdout(verbosity: str) -> None:
+    """DeepSpeed's logger has a handler of its own on stdout, which `--json` keeps for its one
+    object; its lines go to the log (stderr) instead: errors always, warnings from -v on."""
+    env = {**os.environ, "TUNER_VERBOSITY": verbosity, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("DS_ACCELERATOR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert "ERROR DeepSpeed: an error of DeepSpeed's" in done.stderr.splitlines()
+    warned = "WARNING DeepSpeed: Setting accelerator to CPU" in done.stderr
+    assert warned == (verbosity == "1"), done.stderr[-2000:]

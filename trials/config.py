@@ -57,7 +57,9 @@ class DatasetSpec(BaseModel):
         default_factory=dict,
         description="Rename columns to the format's names, e.g. {instruction: question}.",
     )
-    split: str = Field(default="train", description="Split to read from a hub data set.")
+    split: str = Field(
+        default="train", description="Split to read from a hub data set or a saved DatasetDict."
+    )
     tags: dict[str, str] = Field(
         default_factory=dict,
         description="sharegpt turns' keys and roles, LLaMA-Factory's names: role_tag, "
@@ -171,6 +173,8 @@ class TrialConfig(BaseModel):
     )
     seed: int = Field(
         default=42,
+        ge=0,
+        le=2**32 - 1,  # numpy's (and so transformers.set_seed's) range
         description="Data order and LoRA initialisation: the same params and seed give the same "
         "result.",
     )

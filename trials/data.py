@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from trials import files
 from trials.chat import Renderer, TemplateError
 from trials.config import DatasetSpec, TrialConfig
 
@@ -81,29 +82,70 @@ class Example:
 # ----------------------------------------------------------------------------- reading
 
 
+ALLOWED = (
+    "data is a .json, .jsonl, .parquet, .csv or .arrow file, a folder that `datasets`' "
+    "save_to_disk wrote, or a hub id"
+)
+
+
 def read_records(spec: DatasetSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) pairs; `where` names the line or index for error messages."""
     path = Path(spec.path)
-    if path.is_file() and path.suffix.lower() in (".json", ".jsonl"):
+    what = files.kind(path)  # before opening it: a FIFO would block, /dev/zero never end
+    if what not in (None, "file", "folder"):
+        raise DataError(f"{str(path)!r} is {what}; {ALLOWED}")
+    if what == "file" and path.suffix.lower() in (".json", ".jsonl"):
         yield from _read_json(path)
         return
     import datasets
 
-    if path.is_dir():
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            data = data[spec.split]
-    elif path.is_file():
+    if what == "folder":
+        data = _load_saved(path, spec.split)
+    elif what == "file":
         kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(path.suffix.lower())
         if kind is None:
             raise DataError(
                 f"{path.name}: unsupported file type (use .json, .jsonl, .parquet, .csv)"
             )
-        data = datasets.load_dataset(kind, data_files=str(path), split="train")
+        # Its reader also logs the error it raises: the one line below says it, once.
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(logging.CRITICAL)
+        try:
+            data = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:  # whatever the reader met: the file is not what its name says
+            raise DataError(f"{path.name}: cannot be read as {kind} ({_first_line(e)})") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     else:
         data = datasets.load_dataset(spec.path, split=spec.split)  # a hub id
     for i, record in enumerate(data):
         yield f"record {i + 1}", record
+
+
+def _load_saved(path: Path, split: str) -> Any:
+    """A folder `save_to_disk` wrote: a data set, or a dict of them by split."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{str(path)!r} is a folder but not a saved `datasets` folder (save_to_disk writes "
+            f"state.json and dataset_info.json, or dataset_dict.json); {ALLOWED}"
+        ) from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(
+                f"{path.name}: has no split {split!r} (splits: {', '.join(data)}); "
+                "choose one with fixed.dataset.split"
+            )
+        data = data[split]
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

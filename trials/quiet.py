@@ -32,13 +32,14 @@ def verbosity() -> int:
 def quiet_libraries() -> None:
     """Silence the training stack's known noise in this process (see the module docstring)."""
     quiet = verbosity() < 1
-    if quiet:
-        # DeepSpeed makes its logger at import (its level set, a handler of its own to stdout):
-        # a filter set beforehand is what survives. Its `Setting accelerator to CPU` warning
-        # comes at import on a machine without a GPU, and any of the imports below may import it.
-        deepspeed = logging.getLogger("DeepSpeed")
-        if _errors_only not in deepspeed.filters:
-            deepspeed.addFilter(_errors_only)
+    # DeepSpeed makes its logger at import (its level set, a handler of its own to stdout): a
+    # filter set beforehand is what survives. Its `Setting accelerator to CPU` warning comes at
+    # import on a machine without a GPU, and any of the imports below may import it. Whatever
+    # the verbosity, what it says goes to the log (stderr), never to stdout, which `--json`
+    # keeps for its one object.
+    deepspeed = logging.getLogger("DeepSpeed")
+    if _to_the_log not in deepspeed.filters:
+        deepspeed.addFilter(_to_the_log)
 
     # Whatever the verbosity, the hub's and datasets' messages print once, not twice: each
     # library has a handler of its own and also hands the record on to the root logger.
@@ -61,5 +62,9 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
 
 
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
+def _to_the_log(record: logging.LogRecord) -> bool:
+    """DeepSpeed's records through the root logger's handlers (the process's log, on stderr):
+    errors always, the rest from `-v` on. False: DeepSpeed's own handler (stdout) gets none."""
+    if record.levelno >= logging.ERROR or verbosity() >= 1:
+        logging.getLogger().handle(record)
+    return False

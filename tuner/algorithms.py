@@ -121,12 +121,22 @@ def normalize(spec: Any, *, key: str, default: Mapping[str, Any]) -> dict[str, A
     return spec
 
 
+SEEDS = 2**32  # numpy's seeds, which Optuna's samplers take: 0 to 2**32 - 1
+
+
 def build_sampler(spec: Mapping[str, Any], *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """Make the sampler; workers pass distinct `seed_offset`s so their random draws differ."""
     options = dict(spec)
     name = options.pop("name")
-    if "seed" in options and options["seed"] is not None:
-        options["seed"] = int(options["seed"]) + seed_offset
+    seed = options.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEEDS:
+            raise SpaceError(
+                f"sampler.seed must be a whole number from 0 to {SEEDS - 1} (got {seed!r})"
+            )
+        # Around numpy's range, not past it: a seed near the top plus a worker's offset would
+        # otherwise fail that worker's sampler (and the driver's feed).
+        options["seed"] = (seed + seed_offset) % SEEDS
     return _build("sampler", SAMPLERS, name, options)
 
 

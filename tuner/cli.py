@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -125,7 +126,8 @@ Storage = Annotated[
 
 
 NTrials = Annotated[
-    int | None, typer.Option("--n-trials", help="Trials to run now (default: to the budget).")
+    int | None,
+    typer.Option("--n-trials", help="Trials to run now, 1 to 1,000,000 (default: to the budget)."),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON).")]
 StudyName = Annotated[
@@ -146,14 +148,24 @@ Requirements = Annotated[
     Path | None, typer.Option(help="A pip requirements file installed for the Ray job.")
 ]
 Timeout = Annotated[
-    str | None, typer.Option(help="Start no trial after this long: seconds, 30m, 2h.")
+    str | None,
+    typer.Option(
+        help="Start no trial after this long: seconds, 30m, 2h, 1h30m (every number with its "
+        "unit: 2h30 is refused); none: no limit, not even the space's budget.timeout."
+    ),
 ]
 
 
 @study_app.command("create")
 def study_create(
     space: Annotated[str, typer.Option("--space", help="Space YAML: a path, or a packaged name.")],
-    name: Annotated[str | None, typer.Option(help="Study name (default: the space's).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="Study name (default: the space's): printable, one line, no '/', '\\' or "
+            "'..', at most 200 bytes."
+        ),
+    ] = None,
     storage: Storage = None,
     load_if_exists: Annotated[
         bool, typer.Option("--load-if-exists", help="Reuse a study of this name and space.")
@@ -185,8 +197,8 @@ Jobs = Annotated[
     typer.Option(
         "--jobs",
         "-j",
-        help="Trials at once. local: default 1. ray: default as many as the trials left; "
-        "those the cluster has no room for wait, asking its autoscaler for nodes.",
+        help="Trials at once, 1 to 1024. local: default 1. ray: default as many as the trials "
+        "left; those the cluster has no room for wait, asking its autoscaler for nodes.",
         show_default=False,
     ),
 ]
@@ -525,7 +537,9 @@ def sweep_run(
     name: Annotated[
         str | None,
         typer.Option(
-            "--name", help="The series: studies are NAME-YYYY-MM-DD (default: the space's name)."
+            "--name",
+            help="The series: studies are NAME-YYYY-MM-DD (default: the space's name); letters, "
+            "digits, '_', '.' and '-', at most 189.",
         ),
     ] = None,
     storage: Storage = None,
@@ -753,12 +767,15 @@ def _masked(url: str | None) -> str:
 
 
 def _duration(text: str | None, parse) -> float | None:  # noqa: ANN001
+    """--timeout as seconds; `none` is math.inf, no limit (run_study's word for it)."""
     if text is None:
         return None
+    if text.strip().lower() == "none":
+        return math.inf
     try:
         return parse(text)
     except ValueError as e:
-        raise TunerError(f"--timeout {e}") from None
+        raise TunerError(f"--timeout {e}; or none for no limit") from None
 
 
 def _check_job_backend(backend: str | None) -> None:

@@ -24,9 +24,11 @@ from pydantic import (
     model_validator,
 )
 
+from trials import files
 from trials.config import SEARCHABLE, SIMULATED_FIELDS, TrialConfig
 from tuner import algorithms
 from tuner.errors import SpaceError, did_you_mean
+from tuner.limits import MAX_JOBS, MAX_TRIALS
 from tuner.text import shown
 
 Scalar = None | bool | int | float | str
@@ -45,11 +47,19 @@ class FloatParam(_Param):
     """A real number in [low, high], optionally on a log scale or a grid of `step`."""
 
     type: Literal["float"] = Field(description="Picks this kind.")
-    low: float = Field(description="The lowest value (> 0 on a log scale).")
-    high: float = Field(description="The highest value (>= low).")
+    low: float = Field(
+        allow_inf_nan=False, description="The lowest value (> 0 on a log scale; finite)."
+    )
+    high: float = Field(
+        allow_inf_nan=False,
+        description="The highest value (>= low; finite, and high - low too).",
+    )
     log: bool = Field(default=False, description="Sample on a log scale; needs low > 0.")
     step: float | None = Field(
-        default=None, gt=0, description="Only low, low + step, ... (not with log)."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Only low, low + step, ... (not with log).",
     )
 
     @model_validator(mode="after")
@@ -104,9 +114,21 @@ class CategoricalParam(_Param):
     @field_validator("choices")
     @classmethod
     def _unique(cls, choices: list[Scalar]) -> list[Scalar]:
-        seen = [c for i, c in enumerate(choices) if c in choices[:i]]
-        if seen:
-            raise ValueError(f"must not repeat a value (got {shown(seen[0])} twice)")
+        for c in choices:
+            if isinstance(c, float) and not math.isfinite(c):
+                raise ValueError(f"must hold finite numbers (got {c})")
+        for i, c in enumerate(choices):
+            for earlier in choices[:i]:
+                if earlier != c:
+                    continue
+                if repr(earlier) == repr(c):
+                    raise ValueError(f"must not repeat a value (got {shown(c)} twice)")
+                # Optuna stores a choice as its index, found by ==: true would come back as 1.
+                raise ValueError(
+                    f"must not hold both {_yaml(earlier)} and {_yaml(c)}: they are equal "
+                    "(true is 1, false is 0, 1.0 is 1), so Optuna stores them as one choice; "
+                    "keep one, or quote one to make it a string"
+                )
         return choices
 
     def candidates(self) -> list[Any]:
@@ -119,6 +141,13 @@ class CategoricalParam(_Param):
         return f"one of {self.choices}"
 
 
+def _yaml(value: Scalar) -> str:
+    """A choice as the space file wrote it (true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return shown(value)
+
+
 class MultipleParam(_Param):
     """A param searched as a multiple of another, e.g. LoRA alpha = rank × {1, 2, 4}.
 
@@ -129,7 +158,7 @@ class MultipleParam(_Param):
     of: str = Field(
         description="The option this one multiplies (searched or fixed), e.g. lora_rank."
     )
-    factors: list[float] = Field(
+    factors: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
         min_length=1,
         description="The value is `of` × one of these (each > 0); Optuna sees the factor as "
         "`NAME/OF` (e.g. `lora_alpha/lora_rank`), the trial records the resolved value.",
@@ -164,6 +193,12 @@ PARAM_TYPES: dict[str, type[_Param]] = {
 def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
     if low > high:
         raise ValueError(f"low must be <= high (got low={low:g}, high={high:g})")
+    if not math.isfinite(high - low):
+        # Optuna samples within the width: numpy refuses an infinite one (OverflowError: Range
+        # exceeds valid bounds), and every trial would fail before it began.
+        raise ValueError(
+            f"must span a finite width: high - low overflows (got low={low:g}, high={high:g})"
+        )
     if log and low <= 0:
         raise ValueError(f"low must be > 0 on a log scale (got {low:g})")
     if log and step is not None:
@@ -264,7 +299,9 @@ class ObjectiveSpec(BaseModel):
 
 # A number of seconds, or a duration as people write it: 90, "30m", "2h", "1h30m".
 Seconds = Annotated[
-    float, BeforeValidator(lambda v: parse_duration(v) if isinstance(v, str) else v)
+    float,
+    BeforeValidator(lambda v: parse_duration(v) if isinstance(v, str) else v),
+    Field(allow_inf_nan=False),
 ]
 
 
@@ -276,6 +313,7 @@ class Budget(BaseModel):
     n_trials: int | None = Field(
         default=None,
         gt=0,
+        le=MAX_TRIALS,
         description="Finished trials the study aims at: `study run` without --n-trials runs the "
         "rest.",
     )
@@ -293,21 +331,35 @@ class Budget(BaseModel):
     )
 
 
-_DURATION = re.compile(
-    r"^\s*(?:(\d+(?:\.\d+)?)d)?\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?"
-    r"\s*(?:(\d+(?:\.\d+)?)s?)?\s*$"
-)
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_SECONDS = re.compile(rf"{_NUMBER}\s*s?")
+_DURATION = re.compile(rf"(?:{_NUMBER}d)?\s*(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s)?")
+_UNITLESS_TAIL = re.compile(rf".*\d[dhm]\s*{_NUMBER}")  # 2h30: minutes or seconds?
 
 
 def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `2h`, `1h30m`, `1d` → seconds."""
-    match = _DURATION.match(text)
-    if not text.strip() or not match or not any(match.groups()):
+    """`90`, `90s`, `15m`, `2h`, `1h30m`, `1d` → seconds, > 0 and finite. Every number but a
+    lone one carries its unit: `2h30` is refused, not read as 2 h 30 s (nor guessed as 2 h 30
+    min). Space fields and the CLI's `--timeout` share it."""
+    stripped = text.strip()
+    match = _SECONDS.fullmatch(stripped) or _DURATION.fullmatch(stripped)
+    if not stripped or match is None or not any(match.groups()):
+        hint = ""
+        if _UNITLESS_TAIL.fullmatch(stripped):
+            hint = "; give every number its unit (2h30m, not 2h30)"
         raise ValueError(
-            f"must be seconds or a duration such as 30m, 2h, 1h30m (got {shown(text)})"
+            f"must be seconds or a duration such as 30m, 2h, 1h30m (got {shown(text)}){hint}"
         )
-    days, hours, minutes, seconds = (float(g or 0) for g in match.groups())
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if match.re is _SECONDS:
+        seconds = float(match.group(1))
+    else:
+        days, hours, minutes, secs = (float(g or 0) for g in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration (got {shown(text)})")
+    if seconds <= 0:
+        raise ValueError(f"must be > 0 (got {shown(text)})")
+    return seconds
 
 
 class SweepPolicy(BaseModel):
@@ -381,6 +433,7 @@ class Resources(BaseModel):
     lookahead: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_JOBS,
         description="Trials the driver samples ahead, so that a worker that becomes free starts "
         "one at once (tuner/backends/feed.py). Default: one per trial slot; 0: each worker "
         "samples for itself, as plain Optuna does.",
@@ -601,15 +654,26 @@ _SpaceLoader.add_implicit_resolver(
 )
 
 
+MAX_SPACE_BYTES = 10_000_000  # a space is a few KB; bigger is a wrong file, not a space
+
+
 def read_yaml(path: Path, *, display: str) -> Any:
+    # Looked at before it is opened: a FIFO would block, /dev/zero would fill the memory.
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpaceError(f"{display}: no such file") from None
-    except IsADirectoryError:
-        raise SpaceError(f"{display}: is a directory, not a YAML file") from None
+        what = files.kind(path)
+        if what is None:
+            raise SpaceError(f"{display}: no such file")
+        if what == "folder":
+            raise SpaceError(f"{display}: is a directory, not a YAML file")
+        if what != "file":
+            raise SpaceError(f"{display}: is {what}; a space must be a regular YAML file")
+        raw = files.read_at_most(path, MAX_SPACE_BYTES)
     except OSError as e:
         raise SpaceError(f"{display}: cannot be read ({e.strerror})") from None
+    if len(raw) > MAX_SPACE_BYTES:
+        raise SpaceError(
+            f"{display}: is larger than {MAX_SPACE_BYTES:,} bytes; a space is a few KB of YAML"
+        )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -1076,7 +1140,8 @@ def _explain(error: ValidationError, model: type[BaseModel], *, prefix: str = ""
         return f"{key} must be {err['ctx']['expected']}{got}"
     if kind in _BOUNDS:
         (bound,) = err["ctx"].values()
-        bound = f"{bound:g}" if isinstance(bound, int | float) else bound
+        if isinstance(bound, int | float):
+            bound = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
         return f"{key} must be {_BOUNDS[kind]} {bound}{got}"
     if kind in _MESSAGES:
         return f"{key} {_MESSAGES[kind]}{got}"

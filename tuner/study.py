@@ -8,6 +8,7 @@ like any other. Where its trials run is a backend's business, chosen by name (tu
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
 from tuner import backends, base_model, extras, tracking
 from tuner.errors import RunFailed, SpaceError, StorageError, TunerError
+from tuner.limits import MAX_JOBS, check_count, check_name
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
@@ -63,6 +65,8 @@ def create_study(
     `enqueue`: (resolved values, user attrs) of trials to run first, before the baseline (a
     sweep's warm start); only when the study is new.
 
+    `name` (default: the space's) must pass tuner.limits.check_name; an empty one is refused.
+
     Nothing is written unless the space is valid. If writing the study's attributes fails
     midway, the study is deleted again, so no half-made study is left behind.
     """
@@ -72,7 +76,10 @@ def create_study(
     _check_model_and_data(parsed, display=str(space))
     _check_quantization_here(parsed, display=str(space))
     _check_deepspeed_here(parsed, display=str(space))
-    name = name or parsed.name
+    if name is not None:
+        name = check_name(name, key="--name")
+    else:
+        name = check_name(parsed.name, key=f"{space}: name")
     url = resolve_url(storage)
     location = choose_location(
         artifacts, space_value=parsed.artifacts, space_file=str(space), storage_url=url
@@ -231,14 +238,20 @@ def run_study(
     the cluster has no room for wait, which asks its autoscaler for nodes; none placed within
     `resources.placement_timeout` fails the run (BackendError). None: `ray` inside a Ray job,
     else `local`.
+    `n_trials` is 1 to tuner.limits.MAX_TRIALS, `jobs` 1 to MAX_JOBS.
     `timeout` (default: the budget's) stops new trials from starting after that many seconds;
-    running ones finish. Returns what this run did; its `stop_reason` is set when the run stopped
-    because `resources.max_identical_failures` trials in a row failed with the same error.
+    running ones finish; `math.inf`: no limit, the budget's `timeout` included. Returns what
+    this run did; its `stop_reason` is set when the run stopped because
+    `resources.max_identical_failures` trials in a row failed with the same error.
     """
     backend = backend or backends.default_backend()
     backends.check_name(backend)
-    if jobs is not None and jobs < 1:
-        raise TunerError(f"--jobs must be >= 1 (got {jobs})")
+    if n_trials is not None:
+        check_count(n_trials, key="--n-trials")
+    if jobs is not None:
+        check_count(jobs, key="--jobs", most=MAX_JOBS)
+    if timeout is not None and not timeout > 0:
+        raise TunerError(f"--timeout must be > 0, or none for no limit (got {timeout:g}s)")
     opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
     tracking.check_installed(space)
@@ -253,6 +266,8 @@ def run_study(
         n_trials = max(0, space.budget.n_trials - done)
         logger.info("budget: %d of %d trials done, %d to go", done, space.budget.n_trials, n_trials)
     timeout = timeout if timeout is not None else space.budget.timeout
+    if timeout == math.inf:
+        timeout = None  # `--timeout none`: no limit, whatever the budget says
     if backend == "local":
         jobs = jobs or 1
     if n_trials is not None and jobs is not None:

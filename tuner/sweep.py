@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import backends
 from tuner.errors import RunFailed, TunerError
+from tuner.limits import check_series
 from tuner.space import Space, load_space
 from tuner.store import attrs, mask_url, open_storage, resolve_url
 from tuner.store.budget import gpu_hours_held
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 SWEEP_ATTR = attrs.SWEEP  # the study's sweep summary, champion included; written when it ends
 WARM_START_ATTR = attrs.WARM_START  # on a trial enqueued from the previous sweep: "STUDY#N"
 _SERIES = re.compile(r"^(?P<prefix>.+)-(?P<date>\d{4}-\d{2}-\d{2})$")
-_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ExportFailed(TunerError):
@@ -73,7 +73,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """One sweep of the series; returns its summary. `locks.Busy` if one is running already."""
     parsed = load_space(space)
-    prefix = _series(prefix or parsed.name)
+    prefix = _series(prefix, parsed, str(space))
     date = date or dt.date.today()
     name = f"{prefix}-{date.isoformat()}"
     url = resolve_url(storage)
@@ -148,7 +148,7 @@ def submit_sweep(
     may be reachable from the cluster only)."""
     parsed = load_space(space)
     working_dir = Path(working_dir).resolve()
-    prefix = _series(prefix or parsed.name)
+    prefix = _series(prefix, parsed, str(space))
     # Named by the submitter's day, not the cluster's clock: the same study whoever runs it.
     date = date or dt.date.today()
     command = ["sweep", "run", "--space", _space_in(space, working_dir), "--name", prefix]
@@ -172,13 +172,12 @@ def submit_sweep(
     return job
 
 
-def _series(prefix: str) -> str:
-    if not _PREFIX.match(prefix):
-        raise TunerError(
-            f"--name {prefix!r}: a series name is letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit"
-        )
-    return prefix
+def _series(prefix: str | None, space: Space, display: str) -> str:
+    """The series' name: `--name`, else the space's (an empty --name is refused, not taken for
+    no name)."""
+    if prefix is not None:
+        return check_series(prefix, key="--name")
+    return check_series(space.name, key=f"{display}: name")
 
 
 def _space_in(space: str | Path, working_dir: Path) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 from tuner import extras
 from tuner.errors import BackendError, TunerError
+from tuner.limits import check_count
 from tuner.store import mask_url, open_study, resolve_url, strip_password
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def submit_study(
 ) -> Submitted:
     """Submit `tuner study run NAME --backend ray` as a Ray job at `address` (the dashboard's
     http://HEAD:8265); returns the job id. The study must exist in `storage`."""
+    if n_trials is not None:
+        check_count(n_trials, key="--n-trials")  # here, not after the upload
     url = resolve_url(storage)
     open_study(name, url)  # fail here, not on the cluster, if there is no such study
     command = ["study", "run", name, "--backend", "ray"]
