@@ -122,11 +122,13 @@ def normalize(spec: Any, *, key: str, default: Mapping[str, Any]) -> dict[str, A
 
 
 def build_sampler(spec: Mapping[str, Any], *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """Make the sampler; workers pass distinct `seed_offset`s so their random draws differ."""
+    """Make the sampler; workers and runs pass distinct `seed_offset`s so their random draws
+    differ (tuner.store.runs). The seed wraps within numpy's range, which a run's random offset
+    would otherwise leave."""
     options = dict(spec)
     name = options.pop("name")
     if "seed" in options and options["seed"] is not None:
-        options["seed"] = int(options["seed"]) + seed_offset
+        options["seed"] = (int(options["seed"]) + seed_offset) % 2**32
     return _build("sampler", SAMPLERS, name, options)
 
 
