@@ -240,3 +240,200 @@ def test_a_connection_killed_in_the_middle_of_a_tell_costs_nothing(
     assert_nothing_lost(study, target=4)
     assert result["progress"].complete == 4
     assert study.trials[1].state == TrialState.COMPLETE
+
+
+# --- issue 22: i22-concurrent ---
+
+
+def _key(trial: optuna.trial.FrozenTrial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+def _start_run(name: str, url: str, *args: str) -> subprocess.Popen:
+    """`tuner study run NAME --json ...` as its own process, as a second terminal or a cron job
+    on another machine starts it (Ctrl-C reaches it as from a terminal)."""
+    from conftest import TUNER, as_from_a_terminal
+
+    command = [*TUNER, "study", "run", name, "--storage", url, "--json", *args]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_from_a_terminal,
+    )
+
+
+def _summaries(runs: list[subprocess.Popen], timeout: float = 300) -> list[dict]:
+    """Each run's JSON summary, in the order they ended (the last to end last)."""
+    import json
+
+    ended: list[tuple[float, dict]] = []
+    for run in runs:
+        out, err = run.communicate(timeout=timeout)
+        assert run.returncode == 0, err[-3000:]
+        ended.append((time.monotonic(), json.loads(out.splitlines()[-1])))
+    return [summary for _, summary in sorted(ended, key=lambda e: e[0])]
+
+
+def _concurrent_space(**sampler: object) -> dict:
+    # Two params, one continuous: two runs that draw alike give equal pairs, which the test
+    # would see; runs that draw apart never do (a float repeats with probability 0).
+    return {
+        "params": {
+            "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "lora_rank": {"type": "categorical", "choices": [4, 8, 16]},
+        },
+        "fixed": {"workload": "simulated", "steps": 4, "step_seconds": 0.3},
+        "pruner": "none",
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3, **sampler},
+    }
+
+
+def _assert_cooperated(study: optuna.Study, summaries: list[dict], counts: list[int]) -> None:
+    trials = study.get_trials()
+    assert len(trials) == sum(counts), [(t.number, t.state) for t in trials]
+    assert all(t.state.is_finished() for t in trials)
+    keys = [_key(t) for t in trials]
+    assert len(set(keys)) == len(keys), f"a suggestion ran twice: {sorted(keys)}"
+    assert sorted(s["finished"] for s in summaries) == sorted(counts)
+    # Each run counts its own trials (those that carry its run id), not the other run's.
+    by_run = {s["run"]: s for s in summaries}
+    assert len(by_run) == len(summaries)
+    for run, summary in by_run.items():
+        own = [t for t in trials if t.user_attrs.get("run") == run]
+        assert summary["finished"] == len(own), summary
+        assert summary["complete"] == sum(t.state == TrialState.COMPLETE for t in own)
+        assert 0 <= summary["others_finished"] <= len(trials) - len(own)
+
+
+def test_two_runs_of_one_study_started_at_once_never_train_the_same_params(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two `tuner study run NAME --n-trials 4` at once (two terminals, two cron machines): before,
+    both drew the same seeded stream and trained 4 identical pairs, and each said `8 trials
+    finished`. Now every params set is distinct, the total is exact, and each run reports its own
+    4 trials and how many of the other's finished meanwhile. (SQLite: the tests below.)"""
+    url = pg_url
+    name = create_study(write_space(tmp_path / "both.yaml", _concurrent_space()), storage=url)
+    runs = [_start_run(name, url, "--n-trials", "4", "--jobs", "2") for _ in range(2)]
+    summaries = _summaries(runs)
+
+    study = optuna.load_study(study_name=name, storage=url)
+    _assert_cooperated(study, summaries, [4, 4])
+    # The run that ended last saw the other's trials end while it ran.
+    assert summaries[-1]["others_finished"] >= 1
+
+
+def test_a_run_alone_seeds_as_before_and_a_run_beside_it_draws_apart(
+    storage_url: str,
+) -> None:
+    """The first run of a study at a time seeds as a run alone always did (a seeded run on its
+    own draws what it drew before); a run beside it gets a random offset (tuner.store.runs)."""
+    from tuner.store.runs import start_run
+
+    with (
+        start_run(storage_url, "s") as first,
+        start_run(storage_url, "s") as second,
+        start_run(storage_url, "other") as other,
+    ):
+        assert (first.seed_offset, other.seed_offset) == (0, 0)
+        assert second.seed_offset != 0 and len({first.id, second.id, other.id}) == 3
+    with start_run(storage_url, "s") as again:
+        assert again.seed_offset == 0
+
+
+def test_runs_of_different_sizes_at_once_each_run_and_count_their_own(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """`--n-trials 3 --jobs 1` and `--n-trials 5 --jobs 3` at once: --n-trials is each run's
+    own count, whatever the other does. Before, both printed 8 and drew alike."""
+    name = create_study(write_space(tmp_path / "sizes.yaml", _concurrent_space()), storage=pg_url)
+    runs = [
+        _start_run(name, pg_url, "--n-trials", "3", "--jobs", "1"),
+        _start_run(name, pg_url, "--n-trials", "5", "--jobs", "3"),
+    ]
+    summaries = _summaries(runs)
+    _assert_cooperated(optuna.load_study(study_name=name, storage=pg_url), summaries, [3, 5])
+
+
+def _wait_for(study_name: str, url: str, ready: Callable[[list], bool], timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = optuna.load_study(study_name=study_name, storage=url).get_trials()
+        if ready(trials):
+            return trials
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for the study: {trials}")
+
+
+def test_a_second_run_started_while_the_first_is_still_running_counts_its_own(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A rerun typed while the first run's last trials still train: before, its summary counted
+    the first run's trials as its own (and the first run's summary the rerun's)."""
+    space = {**_concurrent_space(), "fixed": {"workload": "simulated", "steps": 8}}
+    name = create_study(write_space(tmp_path / "rerun.yaml", space), storage=pg_url)
+    first = _start_run(name, pg_url, "--n-trials", "10", "--jobs", "2")
+    _wait_for(name, pg_url, lambda ts: sum(t.state.is_finished() for t in ts) >= 2)
+    second = _start_run(name, pg_url, "--n-trials", "2", "--jobs", "1")
+    summaries = _summaries([first, second])
+
+    _assert_cooperated(optuna.load_study(study_name=name, storage=pg_url), summaries, [10, 2])
+    (rerun,) = [s for s in summaries if s["finished"] == 2]
+    assert rerun["others_finished"] >= 1  # the first run's trials ended while it ran
+
+
+def test_enqueued_trials_are_taken_once_by_two_runs_at_once(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Trials waiting in Optuna's queue (a baseline, a warm start, `enqueue_trial`) and two runs
+    at once on SQLite: each queued trial runs once, and the sampled ones differ from them all."""
+    name = create_study(write_space(tmp_path / "q.yaml", _concurrent_space()), storage=sqlite_url)
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    queued = [(1e-3, 4), (2e-3, 8), (5e-3, 16), (1e-2, 4)]
+    for lr, rank in queued:
+        study.enqueue_trial({"learning_rate": lr, "lora_rank": rank})
+    runs = [_start_run(name, sqlite_url, "--n-trials", "3", "--jobs", "2") for _ in range(2)]
+    summaries = _summaries(runs)
+
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    _assert_cooperated(study, summaries, [3, 3])
+    ran = sorted((t.params["learning_rate"], t.params["lora_rank"]) for t in study.trials)
+    assert [p for p in ran if p in queued] == sorted(queued)
+
+
+def test_ctrl_c_of_one_run_stops_its_own_trials_only(sqlite_url: str, tmp_path: Path) -> None:
+    """Two terminals run one study and the user presses Ctrl-C in one: its trials end FAIL
+    "interrupted"; the other run's trials go on and finish, and its summary counts its own (before,
+    it counted the interrupted run's failures as its own)."""
+    import signal
+
+    space = {**_concurrent_space(), "fixed": {"workload": "simulated", "steps": 10}}
+    name = create_study(write_space(tmp_path / "c.yaml", space), storage=sqlite_url)
+    stopped = _start_run(name, sqlite_url, "--n-trials", "10", "--jobs", "2")
+    kept = _start_run(name, sqlite_url, "--n-trials", "4", "--jobs", "2")
+    # Both runs have a trial training: 3 trials report steps, and a run trains 2 at a time.
+    _wait_for(
+        name,
+        sqlite_url,
+        lambda ts: sum(bool(t.last_step) and not t.state.is_finished() for t in ts) >= 3,
+    )
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=180)
+    assert stopped.returncode == 130, err[-3000:]
+    (summary,) = _summaries([kept])
+
+    study = optuna.load_study(study_name=name, storage=sqlite_url)
+    trials = study.get_trials()
+    assert all(t.state.is_finished() for t in trials)
+    assert summary["finished"] == 4 and summary["complete"] == 4
+    own = [t for t in trials if t.user_attrs.get("run") == summary["run"]]
+    assert [t.state for t in own] == [TrialState.COMPLETE] * 4
+    others = [t for t in trials if t not in own]
+    assert summary["others_finished"] >= 1
+    assert {t.user_attrs.get("fail_reason") for t in others if t.state == TrialState.FAIL} <= {
+        "interrupted (Ctrl-C or a stop signal)"
+    }
+    keys = [_key(t) for t in trials]
+    assert len(set(keys)) == len(keys)

@@ -117,3 +117,42 @@ def test_a_local_sweep_is_fed_by_its_driver_unless_lookahead_is_0(
     assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
     n_fed = sum(FED_ATTR in t.system_attrs for t in trials)
     assert (n_fed >= 6) if fed else (n_fed == 0)
+
+
+# --- issue 22: i22-concurrent ---
+
+
+def test_the_drivers_view_holds_the_trials_another_run_is_training(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Another run's trial in training is in the view as RUNNING, so the sampler steers away
+    from it (TPE's constant liar); this run's own suggestion is there once; both come back."""
+    name, study, space, sampler = _fed_study(sqlite_url, tmp_path)
+    view = StudyView(RunPlan(name, sqlite_url, None, None, 1, run="mine"))
+
+    def training(run: str) -> optuna.Trial:
+        """A trial as a worker leaves it while it trains: its run, its params, its hparams."""
+        trial = study.ask()
+        trial.set_user_attr("run", run)
+        trial.set_user_attr("hparams", space.suggest(trial))
+        return trial
+
+    theirs = training("theirs")
+    view.sync()
+    running = view.view.get_trials(states=(TrialState.RUNNING,))
+    assert [t.params for t in running] == [theirs.params]
+
+    sampler.offer(view.suggest())
+    mine = training("mine")
+    assert mine.params != theirs.params
+    view.sync()
+    assert len(view.view.get_trials(states=(TrialState.RUNNING,))) == 2  # not 3
+
+    study.tell(theirs, 1.5)
+    study.tell(mine, 2.0)
+    view.sync()
+
+    def seen(trials: list) -> list[str]:
+        return sorted(str((t.params, t.state, t.values)) for t in trials)
+
+    assert seen(view.view.get_trials()) == seen(study.get_trials())

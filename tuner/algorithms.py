@@ -125,7 +125,9 @@ SEEDS = 2**32  # numpy's seeds, which Optuna's samplers take: 0 to 2**32 - 1
 
 
 def build_sampler(spec: Mapping[str, Any], *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """Make the sampler; workers pass distinct `seed_offset`s so their random draws differ."""
+    """Make the sampler; workers and runs pass distinct `seed_offset`s so their random draws
+    differ (tuner.store.runs). The seed wraps within numpy's range, which a run's random offset
+    would otherwise leave."""
     options = dict(spec)
     name = options.pop("name")
     seed = options.get("seed")

@@ -267,9 +267,11 @@ def study_run(
     if as_json:
         typer.echo(json.dumps(_run_summary(name, progress, report, failure)))
     else:
+        others = progress.others_finished
         typer.echo(
             f"{_plural(progress.finished, 'trial')} finished: {progress.complete} complete, "
             f"{progress.pruned} pruned, {progress.failed} failed"
+            + (f"; other runs of the study finished {others} meanwhile" if others else "")
         )
         if report is not None:
             typer.echo(_best_line(report))
@@ -307,6 +309,10 @@ def _run_summary(
         "complete": progress.complete,
         "pruned": progress.pruned,
         "failed": progress.failed,
+        # This run's id (each of its trials has it as user attr `run`), and the trials that other
+        # runs of the study at once finished while it ran: `finished` counts this run's only.
+        "run": progress.run,
+        "others_finished": progress.others_finished,
         "best_value": report["value"] if report else None,
         "best_trial": report["trial"] if report else None,
         "metric": report["metric"] if report else None,

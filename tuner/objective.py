@@ -63,6 +63,7 @@ class Objective:
         self.data_cache = local_cache_dir(artifacts, node_cache_dir())
         self.shared_data = shared_data_cache(artifacts, self.artifact_store)
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
+        self.run: str | None = None  # the id of the run it works for, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
         # Where a Ctrl-C may land in a trial: the whole of the objective, and nothing around it
         # (creating the trial, telling it), so that an interrupt never leaves a trial half-made.
@@ -93,7 +94,7 @@ class Objective:
         self.shared = False
         try:
             with self.interruptible():
-                recovery.mark(trial, self.worker)
+                recovery.mark(trial, self.worker, self.run)
                 if self.on_trial_start is not None:
                     self.on_trial_start(trial)
                 values = self.space.suggest(trial)

@@ -43,9 +43,10 @@ class ProgressBar:
             )
         if progress.last is not None:
             self._log(progress.last, progress)
+        others = f", other runs {progress.others_finished}" if progress.others_finished else ""
         self.bar.set_postfix_str(
-            f"complete {progress.complete}, pruned {progress.pruned}, failed {progress.failed}, "
-            f"best {number(progress.best_value)}",
+            f"complete {progress.complete}, pruned {progress.pruned}, failed {progress.failed}"
+            f"{others}, best {number(progress.best_value)}",
             refresh=False,
         )
         self.bar.update(progress.finished - self.bar.n)

@@ -499,8 +499,10 @@ class Space(BaseModel):
         description="An Optuna sampler by name (`tpe` alone, or `{name: tpe, ...}`) with the "
         "class's own keyword arguments, checked when the space loads; given options replace the "
         "default's one by one. Each worker process offsets `seed`, so workers never draw the "
-        "same random trials. `tpe` is Optuna's TPE that also learns from trials that failed "
-        "with a constraint (out of memory, NaN), which Optuna's own TPE skips.",
+        "same random trials, nor do runs of one study at once (each run but the first adds a "
+        "random offset; a run alone draws as before). `tpe` is Optuna's TPE that also learns "
+        "from trials that failed with a constraint (out of memory, NaN), which Optuna's own TPE "
+        "skips.",
     )
     pruner: dict[str, Any] = Field(
         default_factory=lambda: dict(algorithms.DEFAULT_PRUNER),

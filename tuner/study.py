@@ -35,6 +35,7 @@ from tuner.store import (
     resolve_url,
 )
 from tuner.store.ranking import best_trial, better, counts_as_best, gain, state_counts
+from tuner.store.runs import start_run
 from tuner.store.studies import wait_for_space
 
 logger = logging.getLogger(__name__)
@@ -200,12 +201,15 @@ class RunningTrial:
 
 @dataclass
 class Progress:
-    """What the run has done so far, for a progress bar."""
+    """What the run has done so far, for a progress bar: its own trials (those it started), and
+    how many trials other runs of the study at once finished meanwhile."""
 
     target: int | None
+    run: str = ""  # the run's id, recorded on each of its trials (user attr `run`)
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    others_finished: int = 0  # trials of other runs (or plain Optuna processes) that finished
     best_value: float | None = None  # the study's best so far, trials before this run included
     best_trial: int | None = None
     last: FrozenTrial | None = None  # the trial whose finishing this report is about
@@ -272,34 +276,40 @@ def run_study(
         jobs = jobs or 1
     if n_trials is not None and jobs is not None:
         jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
-    plan = backends.RunPlan(
-        name,
-        opened.url,
-        n_trials,
-        timeout,
-        jobs,
-        gpus_per_trial=space.resources.gpus_per_trial,
-        cpus_per_trial=space.resources.cpus_per_trial,
-        max_retries=max_retries,
-        gpu_hours=space.budget.gpu_hours,
-        trial_timeout=space.resources.trial_timeout,
-        lookahead=space.resources.lookahead,
-        placement_timeout=space.resources.placement_timeout,
-        max_identical_failures=space.resources.max_identical_failures,
-        **_device_needs(space),
-    )
-    monitor = _Monitor(study, opened.store, target=n_trials, on_progress=on_progress, poll_s=poll_s)
-    started = datetime.now()  # Optuna records trials' times as naive local time
-    monitor.start()
-    stop_reason = None
-    try:
-        if n_trials != 0:
-            with tracking.study_run(study, space):
-                backends.run_trials(plan, backend=backend, address=address)
-    except RunFailed as e:
-        stop_reason = str(e)  # returned with the summary: the caller reports both
-    finally:
-        monitor.stop()
+    # The run's id and seed offset: runs of the study at once draw apart (tuner.store.runs).
+    with start_run(opened.url, name) as run:
+        plan = backends.RunPlan(
+            name,
+            opened.url,
+            n_trials,
+            timeout,
+            jobs,
+            gpus_per_trial=space.resources.gpus_per_trial,
+            cpus_per_trial=space.resources.cpus_per_trial,
+            max_retries=max_retries,
+            gpu_hours=space.budget.gpu_hours,
+            trial_timeout=space.resources.trial_timeout,
+            lookahead=space.resources.lookahead,
+            placement_timeout=space.resources.placement_timeout,
+            max_identical_failures=space.resources.max_identical_failures,
+            run=run.id,
+            seed_offset=run.seed_offset,
+            **_device_needs(space),
+        )
+        monitor = _Monitor(
+            study, opened.store, target=n_trials, run=run.id, on_progress=on_progress, poll_s=poll_s
+        )
+        started = datetime.now()  # Optuna records trials' times as naive local time
+        monitor.start()
+        stop_reason = None
+        try:
+            if n_trials != 0:
+                with tracking.study_run(study, space):
+                    backends.run_trials(plan, backend=backend, address=address)
+        except RunFailed as e:
+            stop_reason = str(e)  # returned with the summary: the caller reports both
+        finally:
+            monitor.stop()
     monitor.progress.stop_reason = stop_reason
     # Trials of a killed run whose workers were still winding down when this run started.
     recovery.fail_orphans(study, max_retries=max_retries)
@@ -347,6 +357,7 @@ class _Monitor(threading.Thread):
         store: optuna.storages.RDBStorage,
         *,
         target: int | None,
+        run: str,
         on_progress,
         poll_s: float,
     ):
@@ -356,7 +367,7 @@ class _Monitor(threading.Thread):
         self.on_progress = on_progress
         self.poll_s = poll_s
         self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        self.progress = Progress(target=target)
+        self.progress = Progress(target=target, run=run)
         best = best_trial(study)
         if best is not None:
             self.progress.best_value, self.progress.best_trial = best.value, best.number
@@ -390,21 +401,26 @@ class _Monitor(threading.Thread):
         new = [t for t in trials if t.state in FINISHED and t.number not in self.seen]
         p = self.progress
         was_running = bool(p.running)
-        p.running = self._running([t for t in trials if t.state == TrialState.RUNNING])
+        mine = [t for t in trials if t.user_attrs.get(attrs.RUN) == p.run]
+        p.running = self._running([t for t in mine if t.state == TrialState.RUNNING])
+        reported = False
         for t in sorted(new, key=lambda t: (t.datetime_complete or t.datetime_start, t.number)):
             self.seen.add(t.number)
-            p.complete += t.state == TrialState.COMPLETE
-            p.pruned += t.state == TrialState.PRUNED
-            p.failed += t.state == TrialState.FAIL
             if counts_as_best(t) and (
                 p.best_value is None or better(t.value, p.best_value, self.study.direction)
             ):
                 p.best_value, p.best_trial = t.value, t.number
-            p.last = t
+            if t.user_attrs.get(attrs.RUN) != p.run:
+                p.others_finished += 1  # the study's best still counts it
+                continue
+            p.complete += t.state == TrialState.COMPLETE
+            p.pruned += t.state == TrialState.PRUNED
+            p.failed += t.state == TrialState.FAIL
+            p.last, reported = t, True
             if self.on_progress is not None:
                 self.on_progress(p)
         p.last = None
-        if not new and (p.running or was_running) and self.on_progress is not None:
+        if not reported and (new or p.running or was_running) and self.on_progress is not None:
             self.on_progress(p)  # a running trial's step, value and ETA (or none left)
         return True
 

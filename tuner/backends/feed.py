@@ -180,23 +180,28 @@ def _ready(out: Any) -> int:
 
 class StudyView:
     """The study as the driver's sampler sees it: the store's finished trials, mirrored into
-    memory as they finish, and the suggestions handed out and not yet finished."""
+    memory as they finish, and the trials not yet finished: the suggestions it handed out, and
+    the trials running that it did not suggest (another run's, at once; an enqueued one). The
+    sampler thus sees every running trial, as Optuna's TPE (`constant_liar`) does in plain
+    Optuna, and steers its next suggestion away from them: a second line, after the run's own
+    seed (tuner.store.runs), against two runs at once training the same params."""
 
     def __init__(self, plan: RunPlan) -> None:
         from tuner import algorithms
         from tuner.store import open_study
 
         opened = open_study(plan.study_name, plan.storage_url, in_run=True)
-        self.study, self.space = opened.study, opened.space
+        self.study, self.space, self.run = opened.study, opened.space, plan.run
+        count = len(self.study.get_trials(deepcopy=False))
         self.view = optuna.create_study(
             storage=optuna.storages.InMemoryStorage(),
             directions=self.study.directions,
             sampler=algorithms.build_sampler(
-                self.space.sampler,
-                seed_offset=FEED_SEED_OFFSET + len(self.study.get_trials(deepcopy=False)),
+                self.space.sampler, seed_offset=plan.seed_offset + FEED_SEED_OFFSET + count
             ),
         )
-        self._seen: set[int] = set()
+        self._seen: set[int] = set()  # store trials mirrored finished
+        self._seen_running: set[int] = set()  # store trials added running (not suggested here)
         self._pending: dict[tuple, deque[int]] = {}  # params → numbers of view trials running
         self._handed: deque[tuple[tuple, int]] = deque()  # (params, number), oldest first
 
@@ -205,6 +210,9 @@ class StudyView:
             if trial.state.is_finished() and id_of(trial) not in self._seen:
                 self._seen.add(id_of(trial))
                 self._mirror(trial)
+            elif trial.state == TrialState.RUNNING and self._not_ours(trial):
+                self._seen_running.add(id_of(trial))  # `_mirror` finishes it in the view
+                self._add_running(trial)
 
     def suggest(self) -> dict[str, Any]:
         trial = self.view.ask()
@@ -215,6 +223,26 @@ class StudyView:
         if len(self._handed) > MAX_UNUSED:
             self._forget(*self._handed.popleft())
         return dict(trial.params)
+
+    def _not_ours(self, trial: FrozenTrial) -> bool:
+        """A running trial the view has not seen, with all its params (its worker records them
+        as `hparams` once suggested), that is not one of this run's suggestions."""
+        if id_of(trial) in self._seen_running or attrs.HPARAMS not in trial.user_attrs:
+            return False
+        ours = trial.user_attrs.get(attrs.RUN, "") == self.run
+        return not (ours and FED_ATTR in trial.system_attrs)
+
+    def _add_running(self, trial: FrozenTrial) -> None:
+        """Add a running trial to the view as running: pending, as the suggestions handed out
+        are, and finished by `_mirror` when it finishes in the store."""
+        running = optuna.trial.create_trial(
+            state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions
+        )
+        storage = storage_of(self.view)
+        with contextlib.suppress(ValueError):  # params the view's space cannot hold: left out
+            trial_id = storage.create_new_trial(study_id_of(self.view), template_trial=running)
+            number = storage.get_trial_number_from_id(trial_id)
+            self._pending.setdefault(_key(trial.params), deque()).append(number)
 
     def _mirror(self, trial: FrozenTrial) -> None:
         numbers = self._pending.get(_key(trial.params))

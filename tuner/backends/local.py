@@ -61,6 +61,8 @@ class LocalBackend:
             index=index,
             threads=self.threads,
             log_level=self.log_level,
+            run=plan.run,
+            seed_offset=plan.seed_offset,
         )
         ours, theirs = self.ctx.Pipe()
         gpu = self.gpus[index % len(self.gpus)]

@@ -86,6 +86,8 @@ class RayBackend:
             index=index,
             threads=max(1, int(plan.cpus_per_trial / ranks)),
             world=ranks,
+            run=plan.run,
+            seed_offset=plan.seed_offset,
         )
         # One bundle per rank, all on one node (STRICT_PACK): a trial's ranks talk at the
         # speed of one machine, and a trial bigger than any node is said so, not spread.

@@ -30,6 +30,8 @@ class WorkerSpec:
     log_level: int = logging.WARNING
     rank: int = 0  # in a multi-GPU slot, this process's rank; rank 0 runs the Optuna trial
     world: int = 1  # processes that train one trial
+    run: str = ""  # the run's id, recorded on each trial (tuner.store.runs)
+    seed_offset: int = 0  # the run's: its draws differ from other runs' at once
 
 
 class Worker:
@@ -46,13 +48,15 @@ class Worker:
         study, space = self.opened.study, self.opened.space
         self.objective = Objective(space, artifacts=self.opened.artifacts, ranks=spec.world)
         self.objective.worker = spec.worker  # the driver finds the slot's trial by it
+        self.objective.run = spec.run  # the run's summary counts the trial by it
         self.objective.on_trial_start = self._started
         self.trial_id: int | None = None
         with read_while(study):
             self.objective.warm_up(threads=spec.threads)
         # Distinct per slot and per run, so that no two slots draw the same trials when they
-        # sample for themselves; the study was just read, so counting it costs no query.
-        seed_offset = 7919 * spec.index + len(study.get_trials(deepcopy=False))
+        # sample for themselves, nor two runs at once (the run's offset); the study was just
+        # read, so counting it costs no query.
+        seed_offset = spec.seed_offset + 7919 * spec.index + len(study.get_trials(deepcopy=False))
         self.sampler = study.sampler = FedSampler(
             algorithms.build_sampler(space.sampler, seed_offset=seed_offset)
         )

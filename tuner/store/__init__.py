@@ -13,7 +13,8 @@ teams and clusters. Everything in tuner that reads or writes a study comes throu
   the best k adapters kept; `folders`: a folder as one object there (the data cache's entries,
   checkpoints); `checkpoints`: a trial's checkpoints, and which one a retry resumes;
 - `ranking`: which value is better in a study's direction, the best trial;
-- `budget`: what a study has spent; `locks`: one driver per sweep series;
+- `budget`: what a study has spent; `locks`: one driver per sweep series; `runs`: runs of one
+  study at once, each with its id (on its trials) and its seeds apart;
 - `optuna_private`: the private members of Optuna tuner relies on, checked by a test.
 """
 

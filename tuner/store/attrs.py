@@ -39,6 +39,7 @@ RESUMED_FROM_STEP = "resumed_from_step"  # the step a retry of a dead worker's t
 MAX_STEPS = "max_steps"
 # Where the trial runs, so that whoever outlives its worker can fail it (tuner.store.recovery).
 WORKER = "worker"  # the backend's id of the slot that runs it
+RUN = "run"  # the id of the `study run` that runs it (tuner.store.runs): what each run counts
 HOST = "host"
 PID = "worker_pid"
 

@@ -33,15 +33,18 @@ from tuner.store.optuna_private import trial_id as id_of
 logger = logging.getLogger(__name__)
 
 # Facts of one attempt: a retry starts without them.
-_PER_ATTEMPT_ATTRS = (attrs.WORKER, attrs.HOST, attrs.PID, attrs.FAIL_REASON)
+_PER_ATTEMPT_ATTRS = (attrs.WORKER, attrs.RUN, attrs.HOST, attrs.PID, attrs.FAIL_REASON)
 
 
-def mark(trial: optuna.Trial, worker: str | None = None) -> None:
-    """Record where the trial runs, so that whoever outlives its worker can fail it."""
+def mark(trial: optuna.Trial, worker: str | None = None, run: str | None = None) -> None:
+    """Record where the trial runs, so that whoever outlives its worker can fail it, and the run
+    it counts for."""
     trial.set_user_attr(attrs.HOST, socket.gethostname())
     trial.set_user_attr(attrs.PID, os.getpid())
     if worker is not None:
         trial.set_user_attr(attrs.WORKER, worker)
+    if run:
+        trial.set_user_attr(attrs.RUN, run)
 
 
 def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
