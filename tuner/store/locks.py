@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tuner.errors import StorageError
-from tuner.store.urls import mask_url
+from tuner.store.urls import mask_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def series_lock(url: str, series: str, *, wait: bool = False) -> Iterator[None]:
     if url.startswith("postgresql"):
         with _advisory_lock(url, series, wait=wait):
             yield
-    elif url.startswith("sqlite:///"):
-        with _file_lock(Path(url.removeprefix("sqlite:///")), series, wait=wait):
+    elif (path := sqlite_path(url)) is not None:
+        with _file_lock(path, series, wait=wait):
             yield
     else:
         raise StorageError(
