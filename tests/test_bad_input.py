@@ -710,3 +710,53 @@ def test_a_parquet_file_that_is_not_parquet_is_one_line(
     code, err = _create(path, db, capsys)
     assert "ERROR" not in err
     _assert_refused(code, err, data, "train.parquet: cannot be read as parquet (ArrowInvalid", db)
+
+
+# --- issue 22: i22-export ---
+
+# (command, --storage, words the one line must hold): stores that cannot hold a study
+BAD_STORES = [
+    (["study", "create", "--space", "simulated"], "sqlite:///:memory:", "in-memory SQLite store"),
+    (["study", "create", "--space", "simulated"], "sqlite://", "in-memory SQLite store"),
+    (["study", "run", "x"], "sqlite://", "in-memory SQLite store"),
+    (["study", "list"], "sqlite:///:memory:", "in-memory SQLite store"),
+    (["study", "create", "--space", "simulated"], "sqlite:///m.db?mode=memory&uri=true", "memory"),
+    (
+        ["study", "create", "--space", "simulated"],
+        "sqlite:////proc/x.db",
+        "cannot create the study store sqlite:////proc/x.db: No such file or directory",
+    ),
+    (["study", "create", "--space", "simulated"], "", "--storage is empty"),
+    (["study", "list"], "", "--storage is empty"),
+    (["study", "show", "x"], " ", "--storage is empty"),
+    (["study", "create", "--space", "simulated"], "sqlite:///fifo.db", "is not a regular file"),
+    (["study", "list"], "sqlite:///fifo.db", "is not a regular file"),
+    (["study", "create", "--space", "simulated"], "sqlite:///folder.db", "is a folder"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "url", "expected"), BAD_STORES, ids=[f"{c[1]} {u!r}" for c, u, _ in BAD_STORES]
+)
+def test_a_store_that_cannot_hold_studies_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    command: list[str],
+    url: str,
+    expected: str,
+) -> None:
+    """No traceback, no junk file named `sqlite:`, no FIFO read forever, and an empty --storage
+    (`--storage "$UNSET"`) is no silent fallback to the default store here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUNER_STORAGE", raising=False)
+    os.mkfifo(tmp_path / "fifo.db")
+    (tmp_path / "folder.db").mkdir()
+    optuna.create_study(study_name="x", storage=f"sqlite:///{tmp_path / 'tuner.db'}")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, err = _main([*command, "--storage", url], capsys)
+    lines = [line for line in err.splitlines() if not LOG_LINE.match(line)]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert not Path("/proc/x.db").exists()

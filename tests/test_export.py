@@ -8,12 +8,13 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cli, small_space, write_space
+from conftest import TUNER, run_cli, small_space, write_space
 from safetensors.torch import load_file, save_file
 
 from tuner import export as export_mod
@@ -248,3 +249,144 @@ def test_an_adapter_trained_with_zero3_exports_the_same_way(
     report = export_trial(name, out=tmp_path / "out", storage=sqlite_url)
     assert report.verification.passed
     assert abs(report.verification.val_loss - trial.user_attrs["eval_loss"]) < 1e-3
+
+
+# --- issue 22: i22-export ---
+
+
+def _tree(*roots: Path) -> dict[str, int]:
+    """Every path under the roots, with a file's size: what a refused export leaves as it was."""
+    found = {}
+    for root in roots:
+        for path in (root, *root.rglob("*")) if root.is_dir() else (root,):
+            found[str(path)] = path.lstat().st_size if path.is_file() else -1
+    return found
+
+
+def test_an_export_never_replaces_what_it_must_not(
+    study: tuple[str, str], demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out .`, `""`, `~`, `/`, the model, the data, the artifacts, the store, a symlink to
+    any of them, a folder or file that is no export: refused with --force too, nothing touched."""
+    name, url = study
+    store = Path(url.removeprefix("sqlite:///"))
+    artifacts = Path(optuna.load_study(study_name=name, storage=url).user_attrs["artifacts"])
+    work, home, project = tmp_path / "work", tmp_path / "home", tmp_path / "project"
+    for folder, file in ((work, "notes.txt"), (home, ".bashrc"), (project, "app.py")):
+        folder.mkdir()
+        (folder / file).write_text("a user's work\n")
+    (tmp_path / "model.tar").write_bytes(b"not an export")
+    (work / "sub").mkdir()
+    (work / "here").symlink_to(work)
+    (work / "base").symlink_to(demo_dir / "model")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    cases = [
+        ("", "--out is empty"),
+        (".", f"--out {work} is the working directory"),
+        (str(tmp_path), f"--out {tmp_path} contains the"),  # the home and working directories
+        ("~", f"--out {home} is the home folder"),
+        ("/", "--out / is the root folder"),
+        (demo_dir / "model", "is the base model"),
+        (demo_dir / "model" / "best", "is inside the base model"),
+        (demo_dir, "contains the base model"),
+        (demo_dir / "data.jsonl", "is the data set"),
+        (artifacts, "is the study's artifacts"),
+        (artifacts / "best", "is inside the study's artifacts"),
+        (store, "is the study store"),
+        (store.parent, f"--out {store.parent} contains the study's"),
+        ("here", f"--out {work} is the working directory"),  # symlinks resolved first
+        ("base", f"--out {(demo_dir / 'model').resolve()} is the base model"),
+        (project, "holds files that are not an export (no tuner_export.json)"),
+        (tmp_path / "model.tar", "is a file, and --force replaces only an earlier export"),
+    ]
+    before = _tree(tmp_path, demo_dir, store.parent)
+    for out, expected in cases:
+        for force in (False, True):
+            with pytest.raises(export_mod.destination.DestinationError) as refused:
+                export_trial(name, out=out, storage=url, force=force)
+            assert expected in str(refused.value), (out, force, str(refused.value))
+    monkeypatch.chdir(work / "sub")
+    with pytest.raises(export_mod.destination.DestinationError, match="contains the working"):
+        export_trial(name, out=work, storage=url, force=True)
+    monkeypatch.chdir(work)
+    assert _tree(tmp_path, demo_dir, store.parent) == before
+
+    # As a user types them: one line, exit 2, no traceback (`--out /` was one), nothing removed.
+    env = {"HOME": str(home)}
+    for args in (["--out", ""], ["--out", ".", "--force"], ["--out", "/", "--force"],
+                 ["--out", str(demo_dir / "model")]):  # fmt: skip
+        result = run_cli("study", "export", name, "--storage", url, *args, cwd=work, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: --out ") and result.stderr.count("\n") == 1
+    assert _tree(tmp_path, demo_dir, store.parent) == before
+
+
+def test_a_replaced_export_and_a_killed_one_leave_nothing_beside_it(
+    study: tuple[str, str], tmp_path: Path
+) -> None:
+    """--force moves the earlier export aside and removes it once the new one is there: nothing
+    `.old` is left. An export killed midway leaves its half-built folder, which the next export
+    to the same place removes."""
+    name, url = study
+    out = tmp_path / "best"
+    command = [*TUNER, "study", "export", name, "--out", str(out), "--storage", url, "--force"]
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".best.export-*")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        killed.kill()
+        killed.wait()
+    (left,) = tmp_path.glob(".best.export-*")
+    assert str(killed.pid) in left.name
+
+    export_trial(name, out=out, storage=url, trial_number=2, adapter_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    report = export_trial(name, out=out, storage=url, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    provenance = json.loads((out / export_mod.PROVENANCE).read_text())
+    assert provenance["kind"] == "merged" and provenance["trial"]["number"] == report.trial
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A small file system of the size (and options) the test asks for: tmpfs, mounted here."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", request.param, "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 0, f"this test needs to mount a tmpfs: {made.stderr}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+FULL = (
+    "no space left on the file system of {disk} for the export to {out}; "
+    "free some or choose another --out"
+)
+
+
+@pytest.mark.parametrize(
+    ("tmpfs", "expected"),
+    [
+        ("size=32k", FULL),
+        ("size=1m", FULL),
+        ("size=1m,ro", "cannot write the export to {out}: Read-only file system"),
+    ],
+    ids=["adapter does not fit", "merged weights do not fit", "read-only"],
+    indirect=["tmpfs"],
+)
+def test_an_export_onto_a_full_or_read_only_disk_says_so_in_one_line(
+    study: tuple[str, str], tmpfs: Path, expected: str
+) -> None:
+    """Not "not in the artifact store", not a traceback; and nothing half-written is left."""
+    name, url = study
+    out = tmpfs / "best"
+    result = run_cli("study", "export", name, "--out", str(out), "--storage", url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {expected.format(disk=tmpfs, out=out)}\n", result.stderr
+    assert list(tmpfs.iterdir()) == []

@@ -2,8 +2,9 @@
 person or a log could read.
 
 The test server trusts local connections, so a URL with a password still connects; the password
-is a sentinel that must show up nowhere: stdout, stderr, log files, exception text, the study's
-and trials' attributes in the database, summaries, model card, report, the dashboard's API. The
+(a raw `@`, `:`, `/` and `%` in it, and another in the query's `?password=`) is a sentinel that
+must show up nowhere: stdout, stderr, log files, exception text, the study's and trials'
+attributes in the database, summaries, model card, report, the dashboard's API. The
 study's artifacts are in S3 (moto's server), reached with AWS_SECRET_ACCESS_KEY set to another
 sentinel, which must show up nowhere either, the objects in the bucket included.
 """
@@ -13,10 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
+import pytest
 import sqlalchemy
 from conftest import S3, TUNER, run_cli, small_space, write_space
 
@@ -50,7 +54,8 @@ def test_a_password_in_the_storage_url_leaks_nowhere(
 ) -> None:
     head, rest = pg_url.split("://", 1)
     user, location = rest.split("@", 1)
-    url = f"{head}://{user.split(':')[0]}:{SENTINEL}@{location}"
+    # The password holds a raw @ : / % (RAW: each part a sentinel), and the query one more.
+    url = f"{head}://{user.split(':')[0]}:{RAW}@{location}?password={QUERY_SENTINEL}"
     work = tmp_path / "work"
     work.mkdir()
     space = small_space(demo_dir, name="leak", budget={"n_trials": 2})
@@ -109,7 +114,7 @@ def test_a_password_in_the_storage_url_leaks_nowhere(
     objects = {key: _object(s3, key) for key in s3.listed()}
     assert any(key.startswith("leak/") for key in objects)  # the artifacts went to S3
     assert not (work / "tuner_artifacts").exists()
-    for secret in (SENTINEL, S3_SENTINEL):
+    for secret in (*SECRETS, S3_SENTINEL):
         leaks = [o[:200] for o in outputs if secret in o]
         assert not leaks, leaks
         files = [str(p) for p, data in _all_text_in(work).items() if secret.encode() in data]
@@ -129,3 +134,97 @@ def _object(s3: S3, key: str) -> bytes:
         return data
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+
+
+# --- issue 22: i22-export ---
+
+# A password with every character a URL gives a meaning to, each part a sentinel of its own: a
+# raw `@` made SQLAlchemy end the password there and print the rest as the host.
+FRAGMENTS = ("Frag-After-At", "Frag-After-Colon", "Frag-After-Slash", "Frag-After-Pct")
+RAW = f"{SENTINEL}@{FRAGMENTS[0]}:{FRAGMENTS[1]}/{FRAGMENTS[2]}%{FRAGMENTS[3]}"
+QUERY_SENTINEL = "Sentinel-Query-2b7c19"
+SECRETS = (SENTINEL, *FRAGMENTS, QUERY_SENTINEL)
+
+# name → (URL with HOST for host:port, the password the server should get)
+URL_FORMS = {
+    "user:password@": (f"postgresql://tuner:{SENTINEL}@HOST/db", SENTINEL),
+    "raw @ : / %": (f"postgresql://tuner:{RAW}@HOST/db", RAW),
+    "percent-encoded": (f"postgresql://tuner:{quote(RAW, safe='')}@HOST/db", RAW),
+    "?password=": (f"postgresql://tuner@HOST/db?sslmode=prefer&password={QUERY_SENTINEL}", None),
+    "?sslpassword=": (f"postgres://tuner@HOST/db?sslpassword={QUERY_SENTINEL}", None),
+    "both": (f"postgresql+psycopg2://tuner:{RAW}@HOST/db?password={QUERY_SENTINEL}", RAW),
+}
+
+
+def _leaks(text: str) -> list[str]:
+    return [s for s in SECRETS if s in text]
+
+
+@pytest.mark.parametrize("form", URL_FORMS)
+def test_every_spelling_of_a_password_is_masked_and_still_connects_as_meant(form: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from tuner.store import mask_text, mask_url, resolve_url, strip_password
+
+    url, password = URL_FORMS[form]
+    url = url.replace("HOST", "db.example:5432")
+    shown = [
+        mask_url(url),
+        mask_url(f"could not connect to {url}: refused ('{url}')"),
+        mask_text(f"FATAL: password {password or QUERY_SENTINEL} rejected for {url}", url),
+        mask_url(resolve_url(url)),
+    ]
+    assert not [s for s in shown if _leaks(s)], shown
+    assert shown[0].startswith(url.split("://")[0] + "://tuner")
+    assert "db.example:5432/db" in shown[0]
+    # What connects is what was meant: the whole password, the real host.
+    resolved = make_url(resolve_url(url))
+    assert (resolved.password, resolved.host, resolved.port) == (password, "db.example", 5432)
+    assert resolved.drivername == "postgresql+psycopg2"
+    stripped = strip_password(resolve_url(url))
+    assert not _leaks(stripped) and make_url(stripped).host == "db.example", stripped
+
+
+@pytest.mark.parametrize("form", URL_FORMS)
+def test_an_unreachable_store_names_its_url_without_a_password(form: str) -> None:
+    url = URL_FORMS[form][0].replace("HOST", "127.0.0.1:1")
+    result = run_cli("study", "list", "--storage", url, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: cannot open the study store postgresql+psycopg2://")
+    assert "127.0.0.1:1/db" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not _leaks(result.stdout + result.stderr), result.stderr
+
+
+def test_printed_hints_are_shell_quoted_and_masked(pg_url: str, tmp_path: Path) -> None:
+    """`study run`'s details/watch/export lines are made to be pasted: a study named
+    `x; echo pwned` is one word there, and the URL's password (raw `@` and `?password=`) is
+    masked. The URL connects (the test server trusts local connections)."""
+    from tuner.store import mask_url
+
+    head, rest = pg_url.split("://", 1)
+    user, location = rest.split("@", 1)
+    url = f"{head}://{user}:{RAW}@{location}?password={QUERY_SENTINEL}"
+    space = write_space(tmp_path / "s.yaml", {
+        "name": "hints",
+        "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+        "fixed": {"workload": "simulated", "steps": 2, "step_seconds": 0.01},
+        "pruner": "none",
+    })  # fmt: skip
+    name = "x; echo pwned"
+    made = run_cli("study", "create", "--space", str(space), "--name", name, "--storage", url)
+    assert made.returncode == 0, made.stderr
+    result = run_cli("study", "run", name, "--n-trials", "1", "--storage", url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not _leaks(result.stdout + result.stderr)
+    hints = {
+        line.split(":", 1)[0]: shlex.split(line.split(":", 1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith(("details:", "watch:", "export:"))
+    }
+    flag = ["--storage", mask_url(url)]
+    assert "***" in flag[1] and "?password=***" in flag[1]
+    assert hints == {
+        "details": ["tuner", "study", "show", name, *flag],
+        "watch": ["tuner", "dashboard", *flag],
+        "export": ["tuner", "study", "export", name, *flag, "--out", f"{name}-best"],
+    }

@@ -223,3 +223,52 @@ def _day(n: int):  # noqa: ANN202
     import datetime as dt
 
     return dt.date(2026, 11, n)
+
+
+# --- issue 22: i22-export ---
+
+
+def test_a_sweep_prunes_only_its_own_older_exports(tmp_path: Path) -> None:
+    """`--out` may be a folder with other things in it (a home folder, a shared exports
+    folder): pruning beyond `sweep.keep_exports` removed every folder named like NAME-DATE,
+    a user's `backup-2020-01-01` and another series' champions included."""
+    from tuner.sweep import _prune_exports
+
+    out = tmp_path / "out"
+    for folder in ("nightly-2026-11-01", "nightly-2026-11-02", "nightly-2026-11-03",
+                   "other-2026-11-01", "backup-2020-01-01", "nightly-2020-01-01"):  # fmt: skip
+        (out / folder).mkdir(parents=True)
+        (out / folder / "notes.txt").write_text("keep me\n")
+    for export in ("nightly-2026-11-01", "nightly-2026-11-02", "nightly-2026-11-03",
+                   "other-2026-11-01"):  # fmt: skip
+        (out / export / "tuner_export.json").write_text("{}\n")
+    _prune_exports(out, keep=2, current="nightly-2026-11-03")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "backup-2020-01-01",  # not an export
+        "nightly-2020-01-01",  # named like one, but holds no export
+        "nightly-2026-11-02",
+        "nightly-2026-11-03",
+        "other-2026-11-01",  # another series'
+    ]
+
+
+def test_a_sweep_refuses_an_export_place_before_it_runs(tmp_path: Path) -> None:
+    """The champion's export goes to OUT/SERIES-DATE under tuner.destination's rules: inside
+    the study's artifacts is refused before any trial runs, not after the night's work; an
+    empty --out is refused too, not read as the working directory."""
+    space = write_space(tmp_path / "s.yaml", simulated(n_trials=2))
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    args = ["sweep", "run", "--space", str(space), "--storage", url, "--date", "2026-11-01"]
+    empty = run_cli(*args, "--out", "", cwd=tmp_path)
+    assert empty.returncode == 2 and empty.stderr == (
+        "error: --out is empty (an unset variable?): name the folder to write, e.g. --out "
+        "best-model\n"
+    ), empty.stderr
+    inside = run_cli(*args, "--out", str(tmp_path / "tuner_artifacts"), cwd=tmp_path)
+    assert inside.returncode == 2 and "Traceback" not in inside.stderr, inside.stderr
+    assert inside.stderr.splitlines()[-1].startswith(
+        f"error: --out {tmp_path / 'tuner_artifacts' / 'nightly-2026-11-01'} is inside the "
+        "study's artifacts"
+    ), inside.stderr
+    assert trials_of(url, "nightly-2026-11-01") == []
+    assert not (tmp_path / "tuner_artifacts" / "nightly-2026-11-01").exists()

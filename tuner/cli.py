@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from tuner.errors import TunerError
+from tuner.text import command as _command
 from tuner.text import number as _num
 
 app = typer.Typer(
@@ -257,7 +258,8 @@ def study_run(
             )
         except KeyboardInterrupt:
             bar.close()
-            typer.echo(f"interrupted; run `tuner study run {name}` again to continue", err=True)
+            again = _command("tuner", "study", "run", name)
+            typer.echo(f"interrupted; run `{again}` again to continue", err=True)
             raise typer.Exit(130) from None
     try:
         report = best_report(name, storage)
@@ -276,10 +278,12 @@ def study_run(
         if report is not None:
             typer.echo(_best_line(report))
         if failure is None and report is not None:
-            storage_flag = f" --storage '{_masked(storage)}'" if storage else ""
-            typer.echo(f"details: tuner study show {name}{storage_flag}")
-            typer.echo(f"watch:   tuner dashboard{storage_flag}")
-            typer.echo(f"export:  tuner study export {name}{storage_flag} --out {name}-best")
+            # Quoted for the shell, the password masked: they are made to be pasted.
+            flag = ["--storage", _masked(storage)] if storage else []
+            typer.echo(f"details: {_command('tuner', 'study', 'show', name, *flag)}")
+            typer.echo(f"watch:   {_command('tuner', 'dashboard', *flag)}")
+            export = _command("tuner", "study", "export", name, *flag, "--out", f"{name}-best")
+            typer.echo(f"export:  {export}")
     if failure is not None:
         typer.echo(f"error: {failure}", err=True)
         raise typer.Exit(1)
@@ -473,7 +477,14 @@ def study_best(
 @study_app.command("export")
 def study_export(
     name: StudyName,
-    out: Annotated[Path, typer.Option("--out", help="Folder to write (made atomically).")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            help="Folder to write (made atomically): a new one, or an earlier export with "
+            "--force; never the working directory, the model's, the data's or the study's.",
+        ),
+    ],
     trial: Annotated[
         int | None, typer.Option("--trial", help="Trial number (default: the best).")
     ] = None,
@@ -481,7 +492,9 @@ def study_export(
     adapter_only: Annotated[
         bool, typer.Option("--adapter-only", help="The PEFT adapter, not a merged model.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier export at --out (nothing else).")
+    ] = False,
 ) -> None:
     """Merge the best trial's adapter into its base and save a verified checkpoint."""
     from tuner.export import export_trial
@@ -562,7 +575,7 @@ def sweep_run(
         bool, typer.Option("--wait", help="If another sweep of the series runs, wait for it.")
     ] = False,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Summaries and exported champions (default: sweeps/NAME); "
             "with an http:// --address, a folder on the cluster."

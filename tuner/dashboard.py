@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from tuner import extras
 from tuner.errors import TunerError
 from tuner.store import open_storage, resolve_url
+from tuner.text import command
 
 logger = logging.getLogger(__name__)
 
@@ -283,5 +284,6 @@ def study_note(name: str, space: Any, *, space_file: str | None = None) -> str:
         lines.append(f"- **DeepSpeed**: {space.fixed['deepspeed']}")
     if space_file:
         lines.append(f"- **space file**: `{space_file}`")
-    lines += ["", f"Export the best trial: `tuner study export {name} --out DIR`"]
+    export = command("tuner", "study", "export", name, "--out", "DIR")
+    lines += ["", f"Export the best trial: `{export}`"]
     return "\n".join(lines)

@@ -20,6 +20,10 @@ class BackendError(TunerError):
     """Trials could not be started or kept running where they were asked to run."""
 
 
+class ExportError(TunerError):
+    """An export cannot be made where asked, or failed its verification; nothing was written."""
+
+
 class RunFailed(TunerError):
     """A run started and its trials failed: not the input's fault as far as tuner could tell
     beforehand, so exit status 1, as for any command that ran and failed."""

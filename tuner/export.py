@@ -5,7 +5,8 @@ merges them. Before anything is declared done the merged model is checked agains
 (logits within a dtype tolerance, the same greedy tokens) and against the trial itself (the
 validation loss it recorded), so a corrupted or mismatched adapter is refused. Everything is
 written into a temporary folder beside the destination and renamed at the end: an error or
-Ctrl-C leaves nothing behind.
+Ctrl-C leaves nothing behind. Where an export may go, and what it may replace, is
+tuner.destination's business: never the working directory, the model or the store.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -27,7 +27,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from trials.quiet import quiet_libraries
-from tuner.errors import TunerError
+from tuner import destination
+from tuner.errors import ExportError
 from tuner.extras import DISTRIBUTION
 from tuner.objective import ADAPTER_FILES
 from tuner.store import attrs, mask_url, open_study
@@ -36,7 +37,7 @@ from tuner.store.ranking import best_trial, better, counts_as_best
 
 logger = logging.getLogger(__name__)
 
-PROVENANCE = "tuner_export.json"
+PROVENANCE = destination.PROVENANCE
 # Largest |merged - unmerged| logit allowed, by the dtype the trial trained in: merging changes
 # the order of the additions, which moves half-precision logits by a few ulps of their size.
 LOGIT_TOLERANCE = {"torch.float32": 1e-3, "torch.float16": 5e-2, "torch.bfloat16": 2.5e-1}
@@ -44,10 +45,6 @@ LOGIT_TOLERANCE = {"torch.float32": 1e-3, "torch.float16": 5e-2, "torch.bfloat16
 LOSS_TOLERANCE = {"torch.float32": 1e-3, "torch.float16": 1e-2, "torch.bfloat16": 2e-2}
 VERIFY_PROMPTS = 4
 VERIFY_TOKENS = 16
-
-
-class ExportError(TunerError):
-    """The export cannot be made or failed its verification; nothing was written."""
 
 
 @dataclass
@@ -89,9 +86,7 @@ def export_trial(
     force: bool = False,
 ) -> ExportReport:
     started = time.perf_counter()
-    out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    out = destination.requested(out)
     opened = open_study(name, storage)
     study, space = opened.study, opened.space
     trial = _pick(study, trial_number)
@@ -100,10 +95,11 @@ def export_trial(
         why = f"{dropped}, budget.keep_adapters" if dropped else "the workload trains none"
         raise ExportError(f"trial {trial.number} has no adapter in the artifact store ({why})")
     config = space.trial_config(trial.user_attrs[attrs.HPARAMS])
+    keep, inside = destination.protected(opened, config, space.fixed)
+    destination.check(out, keep=keep, inside=inside, force=force)
 
     quiet_libraries()  # before the training stack is imported: DeepSpeed warns as it is
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    tmp = destination.staging(out)
     try:
         adapter_dir = tmp / ".adapter"
         _fetch_adapter(opened.artifacts, trial, adapter_dir)
@@ -120,9 +116,11 @@ def export_trial(
         (tmp / "README.md").write_text(_model_card(provenance))
         shutil.rmtree(adapter_dir)
         _as_umask_allows(tmp)
-        _replace(tmp, out)
-    except BaseException:
+        destination.replace(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if destination.failed_writing(e, tmp):  # a full disk says so, and names where
+            raise destination.write_error(out, e) from None
         raise
     return ExportReport(
         out=str(out),
@@ -164,6 +162,8 @@ def _fetch_adapter(artifacts: str, trial: FrozenTrial, dest: Path) -> None:
                 artifact_store=store, file_path=str(dest / file_name), artifact_id=artifact_id
             )
         except Exception as e:  # noqa: BLE001 - missing file, dropped adapter, bad store
+            if destination.out_of_space(e):
+                raise  # the export's disk, not the artifact store: export_trial says so
             raise ExportError(
                 f"trial {trial.number}'s {file_name} is not in the artifact store at "
                 f"{artifacts} ({type(e).__name__}); was it dropped by budget.keep_adapters?"
@@ -372,17 +372,6 @@ def _as_umask_allows(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished folder at `out`; an old one (only with --force) goes only after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 # ----------------------------------------------------------------------------- provenance
 
 
@@ -407,7 +396,7 @@ def _provenance(
         "study": {
             "name": study.study_name,
             "storage": mask_url(opened.url),
-            "artifacts": opened.artifacts,
+            "artifacts": mask_url(opened.artifacts),
             "metric": opened.space.objective.metric,
             "direction": study.direction.name.lower(),
             "completed_trials": len(finished),

@@ -25,6 +25,7 @@ from tuner.errors import TunerError
 from tuner.store import attrs, mask_url, open_study
 from tuner.store.ranking import best_trial, gain
 from tuner.study import TrialRow, baseline_trial, study_rows
+from tuner.text import command
 from tuner.text import number as _num
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def _summary(name: str, opened: Any, study: optuna.Study) -> str:
             f"<p>Best: trial <b>{best.number}</b>, {_e(space.objective.metric)} "
             f"<b>{_e(_num(best.value))}</b>{_baseline_text(study, best)}</p><ul>{listed}</ul>"
             f"<p>Export it as a merged checkpoint that loads with plain transformers:</p>"
-            f"<pre>tuner study export {_e(name)} --out {_e(name)}-best</pre>"
+            f"<pre>{_e(command('tuner', 'study', 'export', name, '--out', f'{name}-best'))}</pre>"
         )
     return f"<table class='facts'>{rows}</table>{best_html}"
 

@@ -37,6 +37,7 @@ from tuner.store import (
 from tuner.store.ranking import best_trial, better, counts_as_best, gain, state_counts
 from tuner.store.runs import start_run
 from tuner.store.studies import wait_for_space
+from tuner.text import command
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Spac
     if stored != space.to_stored():
         raise StorageError(
             f"study {name!r} exists with a different space; use another --name, or "
-            f"`tuner study delete {name}` first"
+            f"`{command('tuner', 'study', 'delete', name)}` first"
         )
 
 

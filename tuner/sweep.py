@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import backends
+from tuner import backends, destination
 from tuner.errors import RunFailed, TunerError
 from tuner.limits import check_series
 from tuner.space import Space, load_space
-from tuner.store import attrs, mask_url, open_storage, resolve_url
+from tuner.store import attrs, mask_url, open_storage, open_study, resolve_url
 from tuner.store.budget import gpu_hours_held
 from tuner.store.locks import series_lock
 from tuner.store.ranking import best_trial, gain, rank_key, state_counts
@@ -77,6 +76,8 @@ def run_sweep(
     date = date or dt.date.today()
     name = f"{prefix}-{date.isoformat()}"
     url = resolve_url(storage)
+    if out is not None:
+        destination.requested(out)  # an empty --out is refused, not read as the working directory
     out = Path(out) if out is not None else Path("sweeps") / prefix
     started = time.time()
 
@@ -98,6 +99,7 @@ def run_sweep(
         else:
             logger.info("resuming sweep %s", name)
             create_study(space, name=name, storage=url, load_if_exists=True)
+        _check_export_place(name, url, out / name)
 
         progress = run_study(
             name, storage=url, backend=backend, address=address, jobs=jobs, on_progress=on_progress
@@ -147,6 +149,8 @@ def submit_sweep(
     series name are checked here, before anything is uploaded; the store is not opened here (it
     may be reachable from the cluster only)."""
     parsed = load_space(space)
+    if out is not None:
+        destination.requested(out)  # an empty --out is refused here, not on the cluster
     working_dir = Path(working_dir).resolve()
     prefix = _series(prefix, parsed, str(space))
     # Named by the submitter's day, not the cluster's clock: the same study whoever runs it.
@@ -434,14 +438,33 @@ def _promote(name: str, study: optuna.Study, url: str, out: Path, space: Space) 
     return str(target)
 
 
+def _check_export_place(name: str, url: str, target: Path) -> None:
+    """Before the run, not after it: a champion's export must be allowed where it would go
+    (tuner.destination's rules; an earlier export of today's sweep is replaced)."""
+    opened = open_study(name, url)
+    keep, inside = destination.protected(opened, opened.space.fixed)
+    target = destination.requested(target)
+    destination.check(target, keep=keep, inside=inside, force=True, flag="--out")
+
+
 def _prune_exports(out: Path, *, keep: int, current: str) -> None:
+    """Remove this series' older champion exports beyond `keep`: folders named SERIES-DATE
+    that hold an export. Nothing else in `--out` is touched: it may be a folder shared with
+    other series, or with files that are not tuner's at all."""
+    prefix = _SERIES.match(current)["prefix"]
     exports = sorted(
-        p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and _SERIES.match(p.name)
+        p
+        for p in out.iterdir()
+        if p.is_dir()
+        and not p.is_symlink()
+        and (m := _SERIES.match(p.name)) is not None
+        and m["prefix"] == prefix
+        and (p / destination.PROVENANCE).is_file()
     )
     for old in exports[:-keep] if keep else exports:
         if old.name != current:
             logger.info("removing old champion export %s (sweep.keep_exports: %d)", old, keep)
-            shutil.rmtree(old, ignore_errors=True)
+            destination.remove(old)
 
 
 def _write_summary(out: Path, name: str, summary: dict[str, Any]) -> None:

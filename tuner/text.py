@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+import shlex
 from typing import Any
 
 
@@ -20,6 +21,12 @@ def number(value: Any) -> str:
 _SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 6, 6
 _SHORT.maxstring = _SHORT.maxother = 80
+
+
+def command(*words: str) -> str:
+    """A command line to paste into a shell, each word quoted as the shell needs: a study named
+    `x; rm -rf ~` is one argument, not a second command."""
+    return shlex.join(str(word) for word in words)
 
 
 def shown(value: Any) -> str:

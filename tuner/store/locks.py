@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tuner.errors import StorageError
-from tuner.store.urls import mask_url
+from tuner.store.urls import mask_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def _lock(url: str, kind: str, name: str, *, what: str, wait: bool) -> Iterator[
     if url.startswith("postgresql"):
         with _advisory_lock(url, kind, name, what=what, wait=wait):
             yield
-    elif url.startswith("sqlite:///"):
-        with _file_lock(Path(url.removeprefix("sqlite:///")), kind, name, what=what, wait=wait):
+    elif (path := sqlite_path(url)) is not None:
+        with _file_lock(path, kind, name, what=what, wait=wait):
             yield
     else:
         raise StorageError(

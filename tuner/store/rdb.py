@@ -7,6 +7,7 @@ Both are Optuna's own RDB storage (riding out dropped connections, tuner.store.r
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from tuner import extras
 from tuner.errors import StorageError
 from tuner.settings import get_settings
-from tuner.store.urls import mask_text, mask_url, resolve_url
+from tuner.store.urls import mask_text, mask_url, resolve_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
@@ -105,10 +106,11 @@ def _check_exists(url: str, engine_kwargs: dict) -> None:
         "(`tuner study create --space FILE` makes one)"
     )
     needed = {"studies", "version_info"}
-    path = url.removeprefix("sqlite:///")
-    if url.startswith("sqlite:///") and path != ":memory:":
-        if not Path(path).is_file():
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.exists():
             raise missing  # connecting would create the file
+        _check_sqlite_file(url, path)
         # Opened read-only (mode=ro), by the standard library: no second engine to set up.
         read_only = f"{Path(path).as_uri()}?mode=ro"
         try:
@@ -157,14 +159,35 @@ def _cannot_open(url: str, error: Exception) -> StorageError:
 
 
 def _prepare_sqlite(url: str) -> None:
-    path = Path(url.removeprefix("sqlite:///"))
-    if str(path) == ":memory:":
+    path = sqlite_path(url)
+    assert path is not None  # resolve_url refused the in-memory stores
+    if path.exists():
+        _check_sqlite_file(url, path)
         return
     if not path.parent.is_dir():
         raise StorageError(
             f"cannot open the study store {url}: folder {path.parent} does not exist"
         )
-    if not path.exists():
+    # Made here, where a place that takes no file (/proc, a read-only mount) is one line
+    # naming it, rather than deep inside SQLAlchemy.
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        return  # another process of the run made it a moment ago
+    except OSError as e:
+        raise StorageError(f"cannot create the study store {url}: {e.strerror}") from None
+    try:
         # WAL lets the dashboard and `study show` read while workers write; the file keeps it.
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db:
             db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        path.unlink(missing_ok=True)  # nothing half-made is left
+        raise StorageError(f"cannot create the study store {url}: {e}") from None
+
+
+def _check_sqlite_file(url: str, path: Path) -> None:
+    """A store that exists must be a regular file: SQLite would block on a FIFO, and fails
+    obscurely on a folder or a device."""
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise StorageError(f"the study store {url}: {path} is {kind}; it must be an SQLite file")
