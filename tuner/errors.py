@@ -20,6 +20,13 @@ class BackendError(TunerError):
     """Trials could not be started or kept running where they were asked to run."""
 
 
+class StudyDeleted(StorageError):
+    """The study of a run was deleted under it (`tuner study delete`): the run stops, exit
+    status 1."""
+
+    exit_code = 1
+
+
 class RunFailed(TunerError):
     """A run started and its trials failed: not the input's fault as far as tuner could tell
     beforehand, so exit status 1, as for any command that ran and failed."""
