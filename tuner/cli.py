@@ -674,6 +674,16 @@ def dashboard(
             show_default=False,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="Also answer to this host name (a proxy's, a service's); repeatable. "
+            "Requests naming any other Host are refused (DNS rebinding).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """optuna-dashboard over the study store, with trial artifacts; live while trials run."""
     from tuner.dashboard import Access, serve
@@ -692,6 +702,7 @@ def dashboard(
             host=host,
             port=port,
             access=Access(read_only=read_only, token=token),
+            allow_hosts=allow_host or (),
             on_ready=ready,
         )
 
