@@ -760,3 +760,23 @@ def test_a_store_that_cannot_hold_studies_is_one_line_and_leaves_nothing(
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert not Path("/proc/x.db").exists()
+
+
+# --- issue 22: i22-delete ---
+
+
+@pytest.mark.parametrize(
+    "name", ["*", "tuner.example.com:443", "", "http://tuner.example.com", "0.0.0.0", "a b"]
+)
+def test_a_bad_allow_host_is_refused_before_the_dashboard_listens(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    """A wildcard or a port would let any Host through, the rebinding the option guards
+    against; anything but one host name or address is refused in one line."""
+    db = tmp_path / "studies.db"
+    argv = ["dashboard", "--storage", f"sqlite:///{db}", "--port", "0", "--allow-host", name]
+    code, err = _main(argv, capsys)
+    lines = [line for line in err.splitlines() if not LOG_LINE.match(line)]
+    assert code == 2, err
+    assert lines == [lines[0]] and lines[0].startswith(f"error: --allow-host {name!r}: "), err
+    assert not db.exists()

@@ -301,3 +301,119 @@ def test_the_report_opens_in_chromium_with_its_plots_and_no_errors(
         served = f"{base}/artifacts/{sid}/{report['artifact_id']}"
         with urllib.request.urlopen(served, timeout=30) as response:
             assert response.read() == out.read_bytes()
+
+
+# --- issue 22: i22-delete ---
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> tuple[str, str]:
+    """A study of its own in a new store, for tests that write or delete."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    space = simulated_space(steps=3, step_seconds=0.01, diverge_above_lr=None)
+    name = create_study(
+        write_space(tmp_path / "live.yaml", space), storage=url, artifacts=str(tmp_path / "a")
+    )
+    return name, url
+
+
+def _port(base: str) -> str:
+    return base.rsplit(":", 1)[1]
+
+
+def test_a_rebound_page_can_neither_create_nor_delete_nor_read_in_any_mode(
+    fresh: tuple[str, str],
+) -> None:
+    """DNS rebinding: a page at evil.example, its name now resolving to 127.0.0.1, sends its
+    own name as Host and as Origin, so the Origin check passed. Before: 201 and 204 (a study
+    made, the study deleted), and the read-only dashboard served its studies."""
+    name, url = fresh
+    with dashboard(url) as base:
+        port = _port(base)
+        json_body = {"Content-Type": "application/json"}
+        evil = {
+            "Host": f"evil.example:{port}",
+            "Origin": f"http://evil.example:{port}",
+            **json_body,
+        }
+        sid = study_id(base, name)
+        body = {"study_name": "planted", "directions": ["minimize"]}
+        assert http("POST", f"{base}/api/studies", body=body, headers=evil) == 421
+        assert http("DELETE", f"{base}/api/studies/{sid}", headers=evil) == 421
+        assert http("GET", f"{base}/api/studies", headers={"Host": f"evil.example:{port}"}) == 421
+        for same in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert http("GET", f"{base}/api/studies", headers={"Host": same}) == 200, same
+        for odd in (f"evil.example@127.0.0.1:{port}", f"127.0.0.1.evil.example:{port}", ""):
+            assert http("GET", f"{base}/api/studies", headers={"Host": odd}) == 421, odd
+        request = urllib.request.Request(
+            f"{base}/api/studies", headers={"Host": f"evil.example:{port}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        reason = json.load(refused.value)["reason"]
+        assert "--allow-host" in reason and "127.0.0.1" in reason and len(reason) < 300
+        # The dashboard itself still writes: its own page, same origin, own name.
+        own = {"Origin": base, **json_body}
+        assert http("POST", f"{base}/api/studies", body=body, headers=own) == 201
+    assert sorted(optuna.get_all_study_names(url)) == sorted([name, "planted"])
+
+    with dashboard(url, "--read-only", "--allow-host", "tuner.test") as base:
+        port = _port(base)
+        assert http("GET", f"{base}/api/studies", headers={"Host": f"evil.example:{port}"}) == 421
+        assert http("GET", f"{base}/api/studies", headers={"Host": f"tuner.test:{port}"}) == 200
+        assert http("GET", f"{base}/api/studies", headers={"Host": "Tuner.Test."}) == 200
+
+    # Bound to every interface: any address of the machine, never a name it was not given.
+    with dashboard(url, "--host", "0.0.0.0", env={"TUNER_DASHBOARD_TOKEN": TOKEN}) as base:
+        local = base.replace("0.0.0.0", "127.0.0.1")
+        port = _port(base)
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert http("GET", f"{local}/api/studies", headers=bearer) == 200
+        assert http("GET", f"{local}/api/studies", headers={**bearer, **evil}) == 421
+        ip = {**bearer, "Host": f"10.1.2.3:{port}"}
+        assert http("GET", f"{local}/api/studies", headers=ip) == 200
+    assert sorted(optuna.get_all_study_names(url)) == sorted([name, "planted"])
+
+
+def test_the_dashboards_delete_refuses_a_running_study_and_removes_a_finished_one(
+    tmp_path: Path,
+) -> None:
+    """The Delete button while a run trains: before, optuna-dashboard removed the artifacts,
+    then the rows (or not: it said 204 either way), and the run died in tracebacks. Now 409,
+    naming the running trials, and the run goes on; once it is done, 204 and all gone."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    # Trials of 20 s: still running when the delete arrives, on a loaded machine too.
+    space = simulated_space(steps=200, step_seconds=0.1, diverge_above_lr=None)
+    artifacts = tmp_path / "a"
+    name = create_study(
+        write_space(tmp_path / "slow.yaml", space), storage=url, artifacts=str(artifacts)
+    )
+    result: dict = {}
+    runner = threading.Thread(
+        target=lambda: result.update(progress=run_study(name, storage=url, n_trials=2, jobs=2))
+    )
+    runner.start()
+    try:
+        with dashboard(url) as base:
+            sid = study_id(base, name)
+            deadline = time.monotonic() + 120
+            while not any(t.state.name == "RUNNING" for t in study_trials(url, name)):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            request = urllib.request.Request(f"{base}/api/studies/{sid}", method="DELETE")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=60)
+            assert refused.value.code == 409
+            assert f"study {name!r} is running: trial " in json.load(refused.value)["reason"]
+            runner.join(timeout=120)
+            assert result["progress"].complete == 2  # the run went on, untouched
+            from tuner.report import write_report
+
+            write_report(name, out=tmp_path / "report.html", storage=url)
+            assert any(artifacts.iterdir())
+            assert http("DELETE", f"{base}/api/studies/{sid}") == 204
+            assert http("GET", f"{base}/api/studies/{sid}") == 404
+    finally:
+        runner.join(timeout=120)
+    assert optuna.get_all_study_names(url) == []
+    assert [p for p in artifacts.rglob("*") if p.is_file()] == []

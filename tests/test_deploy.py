@@ -920,3 +920,51 @@ def test_the_dashboard_proxy_authenticates_and_keeps_the_dashboard_on_loopback()
     # The dashboard's cross-origin check compares Origin with the Host the browser used.
     assert "proxy_set_header Host $http_host;" in directives
     assert "--host 127.0.0.1" in conf
+
+
+# --- issue 22: i22-delete ---
+
+
+def test_the_deployed_dashboards_answer_to_their_names_and_refuse_any_other(
+    pg_url: str,
+) -> None:
+    """The dashboard refuses a Host it was not given (DNS rebinding): compose's must still
+    answer to its service name and to the published loopback port, and the nginx example must
+    allow the server_name its proxy passes on."""
+    import urllib.error
+    import urllib.request
+
+    conf = (ROOT / "deploy/dashboard/nginx.conf").read_text()
+    (server_name,) = set(re.findall(r"^\s*server_name (\S+);", conf, re.M))
+    assert f"--allow-host {server_name}" in conf
+
+    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["dashboard"][
+        "command"
+    ]
+    assert command[command.index("--allow-host") + 1] == "dashboard"
+    argv = [*TUNER, *command[1:]]
+    argv[argv.index("--port") + 1] = "0"
+    proc = subprocess.Popen(
+        argv, env={**os.environ, "TUNER_STORAGE": pg_url}, stderr=subprocess.PIPE, text=True
+    )
+
+    def status(base: str, host: str) -> int:
+        request = urllib.request.Request(f"{base}/api/studies", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        line = proc.stderr.readline()
+        base = re.search(r"(http://\S+?)/dashboard", line)[1].replace("0.0.0.0", "127.0.0.1")
+        port = base.rsplit(":", 1)[1]
+        assert status(base, f"127.0.0.1:{port}") == 200  # published on the host's loopback
+        assert status(base, f"localhost:{port}") == 200
+        assert status(base, f"dashboard:{port}") == 200  # the service name, inside compose
+        assert status(base, f"172.18.0.5:{port}") == 200  # the container's address
+        assert status(base, f"evil.example:{port}") == 421
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

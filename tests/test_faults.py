@@ -3,6 +3,7 @@ target, no trial is left RUNNING, trial numbers are contiguous, every value is f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -437,3 +438,234 @@ def test_ctrl_c_of_one_run_stops_its_own_trials_only(sqlite_url: str, tmp_path: 
     }
     keys = [_key(t) for t in trials]
     assert len(set(keys)) == len(keys)
+
+
+# --- issue 22: i22-delete ---
+
+
+def _rows(url: str, table: str) -> int:
+    """Rows left in one of Optuna's tables, whatever study they belonged to."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    with engine.connect() as db:
+        return db.execute(sqlalchemy.text(f"select count(*) from {table}")).scalar()
+
+
+def _files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+@contextlib.contextmanager
+def _study_run(name: str, url: str, cwd: Path) -> Iterator[subprocess.Popen]:
+    """`tuner study run NAME --jobs 2` in the background, as a user starts it in a terminal;
+    killed at the end if the test left it running."""
+    from conftest import TUNER
+
+    run = subprocess.Popen(
+        [*TUNER, "study", "run", name, "--storage", url, "--jobs", "2"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+def _wait_until(check: Callable[[], bool], *, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_delete_during_a_run_is_refused_and_with_force_stops_the_run_and_leaves_nothing(
+    storage_url: str, tmp_path: Path
+) -> None:
+    """`study delete` while two workers train: refused, naming the running trials, and the
+    study is untouched. With --force the trials stop at their next report, the run ends with one
+    line and no traceback, and the study (rows, trials, heartbeats) and its report are gone
+    before "deleted" is printed. Before: "deleted" with the study still there (PostgreSQL), or
+    gone with the run dying in tracebacks (SQLite)."""
+    import re
+
+    from tuner.report import write_report
+
+    artifacts = tmp_path / "artifacts"
+    # Trials of 10 s on two workers: some trial runs whenever a delete arrives.
+    space = {**simulated(steps=100, step_seconds=0.1), "budget": {"n_trials": 100}}
+    name = create_study(
+        write_space(tmp_path / "busy.yaml", space), storage=storage_url, artifacts=str(artifacts)
+    )
+    with _study_run(name, storage_url, tmp_path) as run:
+        study = optuna.load_study(study_name=name, storage=storage_url)
+
+        def states() -> list[TrialState]:
+            return [t.state for t in study.get_trials(deepcopy=False)]
+
+        _wait_until(lambda: states().count(TrialState.COMPLETE) >= 1, what="a finished trial")
+        write_report(name, out=tmp_path / "report.html", storage=storage_url)  # attached
+        assert len(_files(artifacts)) == 1
+
+        refused = run_cli("study", "delete", name, "--storage", storage_url, "--yes")
+        assert refused.returncode == 2, refused.stderr
+        (line,) = refused.stderr.splitlines()
+        assert line.startswith(f"error: study {name!r} is running: trial ")
+        assert "pid " in line and "--force" in line
+        named = {int(n) for n in re.findall(r"trial (\d+) \(", line)}
+        assert named and named <= {t.number for t in study.get_trials()}
+        assert "deleting" not in study.user_attrs and len(_files(artifacts)) == 1
+        assert run.poll() is None  # the run goes on
+
+        _wait_until(lambda: TrialState.RUNNING in states(), what="a running trial")
+        forced = run_cli("study", "delete", name, "--storage", storage_url, "--yes", "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert forced.stdout == f"deleted study {name} (1 artifact files)\n"
+        assert "Traceback" not in forced.stderr
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert err.splitlines()[-1].startswith(f"error: study {name!r} was deleted while this run ran")
+    assert "fail: study deleted" in err  # the trials that were running stopped, and said why
+    assert out == ""
+    assert optuna.get_all_study_names(storage_url) == []
+    for table in ("studies", "trials", "trial_heartbeats", "trial_intermediate_values"):
+        assert _rows(storage_url, table) == 0, table
+    assert _files(artifacts) == []
+
+
+def test_a_delete_that_meets_a_concurrent_write_tries_again_and_says_deleted_only_when_gone(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The moment is made exact: a second session inserts a trial into the study and holds
+    its transaction open, so the delete waits on it, and meets the new row when it commits.
+    Optuna's delete rolls back and returns as if it had deleted; tuner's looks again, and tries
+    again. Before: "deleted" and the study still there, with its trial."""
+    import sqlalchemy
+
+    from tuner.study import delete_study
+
+    space = {**simulated(), "budget": {"n_trials": 2}}
+    name = create_study(
+        write_space(tmp_path / "race.yaml", space), storage=pg_url, artifacts=str(tmp_path / "a")
+    )
+    engine = sqlalchemy.create_engine(pg_url)
+    result: dict = {}
+    with engine.connect() as writer:
+        sid = writer.execute(sqlalchemy.text("select study_id from studies")).scalar()
+        writer.execute(
+            sqlalchemy.text(
+                "insert into trials (number, study_id, state, datetime_start) "
+                "values (0, :s, 'WAITING', now())"
+            ),
+            {"s": sid},
+        )
+        deleting = threading.Thread(
+            target=lambda: result.update(removed=delete_study(name, storage=pg_url))
+        )
+        with caplog.at_level("INFO", logger="tuner.store.deletion"):
+            deleting.start()
+            time.sleep(3)  # the delete is waiting for the writer's lock
+            assert deleting.is_alive()
+            writer.commit()
+            deleting.join(timeout=60)
+    engine.dispose()
+    assert result.get("removed") == 0
+    assert optuna.get_all_study_names(pg_url) == []
+    assert _rows(pg_url, "trials") == 0
+    assert "still there" in caplog.text  # the first delete was rolled back, and seen to be
+
+
+def test_a_study_deleted_as_its_run_starts_ends_the_run_in_one_line(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A hurried user: `study run` in one terminal, `study delete` in another before the first
+    trial began (nothing runs, so nothing refuses it). The workers then start on a study that is
+    gone. Before: tracebacks from every worker and the driver, exit 1. Now the run ends with one
+    line, and nothing of the study is left."""
+    from tuner.study import delete_study
+
+    space = {**simulated(), "budget": {"n_trials": 4}}
+    artifacts = tmp_path / "artifacts"
+    name = create_study(
+        write_space(tmp_path / "early.yaml", space), storage=sqlite_url, artifacts=str(artifacts)
+    )
+    with _study_run(name, sqlite_url, tmp_path) as run:
+        first = run.stderr.readline()  # "budget: ...": the driver is starting its workers
+        assert "budget: 0 of 4 trials done" in first, first
+        assert optuna.load_study(study_name=name, storage=sqlite_url).get_trials() == []
+        delete_study(name, storage=sqlite_url)
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert "Traceback" not in err and "died" not in err, err
+    assert err.splitlines()[-1].startswith(f"error: study {name!r} was deleted while this run ran")
+    assert optuna.get_all_study_names(sqlite_url) == []
+    assert _rows(sqlite_url, "trials") == 0
+
+
+def test_two_deletes_of_one_study_at_once_each_end_in_one_line(
+    storage_url: str, tmp_path: Path
+) -> None:
+    """A double click, or two terminals: four deletes of one study at once. Before: those that
+    lost the race ended in KeyError tracebacks. Now each says "deleted" or one line that it
+    was deleted meanwhile, and the study is gone."""
+    from tuner.errors import TunerError
+    from tuner.study import delete_study
+
+    space = {**simulated(), "budget": {"n_trials": 2}}
+    name = create_study(
+        write_space(tmp_path / "twice.yaml", space), storage=storage_url, artifacts=str(tmp_path)
+    )
+    run_study(name, storage=storage_url)
+    barrier = threading.Barrier(4)
+    outcomes: list[object] = []
+
+    def delete() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(delete_study(name, storage=storage_url))
+        except TunerError as e:
+            outcomes.append(e)
+        except Exception as e:  # noqa: BLE001 - what the test looks for
+            outcomes.append(("crashed", repr(e)))
+
+    threads = [threading.Thread(target=delete) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(outcomes) == 4
+    assert not [o for o in outcomes if isinstance(o, tuple)], outcomes
+    assert any(isinstance(o, int) for o in outcomes)
+    for refused in (o for o in outcomes if isinstance(o, TunerError)):
+        assert str(refused).startswith(f"no study {name!r}") and "\n" not in str(refused)
+    assert optuna.get_all_study_names(storage_url) == []
+
+
+def test_a_delete_cut_short_leaves_a_study_runs_refuse_until_a_delete_finishes_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A `study delete --force` stopped (Ctrl-C, a lost terminal) after it marked the study and
+    before its rows went. Optuna cannot take a study attr back, so the mark stays: a run refuses
+    the study in one line saying how to finish, and a delete finishes it."""
+    from tuner.errors import StorageError
+    from tuner.store import deletion, open_study
+    from tuner.store.optuna_private import study_id
+    from tuner.study import delete_study
+
+    name = create_study(write_space(tmp_path / "cut.yaml", simulated()), storage=sqlite_url)
+    opened = open_study(name, sqlite_url)
+    deletion.mark(opened.store, study_id(opened.study))
+    with pytest.raises(StorageError) as refused:
+        run_study(name, storage=sqlite_url, n_trials=1)
+    assert f"study {name!r} is being deleted (on " in str(refused.value)
+    assert f"`tuner study delete {name} --force` finishes it" in str(refused.value)
+    assert opened.study.get_trials() == []  # nothing ran
+    delete_study(name, storage=sqlite_url)
+    assert optuna.get_all_study_names(sqlite_url) == []

@@ -14,14 +14,23 @@ import optuna
 # The trial's user attr of the steps it trains (tuner.store.attrs.MAX_STEPS, for the progress bar;
 # named here too, as trials/ does not import tuner/).
 MAX_STEPS = "max_steps"
+# The study's user attr that `tuner study delete` sets before deleting it (tuner.store.attrs.
+# DELETING, named here too): a trial that reads it stops at this report.
+DELETING = "deleting"
 
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged: the validation loss is NaN or infinite."""
 
 
+class StudyDeleting(RuntimeError):
+    """The study is being deleted (`tuner study delete --force`): the trial stops at this report.
+    Raised on rank 0, which records the trial; the other ranks stop as if pruned."""
+
+
 class Reporter:
-    """`trial.report(value, step)`; raises `optuna.TrialPruned` when the pruner says so.
+    """`trial.report(value, step)`; raises `optuna.TrialPruned` when the pruner says so, and
+    `StudyDeleting` when the study is marked for deletion (one read of its attrs per report).
 
     The report after the last step never prunes: the work is already done. Without a trial
     (a run by hand, or a rank other than 0 of a multi-GPU trial) it reports nothing. In a
@@ -51,13 +60,18 @@ class Reporter:
     def report(self, value: float, step: int, *, final: bool = False) -> None:
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{self.metric} is {value} at step {step}")
-        prune = False
+        prune = deleting = False
         if self.trial is not None:
             started = time.perf_counter()
             self.trial.report(self.sign * value, step)  # the store rides out lost connections
-            prune = not final and self.trial.should_prune()
+            if not final:
+                deleting = DELETING in self.trial.study.user_attrs
+                prune = deleting or self.trial.should_prune()
             self.store_seconds += time.perf_counter() - started
+        # Every rank stops at the same step either way: the others only hear "stop".
         if _agree(prune):
+            if deleting:
+                raise StudyDeleting(f"the study is being deleted; stopped at step {step}")
             raise optuna.TrialPruned(f"pruned at step {step} with {self.metric}={value:.4f}")
 
 

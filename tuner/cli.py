@@ -540,13 +540,22 @@ def study_delete(
     name: StudyName,
     storage: Storage = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Delete it even while trials run: they stop at their next report (FAIL "
+            "'study deleted') and their run ends.",
+        ),
+    ] = False,
 ) -> None:
-    """Delete a study, its trials and their adapters."""
+    """Delete a study, its trials and their artifacts (adapters, reports, checkpoints).
+    Refused while its trials run, unless --force; "deleted" is printed only once it is gone."""
     from tuner.study import delete_study
 
     if not yes and sys.stdin.isatty():
         typer.confirm(f"delete study {name!r} and its adapters?", abort=True)
-    removed = delete_study(name, storage)
+    removed = delete_study(name, storage, force=force)
     typer.echo(f"deleted study {name} ({removed} artifact files)")
 
 
@@ -698,6 +707,16 @@ def dashboard(
             show_default=False,
         ),
     ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            metavar="NAME",
+            help="Also answer to this host name (a proxy's, a service's); repeatable. "
+            "Requests naming any other Host are refused (DNS rebinding).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """optuna-dashboard over the study store, with trial artifacts; live while trials run."""
     from tuner.dashboard import Access, serve
@@ -716,6 +735,7 @@ def dashboard(
             host=host,
             port=port,
             access=Access(read_only=read_only, token=token),
+            allow_hosts=allow_host or (),
             on_ready=ready,
         )
 

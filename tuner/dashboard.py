@@ -3,8 +3,13 @@
 optuna-dashboard has no authentication, and some of its endpoints write: tell a trial, delete a
 study, edit notes. So `tuner dashboard` binds to the loopback address, and binding to any other
 address needs `read_only` (every write request is refused) or a `token` (every request must
-carry it). Writes from another site's page (a browser on the same machine, DNS rebinding) are
-refused by checking their Origin against the Host they were sent to.
+carry it). Writes from another site's page (a browser on the same machine) are refused by
+checking their Origin against the Host they were sent to.
+
+In every mode the dashboard answers only to its own names (`Hosts`): a page that DNS rebinding
+pointed at it carries its own name in the Host header, and is refused (421) before it can read
+or write anything. A study is deleted through tuner's delete (tuner.store.deletion), which
+refuses a study whose trials run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 TOKEN_COOKIE = "tuner_dashboard_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARDS = frozenset({"0.0.0.0", "::"})  # bound to every interface
+# A host name or IPv4 address; a Host header is one, or an IPv6 address in brackets, and a port.
+_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+_HOST = re.compile(rf"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>{_NAME.pattern}))(?::[0-9]{{1,5}})?")
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 
@@ -53,6 +63,81 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+@dataclass(frozen=True)
+class Hosts:
+    """The names the dashboard answers to: a request whose Host header names anything else is
+    refused. The port is not compared: a tunnel or a published container port changes it, and a
+    rebinding page has to use the dashboard's own port anyway; what it cannot choose is its name.
+
+    A loopback bind answers to 127.0.0.1, localhost and [::1]; a bind to one address or name, to
+    that; a bind to every interface (0.0.0.0, ::) to any IP address and localhost, since a
+    rebinding page never has an address for its name. Plus the names of `--allow-host`."""
+
+    names: frozenset[str]
+    any_address: bool = False
+
+    @classmethod
+    def for_bind(cls, host: str, allow: Iterable[str] = ()) -> Hosts:
+        names = {_normal(host)} | {check_allow_host(name) for name in allow}
+        if host in WILDCARDS or is_loopback(host):
+            names |= LOOPBACK_NAMES
+        return cls(frozenset(names), any_address=host in WILDCARDS)
+
+    def admits(self, header: str) -> bool:
+        name = host_of(header)
+        if name is None:
+            return False
+        return name in self.names or (self.any_address and _is_address(name))
+
+    def shown(self) -> str:
+        names = [f"[{n}]" if ":" in n else n for n in sorted(self.names - WILDCARDS)]
+        return ", ".join(names + ["any IP address"] * self.any_address)
+
+
+def host_of(header: str) -> str | None:
+    """The name a Host header carries, lower case, without port or trailing dot; None when it
+    is not a host at all (empty, user info, a path, spaces)."""
+    match = _HOST.fullmatch(header)
+    if match is None:
+        return None
+    if match["v6"] is not None:
+        try:
+            return ipaddress.IPv6Address(match["v6"]).compressed
+        except ValueError:
+            return None
+    return _normal(match["name"].rstrip("."))
+
+
+def check_allow_host(name: str) -> str:
+    """An `--allow-host` value: one host name or address, no port, no wildcard."""
+    bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    if _is_address(bare):
+        if _normal(bare) not in WILDCARDS:
+            return _normal(bare)
+    elif _NAME.fullmatch(name):
+        return _normal(name.rstrip("."))
+    raise TunerError(
+        f"--allow-host {name!r}: give one host name or address the dashboard is reached by, "
+        "without a port or wildcard (e.g. --allow-host tuner.example.com)"
+    )
+
+
+def _normal(host: str) -> str:
+    host = host.strip("[]").lower()
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_exposure(host: str, access: Access) -> None:
     """Refuse to serve an unauthenticated dashboard that can write to anything but loopback."""
     if access.token is not None and len(access.token) < 16:
@@ -65,8 +150,13 @@ def check_exposure(host: str, access: Access) -> None:
         )
 
 
-def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIApp:
-    """The WSGI app: optuna-dashboard on the store, guarded by `access`."""
+def build_app(
+    storage: str | None = None,
+    *,
+    access: Access = Access(),
+    hosts: Hosts = Hosts(LOOPBACK_NAMES),
+) -> WSGIApp:
+    """The WSGI app: optuna-dashboard on the store, answering to `hosts`, guarded by `access`."""
     extras.require("dashboard", what="the dashboard")
     url = resolve_url(storage)
     # A viewer makes no SQLite file (a dashboard started in the wrong folder says so). A database
@@ -77,7 +167,7 @@ def build_app(storage: str | None = None, *, access: Access = Access()) -> WSGIA
 
     artifacts = StudyArtifacts(store, url)
     app = optuna_dashboard.wsgi(store, artifact_store=artifacts)
-    return Guard(artifacts.routed(app), access)
+    return Guard(StudyDelete(artifacts.routed(app), store, url), access, hosts)
 
 
 def serve(
@@ -86,13 +176,16 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     access: Access = Access(),
+    allow_hosts: Iterable[str] = (),
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until interrupted; `on_ready` gets the address once the port is bound."""
+    """Serve until interrupted; `on_ready` gets the address once the port is bound.
+    `allow_hosts`: names it answers to besides its own address (a proxy's, a service's)."""
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     check_exposure(host, access)
-    app = build_app(storage, access=access)
+    hosts = Hosts.for_bind(host, allow_hosts)
+    app = build_app(storage, access=access, hosts=hosts)
 
     class Server(socketserver.ThreadingMixIn, WSGIServer):
         # The page fetches plots and trials in parallel; one slow request must not block all.
@@ -116,14 +209,24 @@ def serve(
 
 
 class Guard:
-    """WSGI middleware enforcing `Access` in front of optuna-dashboard."""
+    """WSGI middleware enforcing `Hosts`, then `Access`, in front of optuna-dashboard."""
 
-    def __init__(self, app: WSGIApp, access: Access) -> None:
+    def __init__(self, app: WSGIApp, access: Access, hosts: Hosts) -> None:
         self.app = app
         self.access = access
+        self.hosts = hosts
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
+        host = environ.get("HTTP_HOST", "")
+        if not self.hosts.admits(host):
+            # First, in every mode: a rebound page gets nothing, not even a token's cookie.
+            return _refuse(
+                start_response,
+                "421 Misdirected Request",
+                f"this dashboard answers to {self.hosts.shown()}, not Host {host[:100]!r}; "
+                "to reach it by another name, start it with --allow-host NAME",
+            )
         if self.access.token is not None:
             query = dict(parse_qsl(environ.get("QUERY_STRING", "")))
             if "token" in query and _same(query["token"], self.access.token):
@@ -162,6 +265,43 @@ class Guard:
         location = environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
         cookie = f"{TOKEN_COOKIE}={self.access.token}; Path=/; HttpOnly; SameSite=Strict"
         start_response("303 See Other", [("Location", location), ("Set-Cookie", cookie)])
+        return [b""]
+
+
+class StudyDelete:
+    """`DELETE /api/studies/SID` (the dashboard's Delete button) through tuner's delete, not
+    optuna-dashboard's, which removes the artifacts first and reports 204 whether or not the
+    rows went: a study whose trials run is refused (409, naming them), and one that outlived
+    the delete says so (500). A study tuner did not make (no stored space) is optuna-dashboard's
+    to delete."""
+
+    _PATH = re.compile(r"^/api/studies/(\d+)/?$")
+
+    def __init__(self, app: WSGIApp, store: Any, url: str) -> None:
+        self.app = app
+        self.store = store
+        self.url = url
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        match = self._PATH.match(environ.get("PATH_INFO", ""))
+        if match is None or environ.get("REQUEST_METHOD", "").upper() != "DELETE":
+            return self.app(environ, start_response)
+        from tuner.store import attrs
+        from tuner.store.deletion import StudyInUse, delete
+
+        try:
+            name = self.store.get_study_name_from_id(int(match[1]))
+            if attrs.SPACE not in self.store.get_study_user_attrs(int(match[1])):
+                return self.app(environ, start_response)
+        except KeyError:
+            return _refuse(start_response, "404 Not Found", f"study_id={match[1]} is not found")
+        try:
+            delete(name, self.url)
+        except StudyInUse as e:
+            return _refuse(start_response, "409 Conflict", str(e))
+        except TunerError as e:
+            return _refuse(start_response, "500 Internal Server Error", str(e))
+        start_response("204 No Content", [])
         return [b""]
 
 

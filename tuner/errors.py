@@ -24,6 +24,13 @@ class ExportError(TunerError):
     """An export cannot be made where asked, or failed its verification; nothing was written."""
 
 
+class StudyDeleted(StorageError):
+    """The study of a run was deleted under it (`tuner study delete`): the run stops, exit
+    status 1."""
+
+    exit_code = 1
+
+
 class RunFailed(TunerError):
     """A run started and its trials failed: not the input's fault as far as tuner could tell
     beforehand, so exit status 1, as for any command that ran and failed."""

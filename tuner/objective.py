@@ -23,9 +23,10 @@ from typing import Any
 import optuna
 
 from trials.quiet import quiet_libraries
+from trials.reporter import StudyDeleting
 from tuner.settings import node_cache_dir
 from tuner.space import Space
-from tuner.store import attrs, recovery, retention
+from tuner.store import attrs, deletion, recovery, retention
 from tuner.store.artifacts import (
     local_cache_dir,
     open_artifacts,
@@ -113,6 +114,14 @@ class Objective:
             raise
         except KeyboardInterrupt:
             trial.set_user_attr(attrs.FAIL_REASON, "interrupted (Ctrl-C or a stop signal)")
+            raise
+        except StudyDeleting:
+            # FAIL, not PRUNED: the trial did not lose, its study is going (tuner.store.deletion).
+            trial.set_user_attr(attrs.FAIL_REASON, deletion.REASON)
+            trial.set_user_attr(attrs.TIMINGS, timings)
+            self._record_rank_steps(trial, timings)
+            # The delete says what happened; Optuna's warning with a traceback would only alarm.
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
             raise
         except Exception as e:
             kind = _failure_kind(e)

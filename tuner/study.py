@@ -23,11 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
 from tuner import backends, base_model, extras, tracking
-from tuner.errors import RunFailed, SpaceError, StorageError, TunerError
+from tuner.errors import RunFailed, SpaceError, StorageError, StudyDeleted, TunerError
 from tuner.limits import MAX_JOBS, check_count, check_name
 from tuner.space import Space, load_space
 from tuner.store import (
     attrs,
+    deletion,
     mask_url,
     open_storage,
     open_study,
@@ -259,6 +260,7 @@ def run_study(
         raise TunerError(f"--timeout must be > 0, or none for no limit (got {timeout:g}s)")
     opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
+    deletion.check_not_marked(name, study.user_attrs)
     tracking.check_installed(space)
     if backend == "local":
         _check_paths_here(name, space)
@@ -307,6 +309,10 @@ def run_study(
             if n_trials != 0:
                 with tracking.study_run(study, space):
                     backends.run_trials(plan, backend=backend, address=address)
+        except StudyDeleted as e:
+            monitor.stop()
+            done = monitor.progress.finished
+            raise StudyDeleted(f"{e}; {done} of its trials had finished") from None
         except RunFailed as e:
             stop_reason = str(e)  # returned with the summary: the caller reports both
         finally:
@@ -382,12 +388,17 @@ class _Monitor(threading.Thread):
             self.poll()
 
     def stop(self) -> None:
+        if self._stop_event.is_set():
+            return
         self._stop_event.set()
         self.join()
         # The final count is what the run reports: read it afresh. Optuna's per-study cache
         # fetches only trials above the highest finished id, so a trial whose creation was
         # committed after a later one had finished would stay unseen.
-        self.study = optuna.load_study(study_name=self.study.study_name, storage=self.store)
+        try:
+            self.study = optuna.load_study(study_name=self.study.study_name, storage=self.store)
+        except KeyError:
+            return  # deleted under the run (tuner.store.deletion): the count so far stands
         for attempt in range(5):
             if self.poll(final=attempt == 4):
                 return
@@ -614,17 +625,12 @@ def list_studies(storage: str | None = None) -> list[StudyRow]:
     return rows
 
 
-def delete_study(name: str, storage: str | None = None) -> int:
+def delete_study(
+    name: str, storage: str | None = None, *, force: bool = False, wait_s: float | None = None
+) -> int:
     """Delete the study and its artifacts (the trials' and the study's own, wherever its location
-    is); returns how many artifacts were removed."""
-    from tuner.store.artifacts import clear_tokenized, remove_artifacts
-    from tuner.store.urls import study_location
-
-    opened = open_study(name, storage)
-    removed = remove_artifacts(opened.study, opened.store, opened.artifact_store())
-    optuna.delete_study(study_name=name, storage=opened.store)
-    others = [study_location(s.user_attrs, opened.url) for s in opened.store.get_all_studies()]
-    if opened.artifacts not in others:
-        # The tokenised data is shared by the studies of a location: the last one takes it along.
-        clear_tokenized(opened.artifacts)
-    return removed
+    is), checked gone; returns how many artifacts were removed. A study with running trials is
+    refused (naming them) unless `force`: then they stop at their next report (at most `wait_s`,
+    default the heartbeat grace period), their run ends, and the study goes (tuner.store.deletion).
+    """
+    return deletion.delete(name, storage, force=force, wait_s=wait_s)

@@ -27,7 +27,9 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
   interrupt: they share the cause (base model, data, code), and letting them run on to the same
   error (minutes of hub retries, say) is the slow failure this is for;
 - Ctrl-C or SIGTERM: each slot's trial is asked to stop, then killed after a grace period; every
-  trial the run started ends FAIL "interrupted", and the interrupt is raised again.
+  trial the run started ends FAIL "interrupted", and the interrupt is raised again;
+- a study marked for deletion (tuner.store.deletion): no trial starts, the running ones stop at
+  their next report, and the run ends (StudyDeleted), touching nothing of the study after.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import Backend, Ended, RunPlan, Slot
 from tuner.backends.feed import FEED_WAIT_S, TrialFeed, take
-from tuner.errors import BackendError, RunFailed
-from tuner.store import attrs, recovery
+from tuner.errors import BackendError, RunFailed, StudyDeleted
+from tuner.store import attrs, deletion, recovery
 from tuner.store.budget import spent
 from tuner.store.optuna_private import storage as storage_of
 
@@ -94,6 +96,7 @@ class Driver:
         self._told_placed = False
         self._failing: tuple[str, ...] | None = None  # the error the last trials failed with
         self._failed_alike = 0  # how many in a row
+        self.deleting = False  # the study is marked for deletion, or gone
 
     def run(self) -> None:
         from tuner.settings import get_settings
@@ -115,10 +118,15 @@ class Driver:
             self._interrupt(INTERRUPTED)
             raise
         except BaseException as e:
+            if self._deleting():
+                # Its rows are gone or going: whatever failed on them, the delete is the news.
+                raise self._deleted() from None
             self._interrupt(f"the run stopped: {str(e).splitlines()[0] if str(e) else e!r}")
             raise
         finally:
             self._close()
+        if self.deleting:
+            raise self._deleted()
 
     # ------------------------------------------------------------------------- one turn
 
@@ -146,7 +154,10 @@ class Driver:
         return True
 
     def _stopping(self) -> bool:
-        """No new trial starts: past the deadline, or the study spent its GPU-hours."""
+        """No new trial starts: past the deadline, the study spent its GPU-hours, or it is
+        being deleted."""
+        if self._deleting():
+            return True
         if self.deadline is not None and time.time() > self.deadline:
             return True
         if self.plan.gpu_hours is None:
@@ -246,6 +257,9 @@ class Driver:
 
     def _ended(self, seat: _Seat, ended: Ended) -> None:
         seat.since = None
+        if self.deleting:
+            self._drop(seat)  # its trial, if any, goes with the study
+            return
         if ended.ran is not None:
             if ended.ran.trial_id is not None and not ended.ran.requeued:
                 self._count_failures(ended.ran.trial_id)
@@ -351,6 +365,20 @@ class Driver:
             for trial in self._left_running(seats):
                 recovery.fail_and_retry(self.study, trial, reason, max_retries=0, retry=False)
 
+    def _deleting(self) -> bool:
+        """Whether the study is being deleted (read once per turn; once seen, for good)."""
+        if not self.deleting and self.study is not None:
+            self.deleting = deletion.deleting(self.study)
+        return self.deleting
+
+    def _deleted(self) -> StudyDeleted:
+        for seat in self.seats:
+            seat.slot.kill()  # a trial still running stops at its next report, or goes with it
+        self.seats = []
+        return StudyDeleted(
+            f"study {self.plan.study_name!r} was deleted while this run ran (tuner study delete)"
+        )
+
     def _close(self) -> None:
         if self.feed is not None:
             self.feed.stop()
@@ -395,7 +423,7 @@ def _own_error(trial: Any) -> tuple[str, ...] | None:
     if trial.state != TrialState.FAIL:
         return None
     said = attrs.failure(trial)
-    if not said or said[0] in ("nan", "oom"):
+    if not said or said[0] in ("nan", "oom", deletion.REASON):
         return None
     return said
 

@@ -42,7 +42,8 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.backends.base import RunPlan
-from tuner.store import attrs
+from tuner.errors import StudyDeleted
+from tuner.store import attrs, deletion
 from tuner.store.optuna_private import storage as storage_of
 from tuner.store.optuna_private import study_id as study_id_of
 from tuner.store.optuna_private import trial_id as id_of
@@ -133,6 +134,7 @@ class TrialFeed:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        view = None
         try:
             view = StudyView(self.plan)
             while not self._stop.is_set():
@@ -148,7 +150,9 @@ class TrialFeed:
                         break
                     except queue.Full:
                         continue
-        except Exception:
+        except Exception as e:
+            if isinstance(e, StudyDeleted) or (view is not None and deletion.deleting(view.study)):
+                return  # the study is being deleted: the driver ends the run, and says so
             # Workers sample for themselves when nothing is fed: a slower run, not a lost one.
             logger.warning("the trial feed stopped; workers sample for themselves", exc_info=True)
 

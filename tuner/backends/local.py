@@ -23,7 +23,7 @@ from typing import Any
 
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
-from tuner.errors import BackendError
+from tuner.errors import BackendError, StudyDeleted
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ def _serve(conn: Any, spec: WorkerSpec, gpu: str | None) -> None:
             conn.send(worker.run_one(params))
     except KeyboardInterrupt:
         pass  # Optuna has marked the trial FAIL, and the objective recorded why
+    except StudyDeleted:
+        return  # deleted as this worker started: nothing to run, and the driver stops too
     raise SystemExit(130)
 
 

@@ -70,12 +70,16 @@ class Worker:
         """Run one trial (with the driver's `params`, if fed). An error that is not the trial's
         own (Optuna records those) is raised: the slot is broken, and its backend says so."""
         self.trial_id = None
+        if self._deleting():
+            return Ran(None)  # no trial for a study being deleted: the driver stops too
         self.sampler.offer(params)
         try:
             self.opened.study.optimize(
                 self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True
             )
         except Exception:
+            if self._deleting():
+                return Ran(self.trial_id)  # deleted under the trial: it went with its study
             # Another process failed this trial (as stale, while the store was away) and may
             # have enqueued its retry: the trial is over and the worker is fine.
             ended = self._ended_elsewhere(self.trial_id)
@@ -89,6 +93,11 @@ class Worker:
 
             distributed.share(None)
         return Ran(self.trial_id)
+
+    def _deleting(self) -> bool:
+        from tuner.store import deletion
+
+        return deletion.deleting(self.opened.study)
 
     def follow(self) -> int | None:
         """A rank other than 0 of a multi-GPU slot: train the trial rank 0 shares."""

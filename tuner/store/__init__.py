@@ -8,6 +8,8 @@ teams and clusters. Everything in tuner that reads or writes a study comes throu
 - `urls`, `rdb`, `reconnect`: store URLs (passwords masked), opening the store, riding out a
   database that restarts;
 - `recovery`: trials whose worker is gone (dead processes, stale heartbeats) failed and retried;
+- `deletion`: deleting a study that may be running (refused, or its trials stopped first),
+  verified gone before anything says so;
 - `artifacts`, `retention`: the study's artifact location (a folder or s3://BUCKET/PREFIX) and
   its Optuna artifact store (`open_artifacts`): adapters, checkpoints, reports, tokenised data;
   the best k adapters kept; `folders`: a folder as one object there (the data cache's entries,

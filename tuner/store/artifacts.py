@@ -185,10 +185,10 @@ def open_artifacts(url: str) -> AtomicFileStore | PrefixedBoto3Store:
     return PrefixedBoto3Store(location.bucket, location.prefix, boto3.client("s3"))
 
 
-def remove_artifacts(study: Any, storage: Any, store: Any) -> int:
-    """Remove every artifact Optuna recorded on the study and its trials (adapters, reports),
-    and the checkpoints trials left (a worker that died and was not retried), from `store`;
-    returns how many. One that is gone already is not an error."""
+def artifact_ids(study: Any, storage: Any) -> list[str]:
+    """Every artifact Optuna recorded on the study and its trials (adapters, reports), and the
+    checkpoints trials left (a worker that died and was not retried). Read before the study's
+    rows are deleted: they are where the ids are kept."""
     from optuna.artifacts import get_all_artifact_meta
 
     from tuner.store.checkpoints import parts
@@ -197,6 +197,12 @@ def remove_artifacts(study: Any, storage: Any, store: Any) -> int:
     for trial in study.get_trials(deepcopy=False):
         ids += [meta.artifact_id for meta in get_all_artifact_meta(trial, storage=storage)]
         ids += parts(trial)
+    return ids
+
+
+def remove_ids(store: Any, ids: list[str]) -> int:
+    """Remove the artifacts `ids` from `store`; returns how many were there. One that is gone
+    already is not an error, and one that cannot go does not keep the rest."""
     removed = 0
     for artifact_id in ids:
         try:

@@ -18,6 +18,9 @@ SWEEP = "sweep"  # a recurring sweep's summary, written when it ends (tuner.swee
 # The study's MLflow parent run (tuner.tracking): run_id, experiment_id, tracking_uri (never with
 # a password), url. Workers on any node nest their trial's run under it.
 MLFLOW = "mlflow"
+# Set by `tuner study delete` before it deletes the study: who asked, and when. Every process of a
+# run checks it, stops its trials at their next report and starts none (tuner.store.deletion).
+DELETING = "deleting"
 
 # ----------------------------------------------------------------------------- trial user attrs
 

@@ -31,6 +31,13 @@ def trial_id(trial: FrozenTrial | optuna.Trial) -> int:
     return trial._trial_id
 
 
+def stale_trial_ids(storage: Any, study_id: int) -> set[int]:
+    """Ids of the study's RUNNING trials whose heartbeat is older than the store's grace period:
+    the one query that reads heartbeats (`fail_stale_trials` fails them too, which a delete that
+    only asks whether trials are alive must not). The store must have heartbeats on."""
+    return set(storage._get_stale_trial_ids(study_id))
+
+
 # (module, class, member, why). Methods tuner overrides or wraps, and attributes it reads.
 OVERRIDDEN: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -58,7 +65,12 @@ OVERRIDDEN: tuple[tuple[str, str, str, str], ...] = (
     ("optuna.storages", "RDBStorage", "_set_trial_param", "retried on a lost connection"),
     ("optuna.storages", "RDBStorage", "_get_best_trial_id", "retried on a lost connection"),
     ("optuna.storages", "RDBStorage", "_get_trials", "retried on a lost connection"),
-    ("optuna.storages", "RDBStorage", "_get_stale_trial_ids", "retried on a lost connection"),
+    (
+        "optuna.storages",
+        "RDBStorage",
+        "_get_stale_trial_ids",
+        "retried on a lost connection; read by `stale_trial_ids` above",
+    ),
 )
 
 # Instance attributes: checked on real objects by the test.

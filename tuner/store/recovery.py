@@ -164,6 +164,14 @@ def fail_stale(study: optuna.Study) -> int:
     return len(failed)
 
 
+def worker_gone(trial: FrozenTrial) -> bool:
+    """Whether the trial's worker is known to be gone: a process of this machine that is dead.
+    (A worker elsewhere is known by its heartbeat only.)"""
+    pid = trial.user_attrs.get(attrs.PID)
+    here = trial.user_attrs.get(attrs.HOST) == socket.gethostname()
+    return here and pid is not None and not _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

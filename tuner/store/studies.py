@@ -14,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from tuner.errors import StorageError, did_you_mean
+from tuner.errors import StorageError, StudyDeleted, did_you_mean
 from tuner.space import Space
 from tuner.store import attrs
 from tuner.store.rdb import NoStore, open_storage
@@ -63,27 +63,32 @@ def open_study(
         raise StorageError(f"no study {name!r}: {e}") from None
     try:
         stored = store.get_study_user_attrs(store.get_study_id_from_name(name))
-    except KeyError:
-        names = [s.study_name for s in store.get_all_studies()]
-        raise StorageError(
-            f"no study {name!r} in {mask_url(url)}{did_you_mean(name, names)} "
-            "(see `tuner study list`)"
-        ) from None
-    if attrs.SPACE not in stored:
-        stored = {**stored, attrs.SPACE: wait_for_space(store, name)}
-    space = Space.from_stored(stored[attrs.SPACE])
-    if heartbeat:
-        with warnings.catch_warnings():  # Optuna marks its retry callback experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = RetryStale(max_retry=space.resources.max_retries)
-        store.heartbeat_stale_trial_callback = retry
-    study = optuna.load_study(
-        study_name=name,
-        storage=store,
-        sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
-        pruner=algorithms.build_pruner(space.pruner),
-    )
+        if attrs.SPACE not in stored:
+            stored = {**stored, attrs.SPACE: wait_for_space(store, name)}
+        space = Space.from_stored(stored[attrs.SPACE])
+        if heartbeat:
+            with warnings.catch_warnings():  # Optuna marks its retry callback experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry = RetryStale(max_retry=space.resources.max_retries)
+            store.heartbeat_stale_trial_callback = retry
+        study = optuna.load_study(
+            study_name=name,
+            storage=store,
+            sampler=algorithms.build_sampler(space.sampler, seed_offset=seed_offset),
+            pruner=algorithms.build_pruner(space.pruner),
+        )
+    except KeyError:  # not there, or deleted while it was being opened
+        raise _missing(name, url, store, in_run=in_run) from None
     return OpenStudy(study, space, study_location(stored, url), url, store)
+
+
+def _missing(name: str, url: str, store: Any, *, in_run: bool) -> StorageError:
+    if in_run:  # the run found it a moment ago: it was deleted since (tuner.store.deletion)
+        return StudyDeleted(f"study {name!r} was deleted while this run ran")
+    names = [s.study_name for s in store.get_all_studies()]
+    return StorageError(
+        f"no study {name!r} in {mask_url(url)}{did_you_mean(name, names)} (see `tuner study list`)"
+    )
 
 
 def wait_for_space(store: Any, name: str, wait_s: float = 10) -> dict:
