@@ -780,3 +780,55 @@ def test_a_bad_allow_host_is_refused_before_the_dashboard_listens(
     assert code == 2, err
     assert lines == [lines[0]] and lines[0].startswith(f"error: --allow-host {name!r}: "), err
     assert not db.exists()
+
+
+# --- issue 22: settings and paths that changed under a study (invented) ---
+
+BAD_SETTINGS = [
+    ({"TUNER_GRACE_PERIOD": "abc"}, ["TUNER_GRACE_PERIOD", "valid integer", "'abc'"]),
+    ({"TUNER_GRACE_PERIOD": "0"}, ["TUNER_GRACE_PERIOD", "greater than 0", "'0'"]),
+    ({"TUNER_GRACE_PERIOD": ""}, ["TUNER_GRACE_PERIOD", "''"]),
+    ({"TUNER_HEARTBEAT_INTERVAL": "1e99"}, ["TUNER_HEARTBEAT_INTERVAL", "'1e99'"]),
+    # Every trial would go stale between two beats, and be failed as dead while it trains.
+    (
+        {"TUNER_HEARTBEAT_INTERVAL": "30", "TUNER_GRACE_PERIOD": "30"},
+        ["TUNER_GRACE_PERIOD (30) must be greater than TUNER_HEARTBEAT_INTERVAL (30)"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    BAD_SETTINGS,
+    ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e, _ in BAD_SETTINGS],
+)
+def test_a_bad_tuner_setting_is_one_line_naming_the_variable(
+    sim_study: Path, env: dict, words: list[str]
+) -> None:
+    """Was a pydantic traceback (exit 1) from every command."""
+    url = f"sqlite:///{sim_study}"
+    for command in (["study", "list"], ["study", "run", "sim", "--n-trials", "1"]):
+        done = run_cli(*command, "--storage", url, env=env)
+        _one_error_line(done.returncode, done.stderr, *words)
+    assert _trials_in(sim_study) == 0
+
+
+def test_data_replaced_by_a_fifo_after_create_is_refused_before_any_trial(
+    tmp_path: Path, demo_files: Path
+) -> None:
+    """The data file became a FIFO after `study create`: every trial failed (or blocked) on it;
+    now the run refuses in one line, naming the key and what the path is."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes((demo_files / "data.jsonl").read_bytes())
+    space = small_space(demo_files)
+    space["fixed"]["dataset"] = {"path": str(data)}
+    db = tmp_path / "studies.db"
+    url = f"sqlite:///{db}"
+    made = run_cli("study", "create", "--space", str(write_space(tmp_path / "s.yaml", space)),
+                   "--name", "fifo", "--storage", url)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    data.unlink()
+    os.mkfifo(data)
+    done = run_cli("study", "run", "fifo", "--storage", url, "--n-trials", "1", timeout=120)
+    _one_error_line(done.returncode, done.stderr, "fixed.dataset.path", "is a FIFO (named pipe)")
+    assert _trials_in(db) == 0

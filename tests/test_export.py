@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, small_space, write_space
+from conftest import TUNER, mounted_tmpfs, run_cli, small_space, write_space
 from safetensors.torch import load_file, save_file
 
 from tuner import export as export_mod
@@ -353,15 +353,8 @@ def test_a_replaced_export_and_a_killed_one_leave_nothing_beside_it(
 @pytest.fixture
 def tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A small file system of the size (and options) the test asks for: tmpfs, mounted here."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", request.param, "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
-    assert made.returncode == 0, f"this test needs to mount a tmpfs: {made.stderr}"
-    try:
+    with mounted_tmpfs(tmp_path / "disk", request.param) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 FULL = (

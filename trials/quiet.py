@@ -54,6 +54,9 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # bitsandbytes, imported by peft, warns on a CPU with AVX512-BF16 that an optional kernel
+    # package (`kernels`, from the hub) is missing: its fallback works, and nothing is to do.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # `Loading weights`, `Writing model shards`; the hub's too
     hub_logging.set_verbosity_error()  # `Retrying in 1s [Retry 1/5]` while the hub is away
     datasets.logging.set_verbosity_error()

@@ -24,6 +24,7 @@ import optuna
 
 from trials.quiet import quiet_libraries
 from trials.reporter import StudyDeleting
+from tuner.errors import StoreFull, caused_by
 from tuner.settings import node_cache_dir
 from tuner.space import Space
 from tuner.store import attrs, deletion, recovery, retention
@@ -65,11 +66,15 @@ class Objective:
         self.shared_data = shared_data_cache(artifacts, self.artifact_store)
         self.worker: str | None = None  # the backend's name for this worker, recorded per trial
         self.run: str | None = None  # the id of the run it works for, recorded per trial
+        self.driver_pid: int | None = None  # a local worker's driver, recorded per trial
         self.on_trial_start: Any = None  # set by a backend that tracks its running trials
         # Where a Ctrl-C may land in a trial: the whole of the objective, and nothing around it
         # (creating the trial, telling it), so that an interrupt never leaves a trial half-made.
         # A worker process that holds its interrupts elsewhere sets it (tuner.backends.local).
         self.interruptible: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        # Why an interrupted trial failed: a Ctrl-C, unless its worker says otherwise (a worker
+        # whose driver died interrupts its own trial, tuner.backends.lifeline).
+        self.interrupted_because = recovery.INTERRUPTED
 
     def warm_up(self, *, threads: int) -> None:
         """Prepare this worker process for the workload: import its training stack now (so the
@@ -95,7 +100,7 @@ class Objective:
         self.shared = False
         try:
             with self.interruptible():
-                recovery.mark(trial, self.worker, self.run)
+                recovery.mark(trial, self.worker, self.run, self.driver_pid)
                 if self.on_trial_start is not None:
                     self.on_trial_start(trial)
                 values = self.space.suggest(trial)
@@ -113,17 +118,20 @@ class Objective:
             self._record_rank_steps(trial, timings)
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr(attrs.FAIL_REASON, "interrupted (Ctrl-C or a stop signal)")
+            trial.set_user_attr(attrs.FAIL_REASON, self.interrupted_because)
+            _said_by_the_driver()
             raise
         except StudyDeleting:
             # FAIL, not PRUNED: the trial did not lose, its study is going (tuner.store.deletion).
             trial.set_user_attr(attrs.FAIL_REASON, deletion.REASON)
             trial.set_user_attr(attrs.TIMINGS, timings)
             self._record_rank_steps(trial, timings)
-            # The delete says what happened; Optuna's warning with a traceback would only alarm.
-            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            _said_by_the_driver()  # the delete says what happened
             raise
         except Exception as e:
+            if caused_by(e, StoreFull):
+                _said_by_the_driver()  # and nothing more can be written
+                raise
             kind = _failure_kind(e)
             # `nan` and `oom` are codes to filter on; other errors are their own first line.
             trial.set_user_attr(attrs.FAIL_REASON, kind or _one_line(e))
@@ -341,6 +349,13 @@ def quiet_worker_logs(level: int) -> None:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:500]}" if text else type(error).__name__
+
+
+def _said_by_the_driver() -> None:
+    """The trial ends for a reason the run itself reports in one line (an interrupt, a delete,
+    a full store): Optuna's warning of the failed trial, with its traceback, would only alarm.
+    The worker stops after it, so its Optuna log stays quiet from here."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def _failure_kind(error: BaseException) -> str | None:

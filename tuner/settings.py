@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tuner.errors import TunerError
 
 DEFAULT_SQLITE_FILE = "tuner.db"
 DEFAULT_ARTIFACT_DIR = "tuner_artifacts"
@@ -40,9 +42,29 @@ class Settings(BaseSettings):
         description="A RUNNING trial with no heartbeat for this long is failed as stale.",
     )
 
+    @model_validator(mode="after")
+    def _beats_within_grace(self) -> Settings:
+        # Otherwise every trial goes stale between two beats, and is failed as dead while it
+        # trains.
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"TUNER_GRACE_PERIOD ({self.grace_period}) must be greater than "
+                f"TUNER_HEARTBEAT_INTERVAL ({self.heartbeat_interval}), or every trial goes stale"
+            )
+        return self
+
 
 def get_settings() -> Settings:
-    return Settings()
+    """The settings; a bad TUNER_* value is one line naming the variable (TunerError)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        error = e.errors()[0]
+        if error["loc"]:
+            name = "TUNER_" + str(error["loc"][0]).upper()
+            got = os.environ.get(name, "")
+            raise TunerError(f"{name}: {error['msg'].lower()} (got {got!r})") from None
+        raise TunerError(str(error["msg"]).removeprefix("Value error, ")) from None
 
 
 def node_cache_dir(settings: Settings | None = None) -> Path:

@@ -20,10 +20,18 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from trials import files
 from trials.config import TrialConfig
 from trials.data import DataError, check_rendering, renderer, to_examples
 from tuner import backends, base_model, extras, tracking
-from tuner.errors import RunFailed, SpaceError, StorageError, StudyDeleted, TunerError
+from tuner.errors import (
+    RunFailed,
+    SpaceError,
+    StorageError,
+    StoreFull,
+    StudyDeleted,
+    TunerError,
+)
 from tuner.limits import MAX_JOBS, check_count, check_name
 from tuner.space import Space, load_space
 from tuner.store import (
@@ -313,6 +321,9 @@ def run_study(
             monitor.stop()
             done = monitor.progress.finished
             raise StudyDeleted(f"{e}; {done} of its trials had finished") from None
+        except StoreFull as e:
+            e.exit_code = 1  # the run ran: its trials are retried by the next, once there is room
+            raise
         except RunFailed as e:
             stop_reason = str(e)  # returned with the summary: the caller reports both
         finally:
@@ -349,8 +360,16 @@ def _check_paths_here(name: str, space: Space) -> None:
         ("fixed.model_name_or_path", space.fixed.get("model_name_or_path")),
         ("fixed.dataset.path", (space.fixed.get("dataset") or {}).get("path")),
     ):
-        if value and Path(value).is_absolute() and not Path(value).exists():
+        if not value or not Path(value).is_absolute():
+            continue
+        what = files.kind(value)
+        if what is None:
             raise StorageError(f"study {name!r}: {key} {value!r} does not exist on this machine")
+        if what not in ("file", "folder"):
+            # Replaced since the study was made: every trial would fail (or block) on it.
+            raise StorageError(
+                f"study {name!r}: {key} {value!r} is {what} now; it must be a file or a folder"
+            )
 
 
 class _Monitor(threading.Thread):

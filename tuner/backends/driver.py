@@ -45,17 +45,17 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import Backend, Ended, RunPlan, Slot
 from tuner.backends.feed import FEED_WAIT_S, TrialFeed, take
-from tuner.errors import BackendError, RunFailed, StudyDeleted
+from tuner.errors import BackendError, RunFailed, StoreFull, StudyDeleted
 from tuner.store import attrs, deletion, recovery
 from tuner.store.budget import spent
 from tuner.store.optuna_private import storage as storage_of
+from tuner.store.rdb import StoreFile
 
 logger = logging.getLogger(__name__)
 
 MAX_DEATHS_PER_SLOT = 3  # beyond this the cause is not one unlucky worker: stop, say why
 INTERRUPT_GRACE_S = 60.0  # how long an interrupted trial may take to end before its slot is killed
 POLL_S = 1.0  # the longest the driver waits without looking at timeouts and stale trials
-INTERRUPTED = "interrupted (Ctrl-C or a stop signal)"
 
 
 @dataclass
@@ -69,6 +69,8 @@ class _Seat:
     placed: bool = False  # holds its resources; until then it waits for room, and gets no trial
     since: float | None = None  # when its current trial was handed out (monotonic); None: free
     handed_at: datetime | None = None  # the same, as wall time, to compare with a trial's start
+    # When its trial was first seen ended elsewhere while the slot had not come back (monotonic).
+    ended_elsewhere: float | None = None
 
 
 def run(backend: Backend, plan: RunPlan) -> None:
@@ -110,13 +112,16 @@ class Driver:
                 self.plan.study_name, self.plan.storage_url, heartbeat=True, in_run=True
             )
             self.study = opened.study
+            self.store_file = StoreFile(self.plan.storage_url)
             self.stale_check_s = float(get_settings().heartbeat_interval)
             self._start_feed()
             while self._step():
                 pass
         except (KeyboardInterrupt, SystemExit):
-            self._interrupt(INTERRUPTED)
+            self._interrupt(recovery.INTERRUPTED)
             raise
+        except StoreFull:
+            raise  # nothing can be written: the slots are closed, the next run fails their trials
         except BaseException as e:
             if self._deleting():
                 # Its rows are gone or going: whatever failed on them, the delete is the news.
@@ -147,6 +152,7 @@ class Driver:
             ended = seat.slot.poll()
             if ended is not None:
                 self._ended(seat, ended)
+        self.store_file.check()
         self._end_overdue()
         self._fail_stale()
         self._place()
@@ -335,6 +341,31 @@ class Driver:
             return
         self._next_stale_check = time.monotonic() + self.stale_check_s
         recovery.fail_stale(self.study)
+        self._end_frozen()
+
+    def _end_frozen(self) -> None:
+        """Kill the slots whose trial ended elsewhere (failed as stale) two heartbeat intervals
+        ago and that have not come back: a stopped or wedged worker (`kill -STOP`), whose lost
+        heartbeat failed its trial, held its slot, and the run, forever. A worker that only lost
+        the store comes back at its next write, finding its trial over."""
+        now = time.monotonic()
+        for seat in self._busy():
+            trials = self._trials_of(seat)
+            current = trials[-1] if len(trials) == seat.handed else None
+            if current is None or not current.state.is_finished():
+                seat.ended_elsewhere = None
+                continue
+            seat.ended_elsewhere = seat.ended_elsewhere or now
+            if now - seat.ended_elsewhere < 2 * self.stale_check_s:
+                continue
+            logger.warning(
+                "%s has not come back from trial %d, which was failed as stale; killing it",
+                seat.slot.worker,
+                current.number,
+            )
+            self._drop(seat)
+            if recovery.retried(self.study, current):
+                self._give_back()  # its retry takes the trial's place
 
     # ------------------------------------------------------------------------- the rest
 

@@ -4,7 +4,8 @@ at a time through a pipe. Worker i trains on GPU i mod n when there are GPUs.
 Workers are spawned (fresh interpreters: no torch or database state copied by fork) into their
 own process group, so a terminal's Ctrl-C reaches the driver only, which interrupts each worker
 once: its trial ends FAIL "interrupted" and nothing is left RUNNING. A worker whose driver is
-gone sees its pipe close and exits.
+gone, however it went (`kill -9` of the run's process group included), fails its trial, which
+is retried, and exits (tuner.backends.lifeline).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuner.backends import lifeline
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
-from tuner.errors import BackendError, StudyDeleted
+from tuner.errors import BackendError, StoreFull, StudyDeleted
+from tuner.store import recovery
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +133,19 @@ class LocalSlot:
 
 
 def _serve(conn: Any, spec: WorkerSpec, gpu: str | None) -> None:
-    """The worker process: set up once, then one trial per message until the pipe closes."""
+    """The worker process: set up once, then one trial per message until the pipe closes, or
+    until the driver is gone (tuner.backends.lifeline)."""
+    driver = os.getppid()
     os.setpgrp()  # the terminal's Ctrl-C goes to the driver, which forwards it once
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch is imported
+    held = _HeldInterrupts()
+    worker = None
     try:
         worker = Worker(spec)
-        held = _HeldInterrupts()
         worker.objective.interruptible = held.trial
+        worker.objective.driver_pid = driver
+        lifeline.watch(driver, lambda: held.driver_gone(worker))
         while not held.pending:
             try:
                 params = conn.recv()
@@ -148,6 +156,10 @@ def _serve(conn: Any, spec: WorkerSpec, gpu: str | None) -> None:
         pass  # Optuna has marked the trial FAIL, and the objective recorded why
     except StudyDeleted:
         return  # deleted as this worker started: nothing to run, and the driver stops too
+    except StoreFull:
+        raise SystemExit(1) from None  # the driver meets it too, and says so in one line
+    if held.orphaned and worker is not None:
+        worker.retry_failed()  # the driver would have: the trial did nothing wrong
     raise SystemExit(130)
 
 
@@ -155,17 +167,27 @@ class _HeldInterrupts:
     """SIGINT in a worker raises KeyboardInterrupt inside a trial's objective only, where the
     trial records it and ends FAIL. Anywhere else (Optuna creating or telling a trial) it is
     held: the trial in the making then meets it as it starts, and a trial being told is told,
-    after which the worker exits. A trial is never left RUNNING half-made by a Ctrl-C."""
+    after which the worker exits. A trial is never left RUNNING half-made by a Ctrl-C.
+
+    Before the first trial (while the worker sets up) it is held too: the worker exits once set
+    up, having started nothing."""
 
     def __init__(self) -> None:
         self.pending = False
         self.open = False
+        self.orphaned = False  # the driver died: the interrupt is the lifeline's
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.pending = True
         if self.open:
             raise KeyboardInterrupt
+
+    def driver_gone(self, worker: Worker) -> None:
+        """From the lifeline's thread: stop as a Ctrl-C would, the trial failing with why."""
+        self.orphaned = True
+        worker.objective.interrupted_because = recovery.DRIVER_DIED
+        os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread, where the trial runs
 
     @contextlib.contextmanager
     def trial(self) -> Iterator[None]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from tuner.backends.base import Ran
 from tuner.backends.feed import FedSampler, read_while
+from tuner.errors import StoreFull, caused_by
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,12 @@ class Worker:
             self.opened.study.optimize(
                 self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True
             )
-        except Exception:
+        except Exception as e:
+            full = caused_by(e, StoreFull)
+            if full is not None:
+                # Optuna's own bookkeeping fails after the write that could not be made (an
+                # assertion): the full disk is what the driver must say.
+                raise full from None
             if self._deleting():
                 return Ran(self.trial_id)  # deleted under the trial: it went with its study
             # Another process failed this trial (as stale, while the store was away) and may
@@ -93,6 +99,20 @@ class Worker:
 
             distributed.share(None)
         return Ran(self.trial_id)
+
+    def retry_failed(self) -> None:
+        """Enqueue the retry of this worker's last trial, which its driver, gone, cannot."""
+        from optuna.trial import TrialState
+
+        from tuner.store import recovery
+
+        if self.trial_id is None:
+            return
+        study = self.opened.study
+        trial = self.opened.store.get_trial(self.trial_id)
+        if trial.state == TrialState.FAIL and not recovery.retried(study, trial):
+            max_retries = self.opened.space.resources.max_retries
+            recovery.enqueue_retry(study, trial, max_retries=max_retries)
 
     def _deleting(self) -> bool:
         from tuner.store import deletion

@@ -45,6 +45,7 @@ WORKER = "worker"  # the backend's id of the slot that runs it
 RUN = "run"  # the id of the `study run` that runs it (tuner.store.runs): what each run counts
 HOST = "host"
 PID = "worker_pid"
+DRIVER_PID = "driver_pid"  # a local worker's driver: a next run waits for its orphans to end
 
 # ----------------------------------------------------------------------------- trial system attrs
 

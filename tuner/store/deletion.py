@@ -124,8 +124,7 @@ def live_trials(opened: OpenStudy) -> list[FrozenTrial]:
     for trial in running:
         if id_of(trial) in stale or recovery.worker_gone(trial):
             continue
-        started = trial.datetime_start or datetime.now()
-        if attrs.PID not in trial.user_attrs and (datetime.now() - started).total_seconds() > grace:
+        if recovery.unmarked(trial, grace):
             continue
         live.append(trial)
     return live

@@ -185,6 +185,35 @@ def _prepare_sqlite(url: str) -> None:
         raise StorageError(f"cannot create the study store {url}: {e}") from None
 
 
+class StoreFile:
+    """An SQLite store's file as a run opened it, to tell when it is deleted or replaced under
+    the run: SQLite goes on writing to the unlinked file, and the run would end "done" with
+    every trial lost."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self.opened = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat() if self.path is not None else None
+        except FileNotFoundError:
+            return None
+        return (stat.st_dev, stat.st_ino) if stat is not None else None
+
+    def check(self) -> None:
+        """StorageError (exit status 1) if the file is no longer the one opened."""
+        if self.path is None or self._identity() == self.opened:
+            return
+        error = StorageError(
+            f"the study store {self.path} was deleted or replaced during the run, and the "
+            "trials it held with it; the run stopped"
+        )
+        error.exit_code = 1
+        raise error
+
+
 def _check_sqlite_file(url: str, path: Path) -> None:
     """A store that exists must be a regular file: SQLite would block on a FIFO, and fails
     obscurely on a folder or a device."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Any
 
 import optuna
 import sqlalchemy.exc
+
+from tuner.errors import StoreFull
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,30 @@ def connection_lost(error: BaseException) -> bool:
     return code is None or code.startswith(_GONE)
 
 
+_FULL_PG_CODE = "53100"  # PostgreSQL's disk_full
+
+
+def store_full(error: BaseException) -> bool:
+    """Whether a storage error came from a store whose disk is full."""
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    if not isinstance(cause, sqlalchemy.exc.OperationalError):
+        return False
+    orig = cause.orig
+    return (
+        getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or getattr(orig, "pgcode", None) == _FULL_PG_CODE
+    )
+
+
+def _full(storage: Any) -> StoreFull:
+    from tuner.store.urls import mask_url
+
+    return StoreFull(
+        f"the study store {mask_url(storage.url)} is out of disk space; free some there, then "
+        "run again"
+    )
+
+
 _calling = threading.local()  # set while a retried call runs: the calls it makes are not retried
 
 
@@ -106,6 +133,8 @@ def _call(
         try:
             return method(self, *args, **kwargs)
         except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError) as e:
+            if store_full(e):
+                raise _full(self) from None
             wait = WAITS_S[attempt - 1] if attempt < ATTEMPTS else 0.0
             late = until is not None and time.monotonic() + wait > until
             if attempt == ATTEMPTS or late or not connection_lost(e):

@@ -21,7 +21,9 @@ import copy
 import logging
 import os
 import socket
+import time
 import warnings
+from datetime import datetime
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -32,19 +34,42 @@ from tuner.store.optuna_private import trial_id as id_of
 
 logger = logging.getLogger(__name__)
 
+# Why a trial failed, when it was stopped rather than failing by itself.
+INTERRUPTED = "interrupted (Ctrl-C or a stop signal)"  # not retried: someone stopped the run
+# Retried: the run was killed, not the trial (tuner.backends.lifeline).
+DRIVER_DIED = "its run's driver died; failed by its worker, which exited"
+
 # Facts of one attempt: a retry starts without them.
-_PER_ATTEMPT_ATTRS = (attrs.WORKER, attrs.RUN, attrs.HOST, attrs.PID, attrs.FAIL_REASON)
+_PER_ATTEMPT_ATTRS = (
+    attrs.WORKER,
+    attrs.RUN,
+    attrs.HOST,
+    attrs.PID,
+    attrs.DRIVER_PID,
+    attrs.FAIL_REASON,
+)
+# How long the next run waits for the workers of a killed run to fail their own trials (they
+# notice within a second, tuner.backends.lifeline) before it fails them itself.
+ORPHANS_WAIT_S = 15.0
+UNMARKED = "its worker died as the trial started: no worker pid nor heartbeat for the grace period"
 
 
-def mark(trial: optuna.Trial, worker: str | None = None, run: str | None = None) -> None:
+def mark(
+    trial: optuna.Trial,
+    worker: str | None = None,
+    run: str | None = None,
+    driver_pid: int | None = None,
+) -> None:
     """Record where the trial runs, so that whoever outlives its worker can fail it, and the run
-    it counts for."""
+    it counts for (and, for a worker of this machine, its driver's process)."""
     trial.set_user_attr(attrs.HOST, socket.gethostname())
     trial.set_user_attr(attrs.PID, os.getpid())
     if worker is not None:
         trial.set_user_attr(attrs.WORKER, worker)
     if run:
         trial.set_user_attr(attrs.RUN, run)
+    if driver_pid is not None:
+        trial.set_user_attr(attrs.DRIVER_PID, driver_pid)
 
 
 def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
@@ -128,26 +153,40 @@ def superseded(trials: list[FrozenTrial]) -> set[int]:
 
 def fail_orphans(study: optuna.Study, *, max_retries: int) -> int:
     """Fail (and retry) the RUNNING trials whose worker process on this machine is gone, and
-    those whose heartbeat is stale. Returns how many were failed."""
+    those whose heartbeat is stale. Trials whose worker lives on but whose driver is gone are
+    being failed by their worker (tuner.backends.lifeline): waited for, so that what this run
+    counts has settled. Returns how many were failed."""
     host = socket.gethostname()
     failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = trial.user_attrs.get(attrs.PID)
-        if trial.user_attrs.get(attrs.HOST) == host and pid is not None and not _alive(pid):
-            fail_and_retry(
-                study,
-                trial,
-                "its worker is gone (the run was killed); failed by the next run",
-                max_retries=max_retries,
-            )
-            failed += 1
+    deadline = time.monotonic() + ORPHANS_WAIT_S
+    while True:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        here = [t for t in running if t.user_attrs.get(attrs.HOST) == host]
+        for trial in here:
+            if worker_gone(trial):
+                fail_and_retry(
+                    study,
+                    trial,
+                    "its worker is gone (the run was killed); failed by the next run",
+                    max_retries=max_retries,
+                )
+                failed += 1
+        orphaned = [t for t in here if _driver_gone(t) and not worker_gone(t)]
+        if not orphaned:
+            break
+        if time.monotonic() > deadline:
+            for trial in orphaned:
+                reason = "its run was killed and its worker did not stop; failed by the next run"
+                failed += fail_and_retry(study, trial, reason, max_retries=max_retries)
+            break
+        time.sleep(0.2)
     return failed + fail_stale(study)
 
 
 def fail_stale(study: optuna.Study) -> int:
     """Optuna's own heartbeat check: RUNNING trials silent for the grace period end FAIL and
-    the store's callback (`RetryStale`) retries them. Returns how many were failed; 0 on a
-    store without heartbeats."""
+    the store's callback (`RetryStale`) retries them; and so do trials that never recorded a
+    worker (`unmarked`). Returns how many were failed; 0 on a store without heartbeats."""
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
         return 0
@@ -161,7 +200,34 @@ def fail_stale(study: optuna.Study) -> int:
     ]
     for number in failed:
         logger.warning("trial %d failed: no heartbeat for the grace period", number)
-    return len(failed)
+    return len(failed) + _fail_unmarked(study)
+
+
+def unmarked(trial: FrozenTrial, grace_s: float) -> bool:
+    """A RUNNING trial that recorded no worker within the grace period: its process died as it
+    made the trial (a full disk, a kill at that instant), before its pid or its first heartbeat
+    were written, so neither the pid nor the heartbeat check finds it, and no run stops it."""
+    age = datetime.now() - (trial.datetime_start or datetime.now())
+    return attrs.PID not in trial.user_attrs and age.total_seconds() > grace_s
+
+
+def _fail_unmarked(study: optuna.Study) -> int:
+    """As Optuna's `fail_stale_trials` does for a stale heartbeat: fail, then the store's
+    callback (the retry)."""
+    from tuner.settings import get_settings
+
+    storage = storage_of(study)
+    if storage.get_heartbeat_interval() is None:
+        return 0  # a store opened without heartbeats (a reader's) fails nothing
+    grace = get_settings().grace_period
+    retry = storage.get_heartbeat_stale_trial_callback()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if unmarked(trial, grace) and fail_trial(storage, id_of(trial), UNMARKED):
+            failed += 1
+            if retry is not None:
+                retry(study, copy.deepcopy(storage.get_trial(id_of(trial))))
+    return failed
 
 
 def worker_gone(trial: FrozenTrial) -> bool:
@@ -170,6 +236,13 @@ def worker_gone(trial: FrozenTrial) -> bool:
     pid = trial.user_attrs.get(attrs.PID)
     here = trial.user_attrs.get(attrs.HOST) == socket.gethostname()
     return here and pid is not None and not _alive(pid)
+
+
+def _driver_gone(trial: FrozenTrial) -> bool:
+    """Whether the trial's driver, a process of this machine, is gone (a worker of this
+    machine records it)."""
+    pid = trial.user_attrs.get(attrs.DRIVER_PID)
+    return pid is not None and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
