@@ -757,6 +757,7 @@ def test_a_trial_that_recorded_no_worker_is_failed_and_retried_after_the_grace_p
     Past the heartbeat grace period, the next run fails it as such and retries it."""
     from tuner.store.recovery import UNMARKED
 
+    monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("TUNER_GRACE_PERIOD", "2")
     name = create_study(write_space(tmp_path / "u.yaml", simulated()), storage=sqlite_url)
     study = optuna.load_study(study_name=name, storage=sqlite_url)

@@ -39,7 +39,7 @@ def test_scientific_notation_is_a_number_and_paths_become_absolute(workdir: Path
     assert space.params["learning_rate"].low == 1e-5
     assert space.fixed["model_name_or_path"] == str(workdir / "model")
     assert space.fixed["dataset"]["path"] == str(workdir / "data.jsonl")
-    assert space.sampler["name"] == "tpe" and space.pruner["name"] == "median"
+    assert space.sampler["name"] == "tpe" and space.pruner["name"] == "reported_median"
 
 
 def test_alpha_is_suggested_as_a_multiple_of_rank_and_recorded_resolved(workdir: Path) -> None:

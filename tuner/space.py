@@ -509,8 +509,11 @@ class Space(BaseModel):
         description="An Optuna pruner by name with its keyword arguments (`patient` takes "
         "`wrapped:`, another pruner). The reported step is the training step (the Trainer's "
         "global_step), so `n_warmup_steps: 100` means not before step 100; the evaluation "
-        "after the last step is reported but never prunes. The default can stop a trial at its "
-        "first evaluation once 3 trials have finished.",
+        "after the last step is reported but never prunes. The default, `reported_median`, is the "
+        "median rule over every other trial that reported the step (finished, pruned or still "
+        "training), not only finished ones as Optuna's `median`: it can stop a trial at its "
+        "first evaluation once 3 others have reported it, and keeps pruning when trials run "
+        "in parallel.",
     )
     budget: Budget = Field(
         default=Budget(), description="When the study stops starting trials (see `budget`)."

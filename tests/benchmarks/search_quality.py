@@ -106,7 +106,13 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
     return {
         "random": ({"name": "random"}, {"name": "none"}),
         "tpe": (algorithms.DEFAULT_SAMPLER, {"name": "none"}),
-        "tpe+median (default)": (algorithms.DEFAULT_SAMPLER, algorithms.DEFAULT_PRUNER),
+        # The space's own pruner, and Optuna's MedianPruner with the same options: the one
+        # compares with every trial that reached the step, the other with finished ones only.
+        "tpe+median (Optuna's, finished trials)": (
+            algorithms.DEFAULT_SAMPLER,
+            {**workload.space.pruner, "name": "median"},
+        ),
+        "tpe+reported_median (default)": (algorithms.DEFAULT_SAMPLER, workload.space.pruner),
         "tpe+hyperband": (
             algorithms.DEFAULT_SAMPLER,
             {"name": "hyperband", "min_resource": first, "max_resource": last},
@@ -262,6 +268,66 @@ class LoraRunner:
                 )
             )
         return ran
+
+
+# ----------------------------------------------------------------------------- in parallel
+
+
+def space_data(workload: Workload, eval_steps: int | None = None) -> dict[str, Any]:
+    """The workload's space as a user's YAML holds it: what `run_sweep` writes for a study."""
+    if workload.run is None:
+        return quickstart(eval_steps)
+    return read_yaml(ROOT / "search_spaces" / "simulated.yaml", display="simulated.yaml")
+
+
+def run_sweep(
+    data: dict[str, Any],
+    sampler: dict,
+    pruner: dict,
+    seed: int,
+    n_trials: int,
+    *,
+    jobs: int,
+    workdir: Path,
+    step_seconds: float | None = None,
+) -> list[Ran]:
+    """One sweep through tuner's own run machinery, as `tuner study run NAME --n-trials N --jobs
+    J` runs it: a study in its own SQLite file, `jobs` local workers trained in parallel and fed
+    by the driver (TPE's constant liar for the running trials included), the pruner deciding in
+    the workers. Its trials in the order they finished. `step_seconds` replaces the simulated
+    workload's sleep per step (the pace of the curves, not their values)."""
+    import yaml
+
+    from tuner.study import create_study, run_study
+
+    folder = Path(tempfile.mkdtemp(prefix="sweep-", dir=workdir))
+    space = {k: v for k, v in data.items() if k not in ("baseline", "budget")}
+    space.update(name=folder.name, sampler={**sampler, "seed": seed}, pruner=pruner)
+    if step_seconds is not None and "simulated" in space.get("fixed", {}):
+        space["fixed"] = {**space["fixed"]}
+        space["fixed"]["simulated"] = {**space["fixed"]["simulated"], "step_seconds": step_seconds}
+    path = workdir / f"{folder.name}.yaml"  # beside the demo: its relative paths resolve there
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    url = f"sqlite:///{folder / 'tuner.db'}"
+    name = create_study(path, storage=url, artifacts=str(folder / "artifacts"))
+    run_study(name, storage=url, n_trials=n_trials, jobs=jobs)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    ran = []
+    for trial in sorted(trials, key=lambda t: (t.datetime_complete, t.number)):
+        curve = dict(sorted(trial.intermediate_values.items()))
+        complete = trial.state == TrialState.COMPLETE
+        steps = trial.user_attrs.get("steps") if complete else None
+        ran.append(
+            Ran(
+                trial.user_attrs.get("hparams", trial.params),
+                trial.value if complete else None,
+                int(steps or (max(curve) if curve else 0)),
+                trial.state.name,
+                curve,
+                trial.duration.total_seconds() if trial.duration else 0.0,
+            )
+        )
+    return ran
 
 
 # ----------------------------------------------------------------------------- figures
@@ -524,6 +590,19 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2, help="lora sweeps run side by side")
     parser.add_argument(
+        "--parallel",
+        default=None,
+        help="comma-separated trial parallelism levels, e.g. 1,4,8: each sweep then runs through "
+        "tuner's run machinery (`study run --jobs J`: local workers, the feed, the pruner in the "
+        "workers), one sweep at a time; writes parallel_WORKLOAD.txt",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=float,
+        default=0.1,
+        help="--parallel, simulated workload: each step's sleep (simulated.yaml's is 0.3 s)",
+    )
+    parser.add_argument(
         "--eval-steps",
         type=int,
         default=None,
@@ -549,6 +628,11 @@ def main() -> None:
         (args.out / "runs.jsonl").unlink(missing_ok=True)
 
     kinds = ["lora", "simulated"] if args.workload == "both" else [args.workload]
+    if args.parallel:
+        levels = [int(level) for level in args.parallel.split(",")]
+        for kind in kinds:
+            parallel_main(kind, levels, args, done)
+        return
     results: dict[str, dict] = {}
     text = ""
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
@@ -649,6 +733,89 @@ def main() -> None:
     except ImportError:
         print("no plot: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
     print(json.dumps({"search_quality": figures}))
+
+
+def parallel_main(kind: str, levels: list[int], args: argparse.Namespace, done: dict) -> None:
+    """Every strategy at each parallelism level, on the same seeds and budget, through the run
+    machinery; one table per workload, the levels side by side."""
+    workload = lora_workload(args.eval_steps) if kind == "lora" else simulated_workload()
+    chosen = strategies(workload)
+    if args.strategies:
+        wanted = {"random", "tpe", *(w.strip() for w in args.strategies.split(","))}
+        chosen = {k: v for k, v in chosen.items() if k.split(" (")[0] in wanted}
+    pace = args.step_seconds if kind == "simulated" else None
+    by_level: dict[int, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
+        workdir = Path(tmp)
+        if kind == "lora":
+            from tuner.demo import prepare_demo
+
+            prepare_demo(workdir / "demo")
+            baseline = LoraRunner(workdir, 2, args.eval_steps).value(workload.baseline)
+        else:
+            baseline = simulated_value(workload.space, workload.baseline)
+        data = space_data(workload, args.eval_steps)
+        for jobs in levels:
+            runs: dict[str, list[list[Ran]]] = {}
+            for strategy, (sampler, pruner) in chosen.items():
+                for seed in range(args.seeds):
+                    key = _key(f"{workload.name} jobs {jobs} pace {pace}", strategy, seed,
+                               sampler, pruner, args.trials)  # fmt: skip
+                    if key not in done:
+                        done[key] = run_sweep(
+                            data, sampler, pruner, seed, args.trials,
+                            jobs=jobs, workdir=workdir, step_seconds=pace,
+                        )  # fmt: skip
+                        _save_run(args.out, key, done[key])
+                    run = done[key]
+                    runs.setdefault(strategy, []).append(run)
+                    print(
+                        f"{workload.name} --jobs {jobs} {strategy} seed {seed}: best "
+                        f"{_best(run):.4f}, {sum(r.steps for r in run)} steps",
+                        file=sys.stderr,
+                    )
+            rows = summarise(runs, baseline, workload.steps, args.trials)
+            unpruned = next(r for r in rows if r["strategy"] == "tpe")
+            for row in rows:
+                row["jobs"] = jobs
+                row["vs_unpruned_tpe"] = round(row["best_mean"] - unpruned["best_mean"], 4)
+                row["within_tpe_spread"] = row["vs_unpruned_tpe"] <= unpruned["best_sd"]
+            by_level[jobs] = rows
+    text = parallel_table(workload, args, by_level)
+    print(text, end="")
+    slug = re.sub(r"\W+", "_", workload.name)
+    (args.out / f"parallel_{slug}.txt").write_text(text)
+    (args.out / f"parallel_{slug}.json").write_text(
+        json.dumps({"workload": workload.name, "baseline": baseline, "levels": by_level}, indent=1)
+        + "\n"
+    )
+    print(json.dumps({"search_quality_parallel": {workload.name: by_level}}))
+
+
+def parallel_table(workload: Workload, args: argparse.Namespace, by_level: dict) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        pace = f", {args.step_seconds:g} s a step" if workload.run is not None else ""
+        print(
+            f"== {workload.name}: {args.seeds} seeds x {args.trials} trials at each --jobs, "
+            f"through `study run`{pace}"
+        )
+        print(
+            f"{'strategy':42} {'jobs':>4} {'saved':>6} {'to random best':>15} {'(steps)':>8} "
+            f"{'best (mean ± sd)':>18} {'vs unpruned TPE':>16}"
+        )
+        for jobs, rows in by_level.items():
+            for row in rows:
+                print(
+                    f"{row['strategy']:42} {jobs:>4} {row['saved_pct']:>5.0f}% "
+                    f"{_fmt(row['trials_to_random_best']):>15} "
+                    f"{_fmt(row['steps_to_random_best']):>8} "
+                    f"{row['best_mean']:>10.4f} ± {row['best_sd']:<6.4f} "
+                    f"{row['vs_unpruned_tpe']:>+9.4f} "
+                    f"{'(in sd)' if row['within_tpe_spread'] else ''}"
+                )
+            print()
+    return out.getvalue()
 
 
 def _key(workload: str, strategy: str, seed: int, sampler: dict, pruner: dict, n: int) -> str:
