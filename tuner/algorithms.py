@@ -94,8 +94,8 @@ DEFAULT_SAMPLER: dict[str, Any] = {
 # The median rule, compared with every trial that reached the step (finished, pruned or still
 # training: tuner.pruning), from the first evaluation on once 3 others have reported it. Optuna's
 # MedianPruner waits for finished trials, which trials running in parallel are not: on the
-# simulated space it saved 52 % of the steps one trial at a time but 23-31 % at --jobs 4 and 8;
-# this rule keeps its savings at parallelism (docs/search-quality.md, issue 24). Serially the
+# simulated space it saved 49 % of the steps one trial at a time but 40-42 % at --jobs 4 and 8,
+# this rule 46 %, 46 % and 55 % (docs/search-quality.md#in-parallel, issue 24). Serially the
 # same rule with 3 finished trials first was chosen on the LoRA sweeps' real curves: waiting for
 # more, or for an evaluation or two, pruned less without a better best. `n_warmup_steps` counts
 # reported steps (the Trainer's global step), so 0 needs no knowledge of a space's `eval_steps`.

@@ -273,11 +273,19 @@ class LoraRunner:
 # ----------------------------------------------------------------------------- in parallel
 
 
-def space_data(workload: Workload, eval_steps: int | None = None) -> dict[str, Any]:
-    """The workload's space as a user's YAML holds it: what `run_sweep` writes for a study."""
-    if workload.run is None:
-        return quickstart(eval_steps)
-    return read_yaml(ROOT / "search_spaces" / "simulated.yaml", display="simulated.yaml")
+def space_data(
+    workload: Workload, eval_steps: int | None = None, demo: Path | None = None
+) -> dict[str, Any]:
+    """The workload's space as a user's YAML holds it: what `run_sweep` writes for a study. The
+    LoRA one trains the demo under `demo` (`tuner demo prepare` wrote it)."""
+    if workload.run is not None:
+        return read_yaml(ROOT / "search_spaces" / "simulated.yaml", display="simulated.yaml")
+    data = quickstart(eval_steps)
+    assert demo is not None, "the LoRA workload trains the demo: say where it is"
+    fixed = data["fixed"] = dict(data["fixed"])
+    fixed["model_name_or_path"] = str(demo / "model")
+    fixed["dataset"] = {**fixed["dataset"], "path": str(demo / "data.jsonl")}
+    return data
 
 
 def run_sweep(
@@ -754,7 +762,7 @@ def parallel_main(kind: str, levels: list[int], args: argparse.Namespace, done: 
             baseline = LoraRunner(workdir, 2, args.eval_steps).value(workload.baseline)
         else:
             baseline = simulated_value(workload.space, workload.baseline)
-        data = space_data(workload, args.eval_steps)
+        data = space_data(workload, args.eval_steps, workdir / "demo")
         for jobs in levels:
             runs: dict[str, list[list[Ran]]] = {}
             for strategy, (sampler, pruner) in chosen.items():
