@@ -506,7 +506,9 @@ def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr[-2000:]
         runs[bool(timeout)] = json.loads(done.stdout)["finished"]
-    assert runs == {True: 3, False: 1}
+    # Without it the budget's second stops hand-outs: at most the first trial starts (none, on
+    # a machine so loaded that the first worker takes longer than that to be ready).
+    assert runs[True] == 3 and runs[False] <= 1, runs
 
 
 def test_optuna_would_store_1_and_true_as_one_choice() -> None:
