@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
@@ -73,7 +72,7 @@ class ReportedMedianPruner(optuna.pruners.BasePruner):
         ]
         if len(others) < self._n_startup_trials:
             return False
-        cut = float(np.percentile(others, self._percentile if minimize else 100 - self._percentile))
+        cut = _percentile(others, self._percentile if minimize else 100 - self._percentile)
         return best > cut if minimize else best < cut
 
     def _checks_at(self, step: int, values: dict[int, float]) -> bool:
@@ -86,3 +85,13 @@ class ReportedMedianPruner(optuna.pruners.BasePruner):
         return (
             not earlier or (max(earlier) - self._n_warmup_steps) // self._interval_steps < interval
         )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, interpolated between the nearest ranks (numpy's default: the median
+    of an even count is the mean of the middle two, as Optuna's pruners compute it)."""
+    ranked = sorted(values)
+    at = (len(ranked) - 1) * q / 100
+    low = math.floor(at)
+    high = min(low + 1, len(ranked) - 1)
+    return ranked[low] + (ranked[high] - ranked[low]) * (at - low)
