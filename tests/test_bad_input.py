@@ -492,8 +492,7 @@ def test_a_number_out_of_range_in_a_space_is_refused_at_create(
 
 def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
     """`--timeout none` runs every trial asked for, though the space's budget.timeout (1 s)
-    starts no trial after the first (a worker takes longer than that to start), as the same
-    run without it shows."""
+    stops hand-outs after a second, as the same run without it shows."""
     from tuner.study import create_study
 
     space = _sim_space(budget={"timeout": 1}, resources={"lookahead": 0})
@@ -502,13 +501,13 @@ def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
     runs = {}
     for timeout in (["--timeout", "none"], []):
         done = run_cli(
-            "study", "run", "sim", "--storage", url, "--n-trials", "3", "--json", *timeout
+            "study", "run", "sim", "--storage", url, "--n-trials", "12", "--json", *timeout
         )
         assert done.returncode == 0, done.stderr[-2000:]
         runs[bool(timeout)] = json.loads(done.stdout)["finished"]
-    # Without it the budget's second stops hand-outs: at most the first trial starts (none, on
-    # a machine so loaded that the first worker takes longer than that to be ready).
-    assert runs[True] == 3 and runs[False] <= 1, runs
+    # Without it the budget's second stops hand-outs early: how many started by then depends on
+    # the machine's pace (none when loaded, 2 when idle here), never all 12.
+    assert runs[True] == 12 and runs[False] < 12, runs
 
 
 def test_optuna_would_store_1_and_true_as_one_choice() -> None:

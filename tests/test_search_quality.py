@@ -12,6 +12,7 @@ from benchmarks.search_quality import (
     _best,
     _best_so_far,
     _first,
+    _median,
     simulated_value,
     simulated_workload,
     sweep,
@@ -91,6 +92,8 @@ def test_at_jobs_4_the_shipped_pruner_still_saves_and_finds(tmp_path) -> None:  
         _first(_best_so_far(run), lambda best, t=target: best <= t) or trials + 1
         for run, target in zip(shipped, targets, strict=True)
     ]
-    assert statistics.median(reached) <= trials / 2, reached
+    # The benchmark's median over seeds (the lower middle of an even count; a seed that never got
+    # there counts as worse than any that did), as docs/search-quality.md reports it.
+    assert _median(reached) <= trials / 2, reached
     spread = statistics.stdev(unpruned)
     assert statistics.mean(map(_best, shipped)) <= statistics.mean(unpruned) + spread
