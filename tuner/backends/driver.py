@@ -348,9 +348,12 @@ class Driver:
         ago and that have not come back: a stopped or wedged worker (`kill -STOP`), whose lost
         heartbeat failed its trial, held its slot, and the run, forever. A worker that only lost
         the store comes back at its next write, finding its trial over."""
-        now = time.monotonic()
-        for seat in self._busy():
-            trials = self._trials_of(seat)
+        busy = self._busy()
+        if not busy:
+            return
+        now, study = time.monotonic(), self.study.get_trials(deepcopy=False)  # one read for all
+        for seat in busy:
+            trials = self._trials_of(seat, study)
             current = trials[-1] if len(trials) == seat.handed else None
             if current is None or not current.state.is_finished():
                 seat.ended_elsewhere = None
@@ -439,10 +442,11 @@ class Driver:
             if t.user_attrs.get(attrs.WORKER) in workers
         ]
 
-    def _trials_of(self, seat: _Seat) -> list[Any]:
-        """The trials the slot ran, oldest first (read afresh: they may have just begun)."""
+    def _trials_of(self, seat: _Seat, trials: list[Any] | None = None) -> list[Any]:
+        """The trials the slot ran, oldest first, among `trials` (default: read afresh, as they
+        may have just begun)."""
         worker = seat.slot.worker
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self.study.get_trials(deepcopy=False) if trials is None else trials
         return [t for t in trials if t.user_attrs.get(attrs.WORKER) == worker]
 
 

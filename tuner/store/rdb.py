@@ -193,14 +193,15 @@ class StoreFile:
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = sqlite_path(url)
-        self.opened = self._identity()
+        self.opened = self._identity() if self.path is not None else None
 
     def _identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file at the path; None when there is none."""
         try:
-            stat = self.path.stat() if self.path is not None else None
+            stat = self.path.stat()  # type: ignore[union-attr] - only called with a path
         except FileNotFoundError:
             return None
-        return (stat.st_dev, stat.st_ino) if stat is not None else None
+        return stat.st_dev, stat.st_ino
 
     def check(self) -> None:
         """StorageError (exit status 1) if the file is no longer the one opened."""

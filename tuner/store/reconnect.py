@@ -75,7 +75,7 @@ _GONE = ("08", "57P01", "57P02", "57P03")
 def connection_lost(error: BaseException) -> bool:
     """Whether a storage error came from a server that closed the connection, or that cannot
     be reached while it restarts (refused, shutting down, starting up)."""
-    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    cause = _cause(error)
     if isinstance(cause, sqlalchemy.exc.PendingRollbackError) and "reconnect" in str(cause):
         # The connection died inside a transaction, and the session tried once more on it (as
         # Optuna's fallback query for trial attrs does): a fresh call gets a fresh connection.
@@ -97,9 +97,15 @@ def connection_lost(error: BaseException) -> bool:
 _FULL_PG_CODE = "53100"  # PostgreSQL's disk_full
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The driver's error behind one Optuna wrapped in StorageInternalError."""
+    wrapped = isinstance(error, optuna.exceptions.StorageInternalError)
+    return (error.__cause__ or error) if wrapped else error
+
+
 def store_full(error: BaseException) -> bool:
     """Whether a storage error came from a store whose disk is full."""
-    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) else error
+    cause = _cause(error)
     if not isinstance(cause, sqlalchemy.exc.OperationalError):
         return False
     orig = cause.orig
