@@ -52,7 +52,7 @@ bench: setup
 # the table, JSON and plot the README shows, in docs/search-quality/.
 quality: setup
 	$(PIP_C) -e '.[bench]'
-	$(BIN)/python tests/benchmarks/search_quality.py --out docs/search-quality
+	$(BIN)/python tests/benchmarks/search_quality.py --eval-steps 15 --out docs/search-quality
 
 # Rewrite each pin of constraints.txt with the version .venv has (after `make test` passed there).
 constraints: setup
