@@ -4,7 +4,7 @@
     python tests/benchmarks/search_quality.py --workload simulated --seeds 10 --trials 60
     python tests/benchmarks/search_quality.py --resume      # keep the sweeps OUT/runs.jsonl holds
     python tests/benchmarks/search_quality.py --sampler-grid --resume     # TPE settings, unpruned
-    python tests/benchmarks/search_quality.py --workload lora --eval-steps 15 --strategies tpe+median
+    python tests/benchmarks/search_quality.py --workload lora --eval-steps 15 --strategies tpe
 
 The first takes about 50 minutes on 2 cores (the LoRA sweeps; the simulated ones take seconds).
 
