@@ -191,21 +191,12 @@ class StoreFile:
     every trial lost."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.path = sqlite_path(url)
-        self.opened = self._identity() if self.path is not None else None
-
-    def _identity(self) -> tuple[int, int] | None:
-        """(device, inode) of the file at the path; None when there is none."""
-        try:
-            stat = self.path.stat()  # type: ignore[union-attr] - only called with a path
-        except FileNotFoundError:
-            return None
-        return stat.st_dev, stat.st_ino
+        self.opened = _identity(self.path) if self.path is not None else None
 
     def check(self) -> None:
         """StorageError (exit status 1) if the file is no longer the one opened."""
-        if self.path is None or self._identity() == self.opened:
+        if self.path is None or _identity(self.path) == self.opened:
             return
         error = StorageError(
             f"the study store {self.path} was deleted or replaced during the run, and the "
@@ -213,6 +204,15 @@ class StoreFile:
         )
         error.exit_code = 1
         raise error
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def _check_sqlite_file(url: str, path: Path) -> None:
