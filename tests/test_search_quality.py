@@ -97,3 +97,17 @@ def test_at_jobs_4_the_shipped_pruner_still_saves_and_finds(tmp_path) -> None:  
     assert _median(reached) <= trials / 2, reached
     spread = statistics.stdev(unpruned)
     assert statistics.mean(map(_best, shipped)) <= statistics.mean(unpruned) + spread
+
+
+def test_the_benchmark_runs_its_on_request_strategies_only_when_named() -> None:
+    """`make quality` runs every strategy but the on-request ones (GP, a later first check),
+    which add LoRA sweeps of minutes each; `--strategies` names them to run them."""
+    from benchmarks.search_quality import ON_REQUEST, pick, strategies
+
+    every = strategies(simulated_workload())
+    assert ON_REQUEST.issubset(every)
+    assert len(every) > len(ON_REQUEST)
+    default = pick(every, None, always={"random"})
+    assert not ON_REQUEST & default.keys() and "tpe+reported_median (default)" in default
+    named = pick(every, "gp+reported_median,tpe+reported_median", always={"random", "tpe"})
+    assert set(named) == {"random", "tpe", "gp+reported_median", "tpe+reported_median (default)"}

@@ -36,6 +36,11 @@ multivariate or independent, unpruned, beside random search (sampler_grid_WORKLO
 what tuner's TPE defaults are chosen from. `--eval-steps N` evaluates the LoRA workload every N
 training steps instead of the quickstart's 5 (docs/search-quality/report.txt was measured with
 15, the quickstart's cadence then: `make quality` passes it).
+
+Two strategies run only when `--strategies` names them: Optuna's GP sampler with the default
+pruner, and the default pruner first deciding at the third evaluation. `--parallel` with
+`--lookahead N` sets the space's `resources.lookahead` (how many suggestions the driver keeps
+ready; 0: each worker samples for itself).
 """
 
 from __future__ import annotations
@@ -101,9 +106,14 @@ class Workload:
         return self.report_steps[-1]
 
 
+# Strategies run only when `--strategies` names them.
+ON_REQUEST = {"gp+reported_median", "tpe+reported_median warm-up 2 evaluations"}
+
+
 def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
     """name → (sampler spec, pruner spec), as a space would write them."""
     first, last = workload.report_steps[0], workload.steps
+    last_eval = len(workload.report_steps) - 1
     return {
         "random": ({"name": "random"}, {"name": "none"}),
         "tpe": (algorithms.DEFAULT_SAMPLER, {"name": "none"}),
@@ -114,6 +124,18 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
             {**workload.space.pruner, "name": "median"},
         ),
         "tpe+reported_median (default)": (algorithms.DEFAULT_SAMPLER, workload.space.pruner),
+        # On request: Optuna's Gaussian-process sampler, often better than TPE with few trials,
+        # but it learns nothing from pruned ones.
+        "gp+reported_median": (
+            {"name": "gp", "seed": 0, "n_startup_trials": 5},
+            workload.space.pruner,
+        ),
+        # On request: the same rule, first deciding at the third evaluation (LoRA: step 15, past
+        # the learning-rate warm-up of every quickstart trial, warmup_ratio ≤ 0.2 of 60 steps).
+        "tpe+reported_median warm-up 2 evaluations": (
+            algorithms.DEFAULT_SAMPLER,
+            {**workload.space.pruner, "n_warmup_steps": workload.report_steps[min(2, last_eval)]},
+        ),
         "tpe+hyperband": (
             algorithms.DEFAULT_SAMPLER,
             {"name": "hyperband", "min_resource": first, "max_resource": last},
@@ -123,6 +145,15 @@ def strategies(workload: Workload) -> dict[str, tuple[dict, dict]]:
             {"name": "successive_halving", "min_resource": first},
         ),
     }
+
+
+def pick(chosen: dict[str, Any], named: str | None, *, always: set[str]) -> dict[str, Any]:
+    """The strategies `--strategies` names (names without their '(…)'), with `always`; all but
+    the ON_REQUEST ones when it names none."""
+    if not named:
+        return {k: v for k, v in chosen.items() if k not in ON_REQUEST}
+    wanted = always | {w.strip() for w in named.split(",")}
+    return {k: v for k, v in chosen.items() if k.split(" (")[0] in wanted}
 
 
 def resolve_pruner(spec: dict[str, Any], report_steps: list[int]) -> dict[str, Any]:
@@ -612,6 +643,13 @@ def main() -> None:
         help="--parallel, simulated workload: each step's sleep (simulated.yaml's is 0.3 s)",
     )
     parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=None,
+        help="--parallel: the space's resources.lookahead (suggestions the driver samples ahead; "
+        "default one per trial slot, 0: each worker samples for itself)",
+    )
+    parser.add_argument(
         "--eval-steps",
         type=int,
         default=None,
@@ -650,9 +688,7 @@ def main() -> None:
             name = workload.name
             n_trials = args.trials
             chosen = sampler_settings() if args.sampler_grid else strategies(workload)
-            if args.strategies:
-                wanted = {"random", *(w.strip() for w in args.strategies.split(","))}
-                chosen = {k: v for k, v in chosen.items() if k.split(" (")[0] in wanted}
+            chosen = pick(chosen, args.strategies, always={"random"})
             plan = {
                 (strategy, seed): (sampler, pruner)
                 for strategy, (sampler, pruner) in chosen.items()
@@ -748,10 +784,7 @@ def parallel_main(kind: str, levels: list[int], args: argparse.Namespace, done: 
     """Every strategy at each parallelism level, on the same seeds and budget, through the run
     machinery; one table per workload, the levels side by side."""
     workload = lora_workload(args.eval_steps) if kind == "lora" else simulated_workload()
-    chosen = strategies(workload)
-    if args.strategies:
-        wanted = {"random", "tpe", *(w.strip() for w in args.strategies.split(","))}
-        chosen = {k: v for k, v in chosen.items() if k.split(" (")[0] in wanted}
+    chosen = pick(strategies(workload), args.strategies, always={"random", "tpe"})
     pace = args.step_seconds if kind == "simulated" else None
     by_level: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
@@ -764,11 +797,18 @@ def parallel_main(kind: str, levels: list[int], args: argparse.Namespace, done: 
         else:
             baseline = simulated_value(workload.space, workload.baseline)
         data = space_data(workload, args.eval_steps, workdir / "demo")
+        ahead = ""
+        if args.lookahead is not None:
+            data["resources"] = {**data.get("resources", {}), "lookahead": args.lookahead}
+            ahead = f" lookahead {args.lookahead}"
         for jobs in levels:
             runs: dict[str, list[list[Ran]]] = {}
             for strategy, (sampler, pruner) in chosen.items():
                 for seed in range(args.seeds):
-                    key = _key(f"{workload.name} jobs {jobs} pace {pace}", strategy, seed,
+                    # Random search draws alike whatever it knows: its sweeps serve every lookahead.
+                    label = f"{workload.name} jobs {jobs} pace {pace}"
+                    label += "" if strategy == "random" else ahead
+                    key = _key(label, strategy, seed,
                                sampler, pruner, args.trials)  # fmt: skip
                     if key not in done:
                         done[key] = run_sweep(
