@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -828,3 +829,24 @@ def test_a_store_deleted_during_a_run_stops_it_in_one_line(sqlite_url: str, tmp_
         "held with it; the run stopped"
     )
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_worker_that_starts_after_its_store_was_deleted_stops_in_one_line(tmp_path: Path) -> None:
+    """On a busy machine a worker may open the store only after `rm tuner.db*`: SQLite makes a
+    new, empty file, and the worker's set-up met "no such table". Its process printed a
+    multiprocessing traceback above the driver's one line (CI, 2026-12-01). Now it says one
+    line of its own and exits 1; the driver says the rest."""
+    empty = tmp_path / "tuner.db"
+    empty.touch()  # what the deleted store's path holds when the late worker opens it
+    code = (
+        "import logging; from tuner.backends.local import _serve; "
+        "from tuner.backends.worker import WorkerSpec; "
+        f"_serve(None, WorkerSpec('d', 'sqlite:///{empty}', 'local-0', 0, 1), None)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "local-0 stopped: OperationalError: no such table: " in last, done.stderr[-3000:]

@@ -158,9 +158,27 @@ def _serve(conn: Any, spec: WorkerSpec, gpu: str | None) -> None:
         return  # deleted as this worker started: nothing to run, and the driver stops too
     except StoreFull:
         raise SystemExit(1) from None  # the driver meets it too, and says so in one line
+    except Exception as e:
+        # The slot's error, not a trial's (Optuna records those): its store deleted or gone
+        # as it started, its set-up failed. The driver says the slot died and what the run
+        # meets; here one line says why (multiprocessing would print a traceback), -v adds it.
+        logger.error(
+            "%s stopped: %s", spec.worker, _root(e), exc_info=logger.isEnabledFor(logging.DEBUG)
+        )
+        raise SystemExit(1) from None
     if held.orphaned and worker is not None:
         worker.retry_failed()  # the driver would have: the trial did nothing wrong
     raise SystemExit(130)
+
+
+def _root(error: BaseException) -> str:
+    """The innermost cause, in one line: a store error's own words, not a wrapper's guess."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 class _HeldInterrupts:
