@@ -839,7 +839,7 @@ def test_a_worker_that_starts_after_its_store_was_deleted_stops_in_one_line(tmp_
     empty = tmp_path / "tuner.db"
     empty.touch()  # what the deleted store's path holds when the late worker opens it
     code = (
-        "import logging; from tuner.backends.local import _serve; "
+        "from tuner.backends.local import _serve; "
         "from tuner.backends.worker import WorkerSpec; "
         f"_serve(None, WorkerSpec('d', 'sqlite:///{empty}', 'local-0', 0, 1), None)"
     )

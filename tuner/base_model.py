@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trials.config import TrialConfig
+from tuner.text import error_line
 
 HUB_TIMEOUT_S = 5.0  # one HEAD request; a hub that does not answer in this is unreachable
 
@@ -92,11 +93,11 @@ def _find_on_hub(model: str) -> None:
         ) from None
     except HfHubHTTPError as e:
         raise ModelError(
-            f"the hub ({constants.ENDPOINT}) failed: {_one_line(e)}; {download}"
+            f"the hub ({constants.ENDPOINT}) failed: {error_line(e)}; {download}"
         ) from None
     except Exception as e:  # noqa: BLE001 - the network's own errors (refused, timed out, DNS)
         raise ModelError(
-            f"the hub ({constants.ENDPOINT}) is unreachable ({_one_line(e)}), and {model!r} is "
+            f"the hub ({constants.ENDPOINT}) is unreachable ({error_line(e)}), and {model!r} is "
             f"not a folder here nor in the hub cache; {download}"
         ) from None
 
@@ -126,12 +127,8 @@ def _load(config: TrialConfig, *, local_files_only: bool) -> Any:
                     local_files_only=local_files_only,
                 )
             except Exception as e:  # noqa: BLE001 - any failure to load is the answer
-                raise ModelError(f"the {what} of {model!r} does not load: {_one_line(e)}") from None
+                why = error_line(e)
+                raise ModelError(f"the {what} of {model!r} does not load: {why}") from None
         return loaded
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__

@@ -36,6 +36,7 @@ from tuner.store.artifacts import (
 )
 from tuner.store.checkpoints import Saved, StoredCheckpoints, resumable
 from tuner.store.ranking import rank_key
+from tuner.text import error_line
 from tuner.tracking import TrialRun
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,9 @@ class Objective:
                 raise
             kind = _failure_kind(e)
             # `nan` and `oom` are codes to filter on; other errors are their own first line.
-            trial.set_user_attr(attrs.FAIL_REASON, kind or _one_line(e))
+            trial.set_user_attr(attrs.FAIL_REASON, kind or error_line(e, 500))
             if kind:
-                trial.set_user_attr(attrs.FAIL_DETAIL, _one_line(e))
+                trial.set_user_attr(attrs.FAIL_DETAIL, error_line(e, 500))
                 # Optuna's samplers skip FAIL trials; a violated constraint is what makes TPE
                 # (tuner.algorithms.TPESampler) steer away from the region that ran out of
                 # memory or diverged.
@@ -344,11 +345,6 @@ def quiet_worker_logs(level: int) -> None:
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:500]}" if text else type(error).__name__
 
 
 def _said_by_the_driver() -> None:

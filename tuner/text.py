@@ -33,3 +33,10 @@ def shown(value: Any) -> str:
     """`repr(value)` cut short, so that an error quoting a 10 MB string or a deeply nested
     list stays one readable line."""
     return _SHORT.repr(value)
+
+
+def error_line(error: BaseException, width: int = 300) -> str:
+    """An error as one line for a message or a log: its type and the first line of its text,
+    cut at `width` (a library's error can run to pages)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:width]}" if text else type(error).__name__

@@ -27,6 +27,7 @@ from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
 from tuner.errors import BackendError, StoreFull, StudyDeleted
 from tuner.store import recovery
+from tuner.text import error_line
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +178,7 @@ def _root(error: BaseException) -> str:
     while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
         seen.add(id(inner))
         error = inner
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+    return error_line(error)
 
 
 class _HeldInterrupts:
