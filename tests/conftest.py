@@ -30,7 +30,7 @@ TUNER = [str(Path(sys.executable).with_name("tuner"))]
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model and data, built once per session (shorter pre-training than the CLI's)."""
-    from tuner.demo import prepare_demo
+    from tuner.core.demo import prepare_demo
 
     root = tmp_path_factory.mktemp("demo") / "demo"
     prepare_demo(root, pretrain_steps=200)
@@ -46,7 +46,7 @@ def demo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from transformers import LlamaConfig
 
-    from tuner.demo import build_tokenizer, write_data
+    from tuner.core.demo import build_tokenizer, write_data
 
     root = tmp_path_factory.mktemp("files") / "demo"
     (root / "model").mkdir(parents=True)

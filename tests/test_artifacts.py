@@ -1,4 +1,4 @@
-"""The study's artifact location (tuner/store/artifacts.py): chosen at create, stored on the study,
+"""The study's artifact location (tuner/store/_artifacts.py): chosen at create, stored on the study,
 and on S3 the one place the nodes of a cluster share.
 
 The S3 tests run against moto's standalone server on localhost (a real S3 HTTP API, started by
@@ -18,8 +18,8 @@ import pytest
 from conftest import S3, run_cli, small_space, write_space
 from test_dashboard import dashboard, get_json, study_id
 
+from tuner.core.study import create_study
 from tuner.store import attrs, open_study
-from tuner.study import create_study
 
 
 def _node(root: Path, name: str) -> tuple[Path, dict[str, str]]:
@@ -217,7 +217,7 @@ def test_the_s3_store_keeps_every_key_under_its_prefix(
 ) -> None:
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    from tuner.store.artifacts import open_artifacts
+    from tuner.store._artifacts import open_artifacts
 
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)  # boto3 finds the endpoint and the keys itself
@@ -240,8 +240,8 @@ def test_tokenised_data_crosses_machines_through_s3_and_an_unreachable_s3_costs_
     and published, the same tokens; with S3 unreachable, a machine tokenises for itself."""
     from trials import data as data_mod
     from trials.config import DatasetSpec, TrialConfig
-    from tuner.demo import build_tokenizer
-    from tuner.store.artifacts import shared_data_cache
+    from tuner.core.demo import build_tokenizer
+    from tuner.store._artifacts import shared_data_cache
 
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)

@@ -29,8 +29,8 @@ from test_ray import _max_concurrent
 
 from tuner.backends import driver
 from tuner.backends.base import RunPlan
-from tuner.errors import BackendError
-from tuner.study import create_study, run_study
+from tuner.common.errors import BackendError
+from tuner.core.study import create_study, run_study
 
 # ------------------------------------------------------------------------------ the driver
 

@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import RunPlan
 from tuner.backends.local import assign_gpus, check_serves, visible_gpus
-from tuner.errors import BackendError
-from tuner.study import create_study, run_study
+from tuner.common.errors import BackendError
+from tuner.core.study import create_study, run_study
 
 
 def test_each_worker_gets_its_own_gpu_and_extra_jobs_share() -> None:

@@ -20,9 +20,11 @@ from conftest import TUNER, run_cli, small_space, write_space
 from test_space import BAD as BAD_SPACES
 from test_space import GOOD as GOOD_SPACE
 
-from tuner.cli import main
+from tuner.face.cli import main
 
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) ")  # tuner.cli.LOG_FORMAT
+LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) "
+)  # tuner.face.cli.LOG_FORMAT
 
 ALPACA = '{"instruction": "add 2 and 3", "output": "5"}\n'
 
@@ -225,8 +227,8 @@ def _create_elsewhere(
     at import): its error (None if it made the study), and the seconds the call took."""
     script = (
         "import sys, time\n"
-        "from tuner.errors import TunerError\n"
-        "from tuner.study import create_study\n"
+        "from tuner.common.errors import TunerError\n"
+        "from tuner.core.study import create_study\n"
         "for space in sys.argv[2:]:\n"
         "    started = time.monotonic()\n"
         "    try:\n"
@@ -355,7 +357,7 @@ def _trials_in(db: Path) -> int:
 @pytest.fixture
 def sim_study(tmp_path: Path) -> Path:
     """A simulated study `sim` in a fresh SQLite store; the store's path."""
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     db = tmp_path / "studies.db"
     create_study(write_space(tmp_path / "sim.yaml", _sim_space()), storage=f"sqlite:///{db}")
@@ -493,7 +495,7 @@ def test_a_number_out_of_range_in_a_space_is_refused_at_create(
 def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
     """`--timeout none` runs every trial asked for, though the space's budget.timeout (1 s)
     stops hand-outs after a second, as the same run without it shows."""
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     space = _sim_space(budget={"timeout": 1}, resources={"lookahead": 0})
     url = f"sqlite:///{tmp_path / 'studies.db'}"
@@ -664,7 +666,7 @@ def test_a_sampler_seed_near_numpys_limit_does_not_break_the_feed_or_a_worker(
     """Each worker (and the driver's feed) offsets the seed so their draws differ; a seed near
     2**32 - 1 went past numpy's range: the feed died with a traceback, so did a second
     worker's sampler. Offsets wrap around inside the range now."""
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     space = write_space(
         tmp_path / "sim.yaml", _sim_space(sampler={"name": "tpe", "seed": 2**32 - 1})

@@ -18,9 +18,9 @@ from conftest import S3, TUNER, run_cli, s3_env, small_space, write_space
 from optuna.trial import FrozenTrial, TrialState
 from ray_nodes import RAY, RayNode, start_head
 
-from tuner.errors import SpaceError
+from tuner.common.errors import SpaceError
+from tuner.core.study import create_study
 from tuner.space import load_space
-from tuner.study import create_study
 
 STEPS, EVERY = 40, 10
 PARAMS = {"learning_rate": 3e-3, "lora_rank": 4, "lora_alpha": 8}

@@ -18,8 +18,8 @@ import pytest
 from conftest import run_cli
 
 import tuner
-from tuner.cli import _run_failure
-from tuner.study import Progress
+from tuner.core.study import Progress
+from tuner.face.cli import _run_failure
 
 ENV = {"TUNER_STORAGE": ""}  # the embedded default: tuner.db in the working directory
 
@@ -117,7 +117,7 @@ def test_a_missing_study_suggests_the_closest_name(tmp_path: Path) -> None:
     created = run_cli(*args, cwd=tmp_path, env=ENV)
     # Log lines carry the time, for the logs of unattended runs.
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO tuner.study: created study quickstart in .*\n",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO tuner.core.study: created study quickstart in .*\n",
         created.stderr,
     ), created.stderr
     result = run_cli("study", "show", "quickstrat", cwd=tmp_path, env=ENV)
@@ -131,7 +131,7 @@ def test_a_missing_study_suggests_the_closest_name(tmp_path: Path) -> None:
 def test_verbosity_flags_set_the_levels_and_the_workers_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tuner.cli import main
+    from tuner.face.cli import main
 
     # setenv first: it records the variable's absence, so that what main() sets is undone after
     # (later tests' subprocesses would otherwise inherit -vv).
@@ -151,7 +151,7 @@ def test_verbosity_flags_set_the_levels_and_the_workers_environment(
                 main()
             assert exited.value.code == 0
             assert os.environ["TUNER_VERBOSITY"] == env  # what worker processes inherit
-            assert logging.getLogger("tuner.study").getEffectiveLevel() == level
+            assert logging.getLogger("tuner.core.study").getEffectiveLevel() == level
             assert logging.getLogger("urllib3").getEffectiveLevel() == (
                 logging.DEBUG if env == "2" else logging.WARNING
             )
@@ -204,14 +204,14 @@ import atexit, json, sys
 atexit.register(lambda: print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})),
                               file=sys.stderr))
 sys.argv = ["tuner", *sys.argv[1:]]
-from tuner.cli import main
+from tuner.face.cli import main
 main()
 """
 
 
 @pytest.fixture(scope="module")
 def study_with_a_trial(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     folder = tmp_path_factory.mktemp("startup")
     url = f"sqlite:///{folder / 'tuner.db'}"
@@ -250,6 +250,6 @@ def test_the_backend_choice_is_the_registry() -> None:
     import typing
 
     from tuner.backends import BACKENDS
-    from tuner.cli import BackendName
+    from tuner.face.cli import BackendName
 
     assert set(typing.get_args(BackendName)) == set(BACKENDS)

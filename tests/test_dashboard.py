@@ -23,7 +23,7 @@ import optuna
 import pytest
 from conftest import TUNER, run_cli, write_space
 
-from tuner.study import create_study, run_study
+from tuner.core.study import create_study, run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = Path(os.environ.get("TUNER_SCREENSHOTS", ROOT / "build" / "screenshots"))
@@ -407,7 +407,7 @@ def test_the_dashboards_delete_refuses_a_running_study_and_removes_a_finished_on
             assert f"study {name!r} is running: trial " in json.load(refused.value)["reason"]
             runner.join(timeout=120)
             assert result["progress"].complete == 2  # the run went on, untouched
-            from tuner.report import write_report
+            from tuner.face.report import write_report
 
             write_report(name, out=tmp_path / "report.html", storage=url)
             assert any(artifacts.iterdir())

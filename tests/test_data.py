@@ -9,7 +9,7 @@ import pytest
 
 from trials.config import DatasetSpec, TrialConfig
 from trials.data import DataError, prepare, split, to_examples, tokenize
-from tuner.demo import build_tokenizer
+from tuner.core.demo import build_tokenizer
 
 
 def _jsonl(path: Path, records: list) -> Path:

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from tuner.backends import driver
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
-from tuner.study import create_study
+from tuner.core.study import create_study
 
 _STOP = object()
 

@@ -17,9 +17,9 @@ import pytest
 from conftest import TUNER, mounted_tmpfs, run_cli, small_space, write_space
 from safetensors.torch import load_file, save_file
 
-from tuner import export as export_mod
-from tuner.export import ExportError, export_trial
-from tuner.study import create_study, run_study
+from tuner.core import export as export_mod
+from tuner.core.export import ExportError, export_trial
+from tuner.core.study import create_study, run_study
 
 LOAD_AND_GENERATE = """
 import json, sys

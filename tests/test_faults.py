@@ -18,7 +18,7 @@ import pytest
 from conftest import mounted_tmpfs, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
-from tuner.study import create_study, run_study
+from tuner.core.study import create_study, run_study
 
 
 def assert_nothing_lost(study: optuna.Study, *, target: int) -> None:
@@ -321,8 +321,8 @@ def test_a_run_alone_seeds_as_before_and_a_run_beside_it_draws_apart(
     storage_url: str,
 ) -> None:
     """The first run of a study at a time seeds as a run alone always did (a seeded run on its
-    own draws what it drew before); a run beside it gets a random offset (tuner.store.runs)."""
-    from tuner.store.runs import start_run
+    own draws what it drew before); a run beside it gets a random offset (tuner.store._runs)."""
+    from tuner.store._runs import start_run
 
     with (
         start_run(storage_url, "s") as first,
@@ -487,7 +487,7 @@ def test_a_delete_during_a_run_is_refused_and_with_force_stops_the_run_and_leave
     gone with the run dying in tracebacks (SQLite)."""
     import re
 
-    from tuner.report import write_report
+    from tuner.face.report import write_report
 
     artifacts = tmp_path / "artifacts"
     # Trials of 10 s on two workers: some trial runs whenever a delete arrives.
@@ -544,7 +544,7 @@ def test_a_delete_that_meets_a_concurrent_write_tries_again_and_says_deleted_onl
     again. Before: "deleted" and the study still there, with its trial."""
     import sqlalchemy
 
-    from tuner.study import delete_study
+    from tuner.core.study import delete_study
 
     space = {**simulated(), "budget": {"n_trials": 2}}
     name = create_study(
@@ -564,7 +564,7 @@ def test_a_delete_that_meets_a_concurrent_write_tries_again_and_says_deleted_onl
         deleting = threading.Thread(
             target=lambda: result.update(removed=delete_study(name, storage=pg_url))
         )
-        with caplog.at_level("INFO", logger="tuner.store.deletion"):
+        with caplog.at_level("INFO", logger="tuner.store._deletion"):
             deleting.start()
             time.sleep(3)  # the delete is waiting for the writer's lock
             assert deleting.is_alive()
@@ -584,7 +584,7 @@ def test_a_study_deleted_as_its_run_starts_ends_the_run_in_one_line(
     trial began (nothing runs, so nothing refuses it). The workers then start on a study that is
     gone. Before: tracebacks from every worker and the driver, exit 1. Now the run ends with one
     line, and nothing of the study is left."""
-    from tuner.study import delete_study
+    from tuner.core.study import delete_study
 
     space = {**simulated(), "budget": {"n_trials": 4}}
     artifacts = tmp_path / "artifacts"
@@ -610,8 +610,8 @@ def test_two_deletes_of_one_study_at_once_each_end_in_one_line(
     """A double click, or two terminals: four deletes of one study at once. Before: those that
     lost the race ended in KeyError tracebacks. Now each says "deleted" or one line that it
     was deleted meanwhile, and the study is gone."""
-    from tuner.errors import TunerError
-    from tuner.study import delete_study
+    from tuner.common.errors import TunerError
+    from tuner.core.study import delete_study
 
     space = {**simulated(), "budget": {"n_trials": 2}}
     name = create_study(
@@ -649,10 +649,10 @@ def test_a_delete_cut_short_leaves_a_study_runs_refuse_until_a_delete_finishes_i
     """A `study delete --force` stopped (Ctrl-C, a lost terminal) after it marked the study and
     before its rows went. Optuna cannot take a study attr back, so the mark stays: a run refuses
     the study in one line saying how to finish, and a delete finishes it."""
-    from tuner.errors import StorageError
+    from tuner.common.errors import StorageError
+    from tuner.core.study import delete_study
     from tuner.store import deletion, open_study
-    from tuner.store.optuna_private import study_id
-    from tuner.study import delete_study
+    from tuner.store._optuna_private import study_id
 
     name = create_study(write_space(tmp_path / "cut.yaml", simulated()), storage=sqlite_url)
     opened = open_study(name, sqlite_url)
@@ -670,7 +670,7 @@ def test_a_delete_cut_short_leaves_a_study_runs_refuse_until_a_delete_finishes_i
 
 
 def _alive(pid: int) -> bool:
-    from tuner.store.recovery import _alive
+    from tuner.store._recovery import _alive
 
     return _alive(pid)
 
@@ -686,7 +686,7 @@ def test_a_process_group_kill_takes_the_workers_along_and_a_rerun_ends_at_the_bu
 
     from conftest import TUNER
 
-    from tuner.store.recovery import DRIVER_DIED
+    from tuner.store._recovery import DRIVER_DIED
 
     space = {**simulated(), "fixed": {"workload": "simulated", "steps": 40, "step_seconds": 0.2}}
     space["budget"] = {"n_trials": 5}
@@ -756,7 +756,7 @@ def test_a_trial_that_recorded_no_worker_is_failed_and_retried_after_the_grace_p
     """A process that died between making a trial RUNNING and writing its pid or first heartbeat
     (a full disk, a kill at that instant) left a trial no check could find: RUNNING for good.
     Past the heartbeat grace period, the next run fails it as such and retries it."""
-    from tuner.store.recovery import UNMARKED
+    from tuner.store._recovery import UNMARKED
 
     monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("TUNER_GRACE_PERIOD", "2")

@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import RunPlan
 from tuner.backends.feed import FED_ATTR, FedSampler, StudyView
+from tuner.core.study import create_study, run_study
 from tuner.store import open_study
-from tuner.study import create_study, run_study
 
 
 def _space(**resources: object) -> dict:

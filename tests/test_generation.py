@@ -11,7 +11,7 @@ from conftest import run_cli, small_space, write_space
 from optuna.trial import TrialState
 
 from trials.generate import contains, exact_match
-from tuner.study import create_study, run_study
+from tuner.core.study import create_study, run_study
 
 SCORER = '''
 def overlap(prediction, reference):

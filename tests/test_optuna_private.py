@@ -1,4 +1,4 @@
-"""Every private member of Optuna that tuner relies on (tuner/store/optuna_private.py) exists in
+"""Every private member of Optuna that tuner relies on (tuner/store/_optuna_private.py) exists in
 the installed Optuna: an upgrade that removes or renames one fails here, naming it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tuner.store import optuna_private
 
 def test_every_overridden_member_exists() -> None:
     assert optuna_private.missing() == [], (
-        "Optuna no longer has these; see tuner/store/optuna_private.py for what each served"
+        "Optuna no longer has these; see tuner/store/_optuna_private.py for what each served"
     )
 
 

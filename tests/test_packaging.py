@@ -32,7 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tuner.extras import MODULES  # the module of each extra a laptop user goes without
+from tuner.common.extras import MODULES  # the module of each extra a laptop user goes without
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -51,17 +51,17 @@ WHERE = {
     "ray": {"tuner/backends/ray.py", "tuner/backends/ray_job.py"},
     "deepspeed": {"trials/sft.py"},
     "postgres": set(),  # SQLAlchemy loads psycopg2 for a postgresql:// URL
-    "dashboard": {"tuner/dashboard.py", "tuner/study.py"},
-    "s3": {"tuner/store/artifacts.py"},
-    "tracking": {"tuner/tracking.py"},
-    "wandb": {"tuner/tracking.py"},
+    "dashboard": {"tuner/face/dashboard.py", "tuner/core/study.py"},
+    "s3": {"tuner/store/_artifacts.py"},
+    "tracking": {"tuner/trial/tracking.py"},
+    "wandb": {"tuner/trial/tracking.py"},
     "qlora": set(),  # transformers loads bitsandbytes; tuner only looks for it (find_spec)
 }
 
 
 @dataclass(frozen=True)
 class Import:
-    file: str  # relative to the repository, e.g. tuner/cli.py
+    file: str  # relative to the repository, e.g. tuner/face/cli.py
     module: str  # the top-level module imported
     line: int
     lazy: bool  # inside a function, or only for type checkers: not run on import

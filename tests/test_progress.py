@@ -1,5 +1,5 @@
 """What a run is doing while it runs: each running trial's step, last value and ETA, read from the
-store by the run's monitor (tuner.study) and shown by the CLI's bar (tuner.progress)."""
+store by the run's monitor (tuner.core.study) and shown by the CLI's bar (tuner.face.progress)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import optuna
 import pytest
 from conftest import write_space
 
-from tuner.progress import ProgressBar, duration, running_line
-from tuner.study import Progress, RunningTrial, create_study, run_study
+from tuner.core.study import Progress, RunningTrial, create_study, run_study
+from tuner.face.progress import ProgressBar, duration, running_line
 
 
 def test_the_monitor_reports_a_running_trials_step_value_and_eta(
@@ -98,7 +98,7 @@ def test_without_a_terminal_each_evaluation_is_logged_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe: tqdm draws nothing
-    caplog.set_level(logging.INFO, logger="tuner.progress")
+    caplog.set_level(logging.INFO, logger="tuner.face.progress")
     with ProgressBar() as bar:
         for step in (None, 15, 15, 30, 30):  # polls: the same evaluation is seen again
             bar.update(_progress(RunningTrial(1, step, 60, None if step is None else 2.0, 9.0)))

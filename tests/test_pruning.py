@@ -1,4 +1,5 @@
-"""The median rule that holds at parallelism (tuner.pruning): what it compares a trial with, on
+"""The median rule that holds at parallelism (tuner/search/pruning.py):
+what it compares a trial with, on
 a real Optuna study whose trials run at once (ask, report, tell, as workers do)."""
 
 from __future__ import annotations
@@ -6,9 +7,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tuner import algorithms
-from tuner.errors import SpaceError
-from tuner.pruning import ReportedMedianPruner
+from tuner.common.errors import SpaceError
+from tuner.search import algorithms
+from tuner.search.pruning import ReportedMedianPruner
 
 
 def _running(study: optuna.Study, values: dict[int, float]) -> optuna.Trial:

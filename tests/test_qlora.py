@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from trials import sft
 from trials.config import TrialConfig
-from tuner import export as export_mod
-from tuner.errors import SpaceError
+from tuner.common.errors import SpaceError
+from tuner.core import export as export_mod
+from tuner.core.study import create_study
 from tuner.store import attrs
-from tuner.store.artifacts import open_artifacts
-from tuner.study import create_study
+from tuner.store._artifacts import open_artifacts
 
 SHORT = {"max_steps": 4, "eval_steps": 4, "logging_steps": 4, "val_size": 16}
 

@@ -82,7 +82,7 @@ warnings.warn_explicit(
     module="transformers.modeling_utils",
 )
 warnings.warn_explicit("deprecated in user code", FutureWarning, "m.py", 2, module="recipe")
-logging.getLogger("tuner.study").info("tuner's own line")
+logging.getLogger("tuner.core.study").info("tuner's own line")
 """
 
 
@@ -101,7 +101,7 @@ def test_by_default_library_warnings_go_and_errors_and_tuners_lines_stay() -> No
     assert not [line for line in lines if "Retrying" in line or "is_gradient_check" in line]
     assert sum("hub error" in line for line in lines) == 1  # shown, and once
     assert any("deprecated in user code" in line for line in lines)  # not the libraries' own
-    assert "INFO tuner.study: tuner's own line" in lines
+    assert "INFO tuner.core.study: tuner's own line" in lines
 
 
 def test_verbose_lets_the_libraries_speak_once_each() -> None:

@@ -19,7 +19,7 @@ from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
 from ray_nodes import RAY, RayNode, start_head
 
-from tuner.study import create_study, run_study
+from tuner.core.study import create_study, run_study
 
 GPUS = 4
 
@@ -187,7 +187,7 @@ def test_a_ray_sweep_keeps_every_gpu_busy_and_never_more(
     assert ran.returncode == 0, ran.stderr
     assert "12 trials finished" in ran.stdout
     assert connections.dropped >= 2, "the sweep ended before they were dropped"
-    # What the store's pools hold (tuner.store.rdb: one connection kept per opened store, one more
+    # What the store's pools hold (tuner.store._rdb: one connection kept per opened store, one more
     # for a moment when a heartbeat meets a report): one store per actor; in the driver's process,
     # the run's (its progress monitor), the driver's, the feed's, and the run's lock. However
     # many trials: at most two per store, typically one, and the lock's.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from tuner.algorithms import build_sampler
+from tuner.search.algorithms import build_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -23,7 +23,7 @@ def _sweep(
         lr = trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)
         if rank > TOO_BIG:
             trial.set_user_attr("fail_reason", "oom")
-            trial.set_constraint("oom", 1.0)  # what tuner.objective records
+            trial.set_constraint("oom", 1.0)  # what tuner.trial.objective records
             raise MemoryError("out of memory")
         return 1.0 / rank + abs(lr - 1e-4) * 100
 

@@ -18,7 +18,7 @@ from benchmarks.search_quality import (
     sweep,
 )
 
-from tuner import algorithms
+from tuner.search import algorithms
 
 SEEDS, TRIALS = range(5), 40
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli, small_space, write_space
 
 from trials.config import SEARCHABLE, SIMULATED_FIELDS
-from tuner.errors import SpaceError
+from tuner.common.errors import SpaceError
 from tuner.space import load_space, packaged_spaces
 
 GOOD = """\

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trials.config import TrialConfig
 from tuner.space import Space
-from tuner.space_reference import (
+from tuner.space.reference import (
     REGENERATE,
     documented_models,
     reachable_models,
@@ -31,7 +31,7 @@ def test_every_key_a_space_file_can_hold_is_described():
     # TrialConfig is reached through `fixed`, a plain mapping validated against it.
     models = reachable_models(Space) | reachable_models(TrialConfig)
     assert models <= set(documented_models()), (
-        f"not in tuner/space_reference.py's SECTIONS: "
+        f"not in tuner/space/reference.py's SECTIONS: "
         f"{sorted(m.__name__ for m in models - set(documented_models()))}"
     )
     undescribed = [

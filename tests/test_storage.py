@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from tuner.errors import StorageError
+from tuner.common.errors import StorageError
 from tuner.store import mask_text, mask_url, open_storage, resolve_url
 
 SENTINEL = "s3cr3t-SENTINEL-pw"
@@ -113,7 +113,7 @@ def test_a_call_cut_off_by_a_server_restart_is_made_again(pg_url: str) -> None:
     import optuna
     import sqlalchemy
 
-    from tuner.store.reconnect import ReconnectingRDBStorage
+    from tuner.store._reconnect import ReconnectingRDBStorage
 
     storage = ReconnectingRDBStorage(
         pg_url, engine_kwargs={"pool_pre_ping": False, "pool_size": 1, "max_overflow": 1}
@@ -144,7 +144,7 @@ def test_only_errors_of_a_dead_connection_are_retried() -> None:
     import optuna
     import sqlalchemy.exc
 
-    from tuner.store.reconnect import connection_lost
+    from tuner.store._reconnect import connection_lost
 
     def wrapped(cause: BaseException) -> optuna.exceptions.StorageInternalError:
         error = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")

@@ -16,8 +16,8 @@ from conftest import TUNER, as_from_a_terminal, run_cli, small_space, write_spac
 from optuna.trial import TrialState
 
 from trials import sft
-from tuner.errors import StorageError
-from tuner.study import best_report, create_study, run_study
+from tuner.common.errors import StorageError
+from tuner.core.study import best_report, create_study, run_study
 
 
 def _states(study: optuna.Study) -> list[TrialState]:
@@ -81,7 +81,7 @@ def _assert_adapter_loads(study: optuna.Study, trial, demo_dir: Path, tmp_path: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuner.store.attrs import ARTIFACTS
+    from tuner.store._attrs import ARTIFACTS
 
     store = optuna.artifacts.FileSystemArtifactStore(study.user_attrs[ARTIFACTS])
     target = tmp_path / "adapter"

@@ -16,9 +16,9 @@ import pytest
 from conftest import TUNER, run_cli, small_space, write_space
 from optuna.trial import TrialState
 
-from tuner.store.locks import Busy, series_lock
-from tuner.study import best_trial
-from tuner.sweep import WARM_START_ATTR, list_sweeps, run_sweep
+from tuner.core.study import best_trial
+from tuner.core.sweep import WARM_START_ATTR, list_sweeps, run_sweep
+from tuner.store._locks import Busy, series_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 WRAPPER = ROOT / "deploy" / "cron" / "tuner-sweep"
@@ -232,7 +232,7 @@ def test_a_sweep_prunes_only_its_own_older_exports(tmp_path: Path) -> None:
     """`--out` may be a folder with other things in it (a home folder, a shared exports
     folder): pruning beyond `sweep.keep_exports` removed every folder named like NAME-DATE,
     a user's `backup-2020-01-01` and another series' champions included."""
-    from tuner.sweep import _prune_exports
+    from tuner.core.sweep import _prune_exports
 
     out = tmp_path / "out"
     for folder in ("nightly-2026-11-01", "nightly-2026-11-02", "nightly-2026-11-03",
@@ -253,7 +253,7 @@ def test_a_sweep_prunes_only_its_own_older_exports(tmp_path: Path) -> None:
 
 
 def test_a_sweep_refuses_an_export_place_before_it_runs(tmp_path: Path) -> None:
-    """The champion's export goes to OUT/SERIES-DATE under tuner.destination's rules: inside
+    """The champion's export goes to OUT/SERIES-DATE under tuner.core.destination's rules: inside
     the study's artifacts is refused before any trial runs, not after the night's work; an
     empty --out is refused too, not read as the working directory."""
     space = write_space(tmp_path / "s.yaml", simulated(n_trials=2))

@@ -138,7 +138,7 @@ def _dashboard_study(db: str, study: optuna.Study) -> dict:
     app): user attrs are shown on the study's and each trial's page."""
     from wsgiref.util import setup_testing_defaults
 
-    from tuner.dashboard import build_app
+    from tuner.face.dashboard import build_app
 
     app = build_app(db)
     environ: dict = {}
@@ -213,7 +213,7 @@ def test_trial_runs_nest_under_the_study_run_from_ray_workers(
 
     from ray_nodes import RAY, start_head
 
-    from tuner.study import create_study, run_study
+    from tuner.core.study import create_study, run_study
 
     url = mlflow_server.url
     path_env = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

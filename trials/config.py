@@ -303,7 +303,7 @@ class TrialConfig(BaseModel):
         "every trial.",
     )
 
-    # Experiment tracking: one run per trial, named STUDY/trial-N (tuner/tracking.py).
+    # Experiment tracking: one run per trial, named STUDY/trial-N (tuner/trial/tracking.py).
     report_to: list[str] = Field(
         default_factory=list,
         description="tensorboard, mlflow, wandb or none, or a list of them: each trial is one "

@@ -5,8 +5,9 @@ its deprecation notices (which only the libraries' authors can act on) and DeepS
 that it found no GPU would drown them. Each library is quieted through its own switch, and
 errors still come through: a failing trial says why in its own line.
 
-One place, called by every process that loads the stack: a worker (tuner.objective), the export
-(tuner.export) and the demo's pre-training (tuner.demo). Cheap to call again.
+One place, called by every process that loads the stack: a worker (tuner.trial.objective), the
+export
+(tuner.core.export) and the demo's pre-training (tuner.core.demo). Cheap to call again.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ from typing import Any
 
 import optuna
 
-# The trial's user attr of the steps it trains (tuner.store.attrs.MAX_STEPS, for the progress bar;
+# The trial's user attr of the steps it trains (tuner.store._attrs.MAX_STEPS, for the progress bar;
 # named here too, as trials/ does not import tuner/).
 MAX_STEPS = "max_steps"
-# The study's user attr that `tuner study delete` sets before deleting it (tuner.store.attrs.
+# The study's user attr that `tuner study delete` sets before deleting it (tuner.store._attrs.
 # DELETING, named here too): a trial that reads it stops at this report.
 DELETING = "deleting"
 

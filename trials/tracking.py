@@ -1,5 +1,6 @@
 """Where one trial reports its run: the HF Trainer's own integrations (`report_to`), named and
-placed per trial. tuner fills this in for rank 0 of each trial (tuner/tracking.py); a trial run
+placed per trial. tuner fills this in for rank 0 of each trial (tuner/trial/tracking.py); a trial
+run
 by hand reports nowhere.
 """
 

@@ -22,21 +22,21 @@ __all__ = [
     "write_report",
 ]
 
-from tuner.errors import BackendError, RunFailed, SpaceError, StorageError, TunerError
+from tuner.common.errors import BackendError, RunFailed, SpaceError, StorageError, TunerError
 
 if TYPE_CHECKING:
-    from tuner.export import export_trial
-    from tuner.report import write_report
+    from tuner.core.export import export_trial
+    from tuner.core.study import best_report, create_study, run_study
+    from tuner.face.report import write_report
     from tuner.space import load_space
-    from tuner.study import best_report, create_study, run_study
 
 _LAZY = {
     "load_space": "tuner.space",
-    "create_study": "tuner.study",
-    "run_study": "tuner.study",
-    "best_report": "tuner.study",
-    "export_trial": "tuner.export",
-    "write_report": "tuner.report",
+    "create_study": "tuner.core.study",
+    "run_study": "tuner.core.study",
+    "best_report": "tuner.core.study",
+    "export_trial": "tuner.core.export",
+    "write_report": "tuner.face.report",
 }
 
 

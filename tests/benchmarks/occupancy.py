@@ -136,8 +136,8 @@ def run_tuner_local(args, url: str, address: str) -> tuple[float, float, int]:  
 def _tuner(system: str, args, url: str, *, backend: str, address: str | None) -> tuple:  # noqa: ANN001
     import yaml
 
+    from tuner.core.study import create_study, run_study
     from tuner.store import open_study
-    from tuner.study import create_study, run_study
 
     space = {
         "name": "occupancy",

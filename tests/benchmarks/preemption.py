@@ -38,7 +38,7 @@ def main() -> None:
     if args.kill_at % 5 or not 0 < args.kill_at < args.steps:
         parser.error("--kill-at must be a multiple of 5 below --steps")
 
-    from tuner.demo import prepare_demo
+    from tuner.core.demo import prepare_demo
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tuner-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def _killed_once(workdir: Path, url: str, args: argparse.Namespace, *, every: in
     import optuna
     from optuna.trial import TrialState
 
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     name = f"preempt-{'none' if every is None else every}-{int(time.time())}"
     space = {

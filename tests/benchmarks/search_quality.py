@@ -245,8 +245,8 @@ class LoraRunner:
     """
 
     def __init__(self, workdir: Path, threads: int, eval_steps: int | None = None) -> None:
-        from tuner.demo import prepare_demo
-        from tuner.objective import Objective, quiet_worker_logs
+        from tuner.core.demo import prepare_demo
+        from tuner.trial.objective import Objective, quiet_worker_logs
 
         prepare_demo(workdir / "demo")
         self.space = parse_space(quickstart(eval_steps), base_dir=workdir)
@@ -338,7 +338,7 @@ def run_sweep(
     workload's sleep per step (the pace of the curves, not their values)."""
     import yaml
 
-    from tuner.study import create_study, run_study
+    from tuner.core.study import create_study, run_study
 
     folder = Path(tempfile.mkdtemp(prefix="sweep-", dir=workdir))
     space = {k: v for k, v in data.items() if k not in ("baseline", "budget")}
@@ -700,7 +700,7 @@ def main() -> None:
                 baseline = done.get(_key(name, "baseline", 0, {}, {}, 1))
                 runner = None
                 if todo:  # built here once: the sweep processes would race to build it
-                    from tuner.demo import prepare_demo
+                    from tuner.core.demo import prepare_demo
 
                     prepare_demo(Path(tmp) / "demo")
                 if baseline is None or (todo and args.jobs <= 1):
@@ -790,7 +790,7 @@ def parallel_main(kind: str, levels: list[int], args: argparse.Namespace, done: 
     with tempfile.TemporaryDirectory(prefix="tuner-search-quality-") as tmp:
         workdir = Path(tmp)
         if kind == "lora":
-            from tuner.demo import prepare_demo
+            from tuner.core.demo import prepare_demo
 
             prepare_demo(workdir / "demo")
             baseline = LoraRunner(workdir, 2, args.eval_steps).value(workload.baseline)

@@ -73,7 +73,7 @@ def _make_store(url: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     import optuna
 
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if "simulated" in optuna.get_all_study_names(url):

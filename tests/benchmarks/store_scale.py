@@ -268,7 +268,7 @@ def _template(store: str, size: int, admin: str, work: Path) -> str:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from tuner.study import create_study
+    from tuner.core.study import create_study
 
     url = _new_store(store, admin, work)
     space_file = work / "scale.yaml"

@@ -94,7 +94,7 @@ def _build_model(root: Path, shape: dict, *, bf16: bool) -> tuple[Path, int, dic
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tuner.demo import build_tokenizer
+    from tuner.core.demo import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(**shape, max_position_embeddings=32768, tie_word_embeddings=False)

@@ -32,9 +32,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from optuna.trial import TrialState
 
-    from tuner.demo import prepare_demo
+    from tuner.core.demo import prepare_demo
+    from tuner.core.study import create_study, run_study
     from tuner.store import open_study
-    from tuner.study import create_study, run_study
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tuner-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

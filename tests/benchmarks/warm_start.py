@@ -31,7 +31,7 @@ def main() -> None:
 
     from trials import sft
     from trials.config import TrialConfig
-    from tuner.demo import prepare_demo
+    from tuner.core.demo import prepare_demo
 
     root = Path(tempfile.mkdtemp(prefix="tuner-warm-"))
     demo = prepare_demo(root / "demo", pretrain_steps=1)  # its tokenizer and data

@@ -57,7 +57,7 @@ def _save_model(path: Path, *, hidden: int, layers: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuner.demo import build_tokenizer
+    from tuner.core.demo import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(

@@ -122,7 +122,7 @@ def item_env(plan: Plan) -> None:
     # The product, imported as a GPU user runs it: without Ray.
     import trials.sft  # noqa: F401
     import tuner.backends.local  # noqa: F401
-    import tuner.study  # noqa: F401
+    import tuner.core.study  # noqa: F401
 
     emit("imports_without_ray", "ray" not in sys.modules)
 
@@ -186,8 +186,8 @@ def item_sweep(plan: Plan) -> None:
     import yaml
     from optuna.trial import TrialState
 
+    from tuner.core.study import create_study, run_study
     from tuner.store import open_study
-    from tuner.study import create_study, run_study
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("tuner").setLevel(logging.INFO)  # each trial's line, in the log

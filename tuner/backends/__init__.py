@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from tuner.backends.base import Backend, RunPlan
-from tuner.errors import TunerError
+from tuner.common.errors import TunerError
 
 if TYPE_CHECKING:
     from tuner.backends.ray_job import (

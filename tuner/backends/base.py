@@ -31,7 +31,7 @@ class RunPlan:
     # What a trial needs of the machine it trains on (the local backend checks them at start).
     bf16: bool = False
     deepspeed: str | None = None  # the trial's DeepSpeed config, which needs deepspeed there
-    # Which run this is, among the study's runs at once (tuner.store.runs): recorded on each of
+    # Which run this is, among the study's runs at once (tuner/store/_runs.py): recorded on each of
     # its trials, and added to every seed of its samplers.
     run: str = ""
     seed_offset: int = 0

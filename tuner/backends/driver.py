@@ -28,7 +28,7 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
   error (minutes of hub retries, say) is the slow failure this is for;
 - Ctrl-C or SIGTERM: each slot's trial is asked to stop, then killed after a grace period; every
   trial the run started ends FAIL "interrupted", and the interrupt is raised again;
-- a study marked for deletion (tuner.store.deletion): no trial starts, the running ones stop at
+- a study marked for deletion (tuner/store/_deletion.py): no trial starts, the running ones stop at
   their next report, and the run ends (StudyDeleted), touching nothing of the study after.
 """
 
@@ -45,11 +45,8 @@ from optuna.trial import TrialState
 
 from tuner.backends.base import Backend, Ended, RunPlan, Slot
 from tuner.backends.feed import FEED_WAIT_S, TrialFeed, take
-from tuner.errors import BackendError, RunFailed, StoreFull, StudyDeleted
-from tuner.store import attrs, deletion, recovery
-from tuner.store.budget import spent
-from tuner.store.optuna_private import storage as storage_of
-from tuner.store.rdb import StoreFile
+from tuner.common.errors import BackendError, RunFailed, StoreFull, StudyDeleted
+from tuner.store import StoreFile, attrs, deletion, optuna_private, recovery, spent
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +98,7 @@ class Driver:
         self.deleting = False  # the study is marked for deletion, or gone
 
     def run(self) -> None:
-        from tuner.settings import get_settings
+        from tuner.common.settings import get_settings
         from tuner.store import open_study
 
         try:
@@ -287,7 +284,7 @@ class Driver:
         limit = self.plan.max_identical_failures
         if not limit:
             return
-        error = _own_error(storage_of(self.study).get_trial(trial_id))
+        error = _own_error(optuna_private.storage(self.study).get_trial(trial_id))
         same = error is not None and error == self._failing
         self._failing, self._failed_alike = error, (self._failed_alike + 1 if same else 1)
         if error is not None and self._failed_alike >= limit:

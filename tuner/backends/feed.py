@@ -42,11 +42,8 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.backends.base import RunPlan
-from tuner.errors import StudyDeleted
-from tuner.store import attrs, deletion
-from tuner.store.optuna_private import storage as storage_of
-from tuner.store.optuna_private import study_id as study_id_of
-from tuner.store.optuna_private import trial_id as id_of
+from tuner.common.errors import StudyDeleted
+from tuner.store import attrs, deletion, optuna_private
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +76,9 @@ class FedSampler(optuna.samplers.PartialFixedSampler):
         self._fixed_params = {}
         if self._next is not None and attrs.FIXED_PARAMS not in trial.system_attrs:
             self._fixed_params, self._next = self._next, None
-            storage_of(study).set_trial_system_attr(id_of(trial), FED_ATTR, True)
+            optuna_private.storage(study).set_trial_system_attr(
+                optuna_private.trial_id(trial), FED_ATTR, True
+            )
         super().before_trial(study, trial)
 
     def infer_relative_search_space(
@@ -188,10 +187,10 @@ class StudyView:
     the trials running that it did not suggest (another run's, at once; an enqueued one). The
     sampler thus sees every running trial, as Optuna's TPE (`constant_liar`) does in plain
     Optuna, and steers its next suggestion away from them: a second line, after the run's own
-    seed (tuner.store.runs), against two runs at once training the same params."""
+    seed (tuner/store/_runs.py), against two runs at once training the same params."""
 
     def __init__(self, plan: RunPlan) -> None:
-        from tuner import algorithms
+        from tuner.search import algorithms
         from tuner.store import open_study
 
         opened = open_study(plan.study_name, plan.storage_url, in_run=True)
@@ -211,11 +210,13 @@ class StudyView:
 
     def sync(self) -> None:
         for trial in self.study.get_trials(deepcopy=False):
-            if trial.state.is_finished() and id_of(trial) not in self._seen:
-                self._seen.add(id_of(trial))
+            if trial.state.is_finished() and optuna_private.trial_id(trial) not in self._seen:
+                self._seen.add(optuna_private.trial_id(trial))
                 self._mirror(trial)
             elif trial.state == TrialState.RUNNING and self._not_ours(trial):
-                self._seen_running.add(id_of(trial))  # `_mirror` finishes it in the view
+                self._seen_running.add(
+                    optuna_private.trial_id(trial)
+                )  # `_mirror` finishes it in the view
                 self._add_running(trial)
 
     def suggest(self) -> dict[str, Any]:
@@ -231,7 +232,10 @@ class StudyView:
     def _not_ours(self, trial: FrozenTrial) -> bool:
         """A running trial the view has not seen, with all its params (its worker records them
         as `hparams` once suggested), that is not one of this run's suggestions."""
-        if id_of(trial) in self._seen_running or attrs.HPARAMS not in trial.user_attrs:
+        if (
+            optuna_private.trial_id(trial) in self._seen_running
+            or attrs.HPARAMS not in trial.user_attrs
+        ):
             return False
         ours = trial.user_attrs.get(attrs.RUN, "") == self.run
         return not (ours and FED_ATTR in trial.system_attrs)
@@ -242,9 +246,11 @@ class StudyView:
         running = optuna.trial.create_trial(
             state=TrialState.RUNNING, params=trial.params, distributions=trial.distributions
         )
-        storage = storage_of(self.view)
+        storage = optuna_private.storage(self.view)
         with contextlib.suppress(ValueError):  # params the view's space cannot hold: left out
-            trial_id = storage.create_new_trial(study_id_of(self.view), template_trial=running)
+            trial_id = storage.create_new_trial(
+                optuna_private.study_id(self.view), template_trial=running
+            )
             number = storage.get_trial_number_from_id(trial_id)
             self._pending.setdefault(_key(trial.params), deque()).append(number)
 
@@ -255,8 +261,10 @@ class StudyView:
             with contextlib.suppress(ValueError):
                 self.view.add_trial(trial)
             return
-        storage, number = storage_of(self.view), numbers.popleft()
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id_of(self.view), number)
+        storage, number = optuna_private.storage(self.view), numbers.popleft()
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            optuna_private.study_id(self.view), number
+        )
         for step, value in trial.intermediate_values.items():
             storage.set_trial_intermediate_value(trial_id, step, value)
         for key, value in trial.system_attrs.items():
@@ -268,9 +276,9 @@ class StudyView:
         numbers = self._pending.get(key)
         if numbers and number in numbers:
             numbers.remove(number)
-            storage = storage_of(self.view)
+            storage = optuna_private.storage(self.view)
             trial_id = storage.get_trial_id_from_study_id_trial_number(
-                study_id_of(self.view), number
+                optuna_private.study_id(self.view), number
             )
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
 

@@ -25,9 +25,9 @@ from typing import Any
 from tuner.backends import lifeline
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
-from tuner.errors import BackendError, StoreFull, StudyDeleted
+from tuner.common.errors import BackendError, StoreFull, StudyDeleted
+from tuner.common.text import error_line
 from tuner.store import recovery
-from tuner.text import error_line
 
 logger = logging.getLogger(__name__)
 

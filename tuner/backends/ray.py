@@ -22,11 +22,11 @@ import time
 import uuid
 from typing import Any
 
-from tuner import extras
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.ray_job import is_job_address
 from tuner.backends.worker import Worker, WorkerSpec
-from tuner.errors import BackendError
+from tuner.common import extras
+from tuner.common.errors import BackendError
 from tuner.store import mask_url, strip_password
 
 logger = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner import extras
-from tuner.errors import BackendError, TunerError
-from tuner.limits import check_count
+from tuner.common import extras
+from tuner.common.errors import BackendError, TunerError
+from tuner.common.limits import check_count
 from tuner.store import mask_url, open_study, resolve_url, strip_password
 
 logger = logging.getLogger(__name__)

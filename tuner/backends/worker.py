@@ -16,7 +16,7 @@ from typing import Any
 
 from tuner.backends.base import Ran
 from tuner.backends.feed import FedSampler, read_while
-from tuner.errors import StoreFull, caused_by
+from tuner.common.errors import StoreFull, caused_by
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,15 @@ class WorkerSpec:
     log_level: int = logging.WARNING
     rank: int = 0  # in a multi-GPU slot, this process's rank; rank 0 runs the Optuna trial
     world: int = 1  # processes that train one trial
-    run: str = ""  # the run's id, recorded on each trial (tuner.store.runs)
+    run: str = ""  # the run's id, recorded on each trial (tuner/store/_runs.py)
     seed_offset: int = 0  # the run's: its draws differ from other runs' at once
 
 
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
-        from tuner import algorithms
-        from tuner.objective import Objective, quiet_worker_logs
+        from tuner.search import algorithms
         from tuner.store import open_study
+        from tuner.trial.objective import Objective, quiet_worker_logs
 
         quiet_worker_logs(spec.log_level)
         self.spec = spec
@@ -63,9 +63,9 @@ class Worker:
         )
 
     def _started(self, trial: Any) -> None:
-        from tuner.store.optuna_private import trial_id
+        from tuner.store import optuna_private
 
-        self.trial_id = trial_id(trial)
+        self.trial_id = optuna_private.trial_id(trial)
 
     def run_one(self, params: dict[str, Any] | None = None) -> Ran:
         """Run one trial (with the driver's `params`, if fed). An error that is not the trial's
