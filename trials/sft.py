@@ -61,48 +61,121 @@ def run(
     one, and keeps one as often as the keeper asks. With `tracking`, the Trainer reports the run
     there too (MLflow, TensorBoard, W&B).
     """
-    import torch
-
+    # The meters first: the GPU-hours count the whole trial, and the peak memory this trial's
+    # alone (a worker runs one trial after another).
     timings = {} if timings is None else timings
     clock = _Clock(timings)
-    started = time.perf_counter()
-    if _has_cuda():
-        torch.cuda.reset_peak_memory_stats()
+    started = _start_usage()
 
+    # The tokenizer before the data, which is tokenised with it.
     tokenizer = _setup_tokenizer(config)
     # The training arguments before the base: under ZeRO-3 they make `from_pretrained` load it
     # already partitioned over the ranks (they hold the HfDeepSpeedConfig it reads), instead of
     # whole on every rank first. They stay referenced (the attempt) for as long as the model.
     args = _training_args(config, output_dir, tracking)
-    model = _setup_model(config)
+    base = _Base(model=_setup_model(config))  # not a local: a retry must be able to free it
     clock.lap("load_s")
 
+    # The data once the base has loaded: it needs only the tokenizer, and a base that cannot
+    # load (a wrong name, too little memory) fails the trial before any tokenising.
     data = data_mod.prepare(config, tokenizer, cache_dir=data_cache, shared=shared_cache)
     clock.lap("data_s")
 
-    resume = None
-    if checkpoints is not None:
-        resume = checkpoints.restore(output_dir / "resume")
-        clock.lap("restore_s")
+    # The checkpoint last, just before training: its restore is timed apart (restore_s), and a
+    # trial whose set-up failed never fetches one.
+    resume = _setup_resume(checkpoints, output_dir=output_dir, clock=clock)
+
+    # Train: one attempt, a second with half the batch when the first runs out of GPU memory.
     attempt = _Attempt(
-        config,
-        args,
-        tokenizer,
-        data,
-        output_dir,
-        trial,
-        timings,
-        clock,
-        generation,
-        checkpoints,
-        resume,
-        tracking,
+        config=config,
+        args=args,
+        resume=resume,
+        tokenizer=tokenizer,
+        data=data,
+        output_dir=output_dir,
+        trial=trial,
+        timings=timings,
+        clock=clock,
+        generation=generation,
+        checkpoints=checkpoints,
+        tracking=tracking,
     )
+    attempt, trained, oom_retries = _train_retrying_oom(attempt, base)
+    # The result after training, from the final attempt: its batch is the one that fitted.
+    return _result(attempt, trained, oom_retries=oom_retries, started=started)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Attempt:
+    """What an attempt at the trial trains with; an out-of-memory retry is a second attempt
+    with a smaller per-device batch."""
+
+    # What changes between attempts.
+    config: TrialConfig
+    args: Any  # the SFTConfig of `config`; made before the base is loaded (see `run`)
+    resume: Path | None  # the checkpoint this attempt resumes from
+    # What every attempt of the trial shares.
+    tokenizer: Any
+    data: data_mod.Tokenized
+    output_dir: Path
+    trial: Any | None  # the Optuna trial to report to; None: a run by hand
+    timings: dict[str, float]
+    clock: _Clock
+    generation: Any | None  # the generation objective's settings, when it scores answers
+    checkpoints: Keeper | None  # where checkpoints are kept, when the trial keeps them
+    tracking: Tracking | None  # where the run is reported, besides the Optuna trial
+
+
+@dataclass
+class _Base:
+    """The base model the attempts train on, held here alone (and in `_BASES` when the worker
+    keeps it): an out-of-memory retry drops it before loading it again, so that a base which
+    cannot serve twice (ZeRO-3's, or one whose adapter stayed on) leaves memory first."""
+
+    model: Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Trained:
+    """What one attempt left."""
+
+    trainer: Any
+    metrics: dict[str, float]
+    adapter_dir: Path
+    trainable_params: int
+    total_params: int
+    scores: tuple[float, dict[str, float]] | None  # mean score, and by temperature
+
+
+def _start_usage() -> float:
+    """When the trial started, for its GPU-hours; the GPU's peak-memory count starts again."""
+    import torch
+
+    started = time.perf_counter()
+    if _has_cuda():
+        torch.cuda.reset_peak_memory_stats()
+    return started
+
+
+def _setup_resume(checkpoints: Keeper | None, *, output_dir: Path, clock: _Clock) -> Path | None:
+    """The checkpoint the keeper has for this trial, fetched; None: it starts at step 0."""
+    if checkpoints is None:
+        return None
+    resume = checkpoints.restore(output_dir / "resume")
+    clock.lap("restore_s")
+    return resume
+
+
+def _train_retrying_oom(attempt: _Attempt, base: _Base) -> tuple[_Attempt, _Trained, int]:
+    """Train `attempt` on the base; out of GPU memory, once more with half the per-device batch
+    (`_can_retry_oom` says when). Returns the attempt that trained, what it left and how many
+    times the batch was halved."""
+    import torch
+
     oom_retries = 0
     while True:
         try:
-            trained = _train(attempt, model)
-            break
+            return attempt, _train(attempt, base.model), oom_retries
         except torch.OutOfMemoryError as e:  # torch.cuda's is this class
             reason = _first_line(e)
             if oom_retries:
@@ -113,20 +186,45 @@ def run(
             if not _can_retry_oom(attempt.config):
                 raise
         # Outside the except block: the traceback held the failed step's tensors until here.
-        model = None
+        base.model = None
         _release_memory()
-        # The checkpoint was of the larger batch: the smaller one starts again at step 0.
-        smaller = _halved_batch(attempt.config, reason)
-        attempt = dataclasses.replace(
-            attempt,
-            config=smaller,
-            args=_training_args(smaller, output_dir, attempt.tracking),
-            resume=None,
-        )
+        attempt = _smaller_attempt(attempt, reason)
         oom_retries += 1
-        model = _setup_model(attempt.config)  # the kept base when it survived, else loaded again
+        base.model = _setup_model(attempt.config)  # the kept base when it survived, else loaded
 
-    config, trainer = attempt.config, trained.trainer
+
+def _smaller_attempt(attempt: _Attempt, reason: str) -> _Attempt:
+    """The attempt after one that ran out of memory, with half its per-device batch. The
+    checkpoint was of the larger batch: the smaller one starts again at step 0."""
+    smaller = _halved_batch(attempt.config, reason)
+    return dataclasses.replace(
+        attempt,
+        config=smaller,
+        args=_training_args(smaller, attempt.output_dir, attempt.tracking),
+        resume=None,
+    )
+
+
+def _halved_batch(config: TrialConfig, reason: str) -> TrialConfig:
+    smaller = {
+        "per_device_train_batch_size": config.per_device_train_batch_size // 2,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps * 2,
+    }
+    logger.warning(
+        "out of memory at per-device batch %d (%s); retrying with batch %d x accumulation %d",
+        config.per_device_train_batch_size,
+        reason,
+        smaller["per_device_train_batch_size"],
+        smaller["gradient_accumulation_steps"],
+    )
+    return config.model_copy(update=smaller)
+
+
+def _result(
+    attempt: _Attempt, trained: _Trained, *, oom_retries: int, started: float
+) -> TrialResult:
+    """The trial's result: what the final attempt trained, on which data, at what cost."""
+    config, data, trainer = attempt.config, attempt.data, trained.trainer
     return TrialResult(
         score=trained.scores[0] if trained.scores else None,
         temperature_scores=trained.scores[1] if trained.scores else {},
@@ -145,56 +243,10 @@ def run(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         oom_retries=oom_retries,
         quantization_bit=config.quantization_bit,
-        **_usage(trainer, timings, started),
+        **_usage(trainer, attempt.timings, started),
         adapter_dir=str(trained.adapter_dir),
-        timings=timings,
+        timings=attempt.timings,
     )
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    """What an attempt at the trial trains with; an out-of-memory retry is a second attempt
-    with a smaller per-device batch."""
-
-    config: TrialConfig
-    args: Any  # the SFTConfig of `config`; made before the base is loaded (see `run`)
-    tokenizer: Any
-    data: data_mod.Tokenized
-    output_dir: Path
-    trial: Any | None  # the Optuna trial to report to; None: a run by hand
-    timings: dict[str, float]
-    clock: _Clock
-    generation: Any | None  # the generation objective's settings, when it scores answers
-    checkpoints: Keeper | None  # where checkpoints are kept, when the trial keeps them
-    resume: Path | None  # the checkpoint this attempt resumes from
-    tracking: Tracking | None = None  # where the run is reported, besides the Optuna trial
-
-
-@dataclass(frozen=True)
-class _Trained:
-    """What one attempt left."""
-
-    trainer: Any
-    metrics: dict[str, float]
-    adapter_dir: Path
-    trainable_params: int
-    total_params: int
-    scores: tuple[float, dict[str, float]] | None  # mean score, and by temperature
-
-
-def _halved_batch(config: TrialConfig, reason: str) -> TrialConfig:
-    smaller = {
-        "per_device_train_batch_size": config.per_device_train_batch_size // 2,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps * 2,
-    }
-    logger.warning(
-        "out of memory at per-device batch %d (%s); retrying with batch %d x accumulation %d",
-        config.per_device_train_batch_size,
-        reason,
-        smaller["per_device_train_batch_size"],
-        smaller["gradient_accumulation_steps"],
-    )
-    return config.model_copy(update=smaller)
 
 
 def _train(attempt: _Attempt, model: Any) -> _Trained:
@@ -212,9 +264,9 @@ def _train(attempt: _Attempt, model: Any) -> _Trained:
         attempt.tokenizer,
         attempt.data,
         attempt.args,
-        attempt.trial,
-        attempt.checkpoints,
-        attempt.tracking,
+        trial=attempt.trial,
+        checkpoints=attempt.checkpoints,
+        tracking=attempt.tracking,
     )
     clock.lap("setup_s")
     try:
@@ -231,24 +283,40 @@ def _train(attempt: _Attempt, model: Any) -> _Trained:
         trainer.save_model(str(adapter_dir))
         clock.lap("save_s")
         trainable, total = _count_params(trainer.model)
-        scores = None
-        if attempt.generation is not None:
-            scores = score_adapter(
-                trainer.model,
-                attempt.tokenizer,
-                attempt.data.val,
-                attempt.data.val_answers,
-                metric=attempt.generation.metric,
-                settings=attempt.generation.generation,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                seed=config.seed,
-            )
-            clock.lap("generate_s")
+        # Scored while the adapter is still on the base (`_release` below takes it off).
+        scores = _score(attempt, trainer.model)
     finally:
         timings["stopped_at_step"] = trainer.state.global_step
         _release(trainer)
-    return _Trained(trainer, metrics, adapter_dir, trainable, total, scores)
+    return _Trained(
+        trainer=trainer,
+        metrics=metrics,
+        adapter_dir=adapter_dir,
+        trainable_params=trainable,
+        total_params=total,
+        scores=scores,
+    )
+
+
+def _score(attempt: _Attempt, model: Any) -> tuple[float, dict[str, float]] | None:
+    """With a generation objective, the trained adapter's answers to the validation prompts,
+    scored: the mean and by temperature; None without one."""
+    if attempt.generation is None:
+        return None
+    config = attempt.config
+    scores = score_adapter(
+        model,
+        attempt.tokenizer,
+        attempt.data.val,
+        attempt.data.val_answers,
+        metric=attempt.generation.metric,
+        settings=attempt.generation.generation,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+    )
+    attempt.clock.lap("generate_s")
+    return scores
 
 
 def _can_retry_oom(config: TrialConfig) -> bool:
