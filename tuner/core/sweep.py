@@ -38,7 +38,7 @@ from tuner.core.study import (
     create_study,
     run_study,
 )
-from tuner.space import Space, load_space
+from tuner.space import Space, from_stored, load_space
 from tuner.store import (
     attrs,
     best_trial,
@@ -224,7 +224,7 @@ class SeriesStudy:
     @property
     def space(self) -> Space | None:
         stored = self.attrs.get(attrs.SPACE)
-        return Space.from_stored(stored) if stored else None
+        return from_stored(stored) if stored else None
 
     @property
     def summary(self) -> dict[str, Any] | None:

@@ -18,8 +18,8 @@ from pydantic.fields import FieldInfo
 
 from trials.config import SEARCHABLE, DatasetSpec, SimulatedArgs, TrialConfig
 from tuner.search import algorithms
-from tuner.space import (
-    ALIASES,
+from tuner.space.checks import ALIASES
+from tuner.space.models import (
     Budget,
     CategoricalParam,
     FloatParam,
@@ -201,7 +201,7 @@ _SECONDS = "seconds or a duration (30m, 2h)"
 
 
 def _is_seconds(metadata: Any) -> bool:
-    """`Seconds` in tuner/space.py: a number, or a duration turned into one before validation."""
+    """`Seconds` in models.py: a number, or a duration turned into one before validation."""
     return any(isinstance(m, BeforeValidator) for m in metadata)
 
 

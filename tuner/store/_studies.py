@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from tuner.common.errors import StorageError, StudyDeleted, did_you_mean
-from tuner.space import Space
+from tuner.space import Space, from_stored
 from tuner.store import attrs
 from tuner.store._rdb import NoStore, open_storage
 from tuner.store._urls import mask_url, resolve_url, study_location
@@ -65,7 +65,7 @@ def open_study(
         stored = store.get_study_user_attrs(store.get_study_id_from_name(name))
         if attrs.SPACE not in stored:
             stored = {**stored, attrs.SPACE: wait_for_space(store, name)}
-        space = Space.from_stored(stored[attrs.SPACE])
+        space = from_stored(stored[attrs.SPACE])
         if heartbeat:
             with warnings.catch_warnings():  # Optuna marks its retry callback experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
