@@ -31,6 +31,7 @@ from tuner.backends import driver
 from tuner.backends.base import RunPlan
 from tuner.common.errors import BackendError
 from tuner.core.study import create_study, run_study
+from tuner.space import Resources
 
 # ------------------------------------------------------------------------------ the driver
 
@@ -91,7 +92,8 @@ def test_slots_wait_for_room_and_the_run_finishes_exactly_its_trials(
     run. Waiting (4 s) is not running: a trial timeout of 3 s ends no trial."""
     study = _study(tmp_path, sqlite_url, (), step_seconds=0.5)
     backend = GrowingBackend(room=0)
-    plan = RunPlan(study.study_name, sqlite_url, 6, None, None, trial_timeout=3, lookahead=0)
+    resources = Resources(trial_timeout=3, lookahead=0)
+    plan = RunPlan(study.study_name, sqlite_url, 6, None, None, resources=resources)
 
     def grow() -> None:  # the second step comes while the first trials still run (1 s each)
         time.sleep(4)
@@ -115,7 +117,8 @@ def test_no_room_within_the_placement_timeout_fails_the_run(
 ) -> None:
     study = _study(tmp_path, sqlite_url, ())
     backend = GrowingBackend(room=0)
-    plan = RunPlan(study.study_name, sqlite_url, 3, None, None, lookahead=0, placement_timeout=2)
+    resources = Resources(lookahead=0, placement_timeout=2)
+    plan = RunPlan(study.study_name, sqlite_url, 3, None, None, resources=resources)
     began = time.monotonic()
     with pytest.raises(BackendError) as error:
         driver.run(backend, plan)

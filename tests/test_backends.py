@@ -17,6 +17,7 @@ from tuner.backends.base import RunPlan
 from tuner.backends.local import assign_gpus, check_serves, visible_gpus
 from tuner.common.errors import BackendError
 from tuner.core.study import create_study, run_study
+from tuner.space import Resources
 
 
 def test_each_worker_gets_its_own_gpu_and_extra_jobs_share() -> None:
@@ -72,10 +73,14 @@ def test_what_the_local_backend_serves_without_a_gpu() -> None:
     CPU, bf16 included (torch computes it there); so do DeepSpeed trials (tests/test_study.py).
     More GPUs per trial than are visible are refused; as many are served, one GPU a trial."""
     for gpus, bf16 in ((1, True), (0.5, False), (0, True)):
-        check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=gpus, bf16=bf16), [])
-    check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=2), ["0", "1"])
+        plan = RunPlan(
+            "s", "sqlite://", 1, None, 1, resources=Resources(gpus_per_trial=gpus), bf16=bf16
+        )
+        check_serves(plan, [])
+    two = RunPlan("s", "sqlite://", 1, None, 1, resources=Resources(gpus_per_trial=2))
+    check_serves(two, ["0", "1"])
     with pytest.raises(BackendError, match="2 GPUs per trial, and this machine has 1 visible"):
-        check_serves(RunPlan("s", "sqlite://", 1, None, 1, gpus_per_trial=2), ["0"])
+        check_serves(two, ["0"])
 
 
 def test_an_interrupt_outside_a_trial_is_held_until_the_trial_records_it(

@@ -19,6 +19,7 @@ from tuner.backends import driver
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
 from tuner.core.study import create_study
+from tuner.space import Resources
 
 _STOP = object()
 
@@ -123,7 +124,8 @@ def test_a_slot_slower_to_start_than_the_trial_timeout_keeps_its_trial(
     enqueued trial runs (seen in CI on a loaded box: one was left WAITING)."""
     study = _study(tmp_path, sqlite_url, LRS)
     # A trial takes 0.1 s of steps, a loaded machine's store writes aside: 4 s is far off.
-    plan = RunPlan(study.study_name, sqlite_url, 3, None, 2, trial_timeout=4.0, lookahead=0)
+    resources = Resources(trial_timeout=4.0, lookahead=0)
+    plan = RunPlan(study.study_name, sqlite_url, 3, None, 2, resources=resources)
     driver.run(ThreadBackend(slots=2, start_delay_s=8.0), plan)
 
     trials = study.get_trials()
@@ -136,7 +138,7 @@ def test_a_worker_that_dies_before_its_trial_begins_gives_its_turn_back(
 ) -> None:
     """Its hand-out became no trial: the next slot takes it, and the count stays exact."""
     study = _study(tmp_path, sqlite_url, LRS)
-    plan = RunPlan(study.study_name, sqlite_url, 3, None, 2, lookahead=0)
+    plan = RunPlan(study.study_name, sqlite_url, 3, None, 2, resources=Resources(lookahead=0))
     backend = ThreadBackend(slots=2, failed_starts=1)
     driver.run(backend, plan)
 

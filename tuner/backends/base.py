@@ -7,28 +7,33 @@ costs) is the driver's (tuner/backends/driver.py), the same for every backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from tuner.space import Budget, Resources
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One `run_study` call, as the driver and a backend receive it."""
+    """One `run_study` call, as the driver and a backend receive it: the run's own facts, and
+    the space's `resources` and `budget` as the space holds them. Their defaults are the space
+    models' own, so that a plan built without a space (a test, a benchmark) runs as a space that
+    leaves them out would."""
 
     study_name: str
     storage_url: str
     n_trials: int | None  # trials to finish in this run; None: until timeout or interrupted
     timeout: float | None  # seconds after which no new trial starts; running ones finish
     jobs: int | None  # trials at once; None: the backend's own (local 1, Ray what the run can use)
-    gpus_per_trial: float = 1  # what a trial asks of a cluster (Ray backend)
-    cpus_per_trial: float = 1
-    max_retries: int = 2  # retries of a trial whose worker died
-    gpu_hours: float | None = None  # no trial starts once the study's trials held this much
-    trial_timeout: float | None = None  # a trial running longer is killed and failed
-    lookahead: int | None = None  # suggestions the driver keeps ready; None: by the slots
-    placement_timeout: float = 1200.0  # no slot placed for this long: the run fails, saying why
-    max_identical_failures: int | None = 3  # this many alike failures in a row stop the run
-    # What a trial needs of the machine it trains on (the local backend checks them at start).
+    # What a trial asks of a cluster, and what a death, a hang, a wait for room or a run of
+    # failures alike costs (tuner.space.Resources).
+    resources: Resources = field(default_factory=Resources)
+    # The driver reads its `gpu_hours`: no trial starts once the study's trials held that much.
+    # Its `n_trials` and `timeout` are the study's; this run's are the fields above, which
+    # `run_study` derived from them.
+    budget: Budget = field(default_factory=Budget)
+    # What a trial needs of the machine it trains on (the local backend checks them at start):
+    # the space's `fixed`, not its resources.
     bf16: bool = False
     deepspeed: str | None = None  # the trial's DeepSpeed config, which needs deepspeed there
     # Which run this is, among the study's runs at once (tuner/store/_runs.py): recorded on each of
@@ -39,12 +44,13 @@ class RunPlan:
     @property
     def ranks(self) -> int:
         """Processes that train one trial: one per GPU when it needs several."""
-        return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
+        gpus = self.resources.gpus_per_trial
+        return int(gpus) if gpus > 1 else 1
 
     def feed_depth(self, slots: int) -> int:
         """How many suggestions the driver keeps ready for `slots` trials at once."""
-        if self.lookahead is not None:
-            return self.lookahead
+        if self.resources.lookahead is not None:
+            return self.resources.lookahead
         return max(1, slots)
 
 

@@ -163,9 +163,10 @@ class Driver:
             return True
         if self.deadline is not None and time.time() > self.deadline:
             return True
-        if self.plan.gpu_hours is None:
+        limit = self.plan.budget.gpu_hours
+        if limit is None:
             return False
-        return spent(self.study, self.plan.gpus_per_trial, self.plan.gpu_hours)
+        return spent(self.study, self.plan.resources.gpus_per_trial, limit)
 
     def _wanted(self) -> int:
         """How many slots to keep: the place's capacity (on an elastic place, `--jobs` or as
@@ -231,9 +232,10 @@ class Driver:
             return
         if self._unplaced_since is None:
             self._unplaced_since = min(seat.started for seat in waiting)
-        if now - self._unplaced_since > self.plan.placement_timeout:
+        limit = self.plan.resources.placement_timeout
+        if now - self._unplaced_since > limit:
             raise BackendError(
-                f"no trial could be placed in {self.plan.placement_timeout:g} s "
+                f"no trial could be placed in {limit:g} s "
                 f"(resources.placement_timeout): {self.backend.unplaced(self.plan)}"
             )
 
@@ -281,7 +283,7 @@ class Driver:
     def _count_failures(self, trial_id: int) -> None:
         """Count the trials that failed with the same error in a row, as they end; raise
         RunFailed at `max_identical_failures`. Any other ending starts the count again."""
-        limit = self.plan.max_identical_failures
+        limit = self.plan.resources.max_identical_failures
         if not limit:
             return
         error = _own_error(optuna_private.storage(self.study).get_trial(trial_id))
@@ -304,7 +306,7 @@ class Driver:
         last = trials[-1]
         if last.state == TrialState.RUNNING:
             if recovery.fail_and_retry(
-                self.study, last, reason, max_retries=self.plan.max_retries, retry=retry
+                self.study, last, reason, max_retries=self.plan.resources.max_retries, retry=retry
             ):
                 self._give_back()
         elif retry and recovery.retried(self.study, last):
@@ -313,7 +315,7 @@ class Driver:
     def _end_overdue(self) -> None:
         """Kill the slots whose trial began more than `trial_timeout` ago: a hang would not
         answer anything gentler. The trial fails and is not retried (it would hang again)."""
-        limit = self.plan.trial_timeout
+        limit = self.plan.resources.trial_timeout
         if limit is None:
             return
         for seat in self._busy():
@@ -330,7 +332,11 @@ class Driver:
             logger.warning("trial %d: %s; killing its worker", running.number, reason)
             self._drop(seat)
             recovery.fail_and_retry(
-                self.study, running, reason, max_retries=self.plan.max_retries, retry=False
+                self.study,
+                running,
+                reason,
+                max_retries=self.plan.resources.max_retries,
+                retry=False,
             )
 
     def _fail_stale(self) -> None:
@@ -462,4 +468,5 @@ def _own_error(trial: Any) -> tuple[str, ...] | None:
 
 def _bundle(plan: RunPlan) -> str:
     """What one slot asks for, as the autoscaler sees it: `{GPU: 1, CPU: 1}`."""
-    return f"{{GPU: {plan.gpus_per_trial:g}, CPU: {plan.cpus_per_trial:g}}}"
+    resources = plan.resources
+    return f"{{GPU: {resources.gpus_per_trial:g}, CPU: {resources.cpus_per_trial:g}}}"

@@ -231,18 +231,19 @@ def check_serves(plan: RunPlan, gpus: list[str]) -> None:
     - `deepspeed` when DeepSpeed is not installed. DeepSpeed on the CPU accelerator is a
       supported path here (one process, tests/test_study.py), and is not refused.
     """
-    if plan.gpus_per_trial > 1:
-        if len(gpus) < plan.gpus_per_trial:
+    per_trial = plan.resources.gpus_per_trial
+    if per_trial > 1:
+        if len(gpus) < per_trial:
             raise BackendError(
-                f"resources.gpus_per_trial: {plan.gpus_per_trial:g} GPUs per trial, and this "
+                f"resources.gpus_per_trial: {per_trial:g} GPUs per trial, and this "
                 f"machine has {len(gpus)} visible{' (CUDA_VISIBLE_DEVICES)' * _restricted()}; "
                 f"the local backend cannot run it: {ELSEWHERE}"
             )
         logger.warning(
             "resources.gpus_per_trial is %g, but the local backend trains each trial on one "
             "GPU; --backend ray trains it on %g (ray start --head here)",
-            plan.gpus_per_trial,
-            plan.gpus_per_trial,
+            per_trial,
+            per_trial,
         )
     if plan.bf16 and gpus:
         old = _without_bf16(min(len(gpus), plan.jobs or 1))  # the GPUs the workers train on

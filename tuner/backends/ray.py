@@ -68,31 +68,31 @@ class RayBackend:
         """How many trials the cluster can hold at once, by its total resources."""
         import ray
 
-        total = ray.cluster_resources()
-        by_cpu = int(total.get("CPU", 0) // plan.cpus_per_trial)
-        if plan.gpus_per_trial > 0:
-            return min(by_cpu, int(total.get("GPU", 0) // plan.gpus_per_trial))
+        total, asks = ray.cluster_resources(), plan.resources
+        by_cpu = int(total.get("CPU", 0) // asks.cpus_per_trial)
+        if asks.gpus_per_trial > 0:
+            return min(by_cpu, int(total.get("GPU", 0) // asks.gpus_per_trial))
         return by_cpu
 
     def start(self, plan: RunPlan, index: int) -> RaySlot:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        ranks = plan.ranks
+        ranks, asks = plan.ranks, plan.resources
         spec = WorkerSpec(
             plan.study_name,
             self.url,
             worker=f"ray-{uuid.uuid4().hex[:8]}",
             index=index,
-            threads=max(1, int(plan.cpus_per_trial / ranks)),
+            threads=max(1, int(asks.cpus_per_trial / ranks)),
             world=ranks,
             run=plan.run,
             seed_offset=plan.seed_offset,
         )
         # One bundle per rank, all on one node (STRICT_PACK): a trial's ranks talk at the
         # speed of one machine, and a trial bigger than any node is said so, not spread.
-        gpus = plan.gpus_per_trial if ranks == 1 else 1
-        bundle = {"GPU": gpus, "CPU": plan.cpus_per_trial / ranks}
+        gpus = asks.gpus_per_trial if ranks == 1 else 1
+        bundle = {"GPU": gpus, "CPU": asks.cpus_per_trial / ranks}
         group = placement_group(
             [{k: v for k, v in bundle.items() if v > 0}] * ranks, strategy="STRICT_PACK"
         )
@@ -120,13 +120,14 @@ class RayBackend:
 
     def unplaced(self, plan: RunPlan) -> str:
         self._look_at_nodes(now=True)
-        ask = f"{plan.gpus_per_trial:g} GPU + {plan.cpus_per_trial:g} CPU"
+        asks = plan.resources
+        ask = f"{asks.gpus_per_trial:g} GPU + {asks.cpus_per_trial:g} CPU"
         line = f"a trial asks for {ask}{' on one node' if plan.ranks > 1 else ''}; "
         if self.largest is None:
             return line + "no node was seen"
         gpus, cpus = self.largest
         line += f"the most any node offered is {gpus:g} GPU, {cpus:g} CPU"
-        if gpus >= plan.gpus_per_trial and cpus >= plan.cpus_per_trial:
+        if gpus >= asks.gpus_per_trial and cpus >= asks.cpus_per_trial:
             line += " (other work held it all along)"
         return line
 

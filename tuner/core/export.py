@@ -193,9 +193,11 @@ def _build(
     temperature: float,
     top_p: float,
 ) -> Verification:
+    """Merge the trial's adapter into its base, check the merge (ExportError when it is not the
+    trial's model), then write the export into `dest`; returns what the check measured."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(
@@ -207,17 +209,48 @@ def _build(
     bits = config.quantization_bit
     kbit_loss = _kbit_val_loss(config, adapter_dir, val) if bits is not None else None
 
-    # Merged into the base as published, unquantised in the training dtype, for a QLoRA adapter
-    # too: a merge into k-bit weights would round the adapter's delta away.
-    base = AutoModelForCausalLM.from_pretrained(
+    base = _unquantised_base(config, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PeftModel.from_pretrained(base.to(device), str(adapter_dir)).eval()
+    merged, check = _merge_and_measure(
+        model, tokenizer, val, config, dtype=dtype, device=device,
+        trial_val_loss=trial.user_attrs.get("eval_loss"), kbit_val_loss=kbit_loss,
+    )  # fmt: skip
+    _judge(check, dtype)
+    _save(
+        merged, tokenizer, config, adapter_dir, dest,
+        adapter_only=adapter_only, temperature=temperature, top_p=top_p,
+    )  # fmt: skip
+    return check
+
+
+def _unquantised_base(config: Any, dtype: Any) -> Any:
+    """The base as published, unquantised in the training dtype, for a QLoRA adapter too: a
+    merge into k-bit weights would round the adapter's delta away."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
         config.model_name_or_path,
         dtype=dtype,
         trust_remote_code=config.trust_remote_code,
         use_safetensors=True,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = PeftModel.from_pretrained(base.to(device), str(adapter_dir)).eval()
 
+
+def _merge_and_measure(
+    model: Any,
+    tokenizer: Any,
+    val: list[dict],
+    config: Any,
+    *,
+    dtype: Any,
+    device: str,
+    trial_val_loss: float | None,
+    kbit_val_loss: float | None,
+) -> tuple[Any, Verification]:
+    """Merge the adapter into `model`'s base; returns the merged model, and how it compares
+    with base + adapter (logits, greedy tokens) and with the trial (validation loss), for
+    `_judge`."""
     prompts = [row["prompt"] for row in val[:VERIFY_PROMPTS]]
     before = _logits_and_greedy(model, tokenizer, prompts, device)
     merged = model.merge_and_unload()
@@ -230,11 +263,17 @@ def _build(
         logit_tolerance=LOGIT_TOLERANCE[str(dtype)],
         greedy_tokens_equal=before[1] == after[1],
         val_loss=_val_loss(merged, val, device, config.per_device_eval_batch_size),
-        trial_val_loss=trial.user_attrs.get("eval_loss"),
+        trial_val_loss=trial_val_loss,
         loss_tolerance=LOSS_TOLERANCE[str(dtype)],
-        quantization_bit=bits,
-        kbit_val_loss=kbit_loss,
+        quantization_bit=config.quantization_bit,
+        kbit_val_loss=kbit_val_loss,
     )
+    return merged, check
+
+
+def _judge(check: Verification, dtype: Any) -> None:
+    """Record what is wrong with the merge in `check.problems` and refuse it (ExportError);
+    else mark it passed."""
     if not check.max_logit_diff <= check.logit_tolerance:
         check.problems.append(
             f"merged logits differ from base + adapter by {check.max_logit_diff:.3g} "
@@ -245,6 +284,7 @@ def _build(
     if check.trial_val_loss is not None:
         # The trial's loss was measured on its k-bit base: the unquantised merge differs by
         # the quantisation's error, so a QLoRA adapter is compared on the k-bit base.
+        kbit_loss, bits = check.kbit_val_loss, check.quantization_bit
         loss = check.val_loss if kbit_loss is None else kbit_loss
         on = "" if kbit_loss is None else f" on the {bits}-bit base"
         gap = abs(loss - check.trial_val_loss) / max(abs(check.trial_val_loss), 1e-8)
@@ -258,6 +298,22 @@ def _build(
         raise ExportError("verification failed: " + "; ".join(check.problems))
     check.passed = True
 
+
+def _save(
+    merged: Any,
+    tokenizer: Any,
+    config: Any,
+    adapter_dir: Path,
+    dest: Path,
+    *,
+    adapter_only: bool,
+    temperature: float,
+    top_p: float,
+) -> None:
+    """Write the merged model (or the adapter alone), its tokenizer, and a generation config
+    that samples as the trial was judged."""
+    from transformers import GenerationConfig
+
     generation = _generation_config(GenerationConfig, config.model_name_or_path, tokenizer)
     generation.update(do_sample=True, temperature=temperature, top_p=top_p)
     if adapter_only:
@@ -267,7 +323,6 @@ def _build(
         merged.save_pretrained(dest, safe_serialization=True, max_shard_size="5GB")
     tokenizer.save_pretrained(dest)
     generation.save_pretrained(dest)
-    return check
 
 
 def _kbit_val_loss(config: Any, adapter_dir: Path, val: list[dict]) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,7 +36,7 @@ from tuner.common.errors import (
 from tuner.common.limits import MAX_JOBS, check_count, check_name
 from tuner.common.text import command
 from tuner.core import base_model
-from tuner.space import Space, load_space
+from tuner.space import Space, from_stored, load_space
 from tuner.store import (
     attrs,
     best_trial,
@@ -54,6 +54,9 @@ from tuner.store import (
     wait_for_space,
 )
 from tuner.trial import tracking
+
+if TYPE_CHECKING:
+    from tuner.store import OpenStudy
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +223,7 @@ def _check_deepspeed_here(space: Space, *, display: str) -> None:
 
 def _check_same_space(store: optuna.storages.BaseStorage, name: str, space: Space) -> None:
     # Through the model, so fields added since the study was made compare as their defaults.
-    stored = Space.from_stored(wait_for_space(store, name)).to_stored()
+    stored = from_stored(wait_for_space(store, name)).to_stored()
     if stored != space.to_stored():
         raise StorageError(
             f"study {name!r} exists with a different space; use another --name, or "
@@ -291,6 +294,40 @@ def run_study(
     this run did; its `stop_reason` is set when the run stopped because
     `resources.max_identical_failures` trials in a row failed with the same error.
     """
+    backend = _check_run_args(backend, n_trials=n_trials, jobs=jobs, timeout=timeout)
+    opened = _open_for_run(name, storage, backend=backend)
+    study, space = opened.study, opened.space
+    n_trials, timeout, jobs = _run_size(
+        study, space, backend=backend, n_trials=n_trials, timeout=timeout, jobs=jobs
+    )
+    # The run's id and seed offset: runs of the study at once draw apart (tuner/store/_runs.py).
+    with start_run(opened.url, name) as run:
+        plan = backends.RunPlan(
+            name,
+            opened.url,
+            n_trials,
+            timeout,
+            jobs,
+            resources=space.resources,
+            budget=space.budget,
+            run=run.id,
+            seed_offset=run.seed_offset,
+            **_device_needs(space),
+        )
+        monitor = _Monitor(
+            study, opened.store, target=n_trials, run=run.id, on_progress=on_progress, poll_s=poll_s
+        )
+        started = datetime.now()  # Optuna records trials' times as naive local time
+        stop_reason = _run_watched(plan, monitor, opened, backend=backend, address=address)
+    monitor.progress.stop_reason = stop_reason
+    _tidy_after_run(opened, since=started)
+    return monitor.progress
+
+
+def _check_run_args(
+    backend: str | None, *, n_trials: int | None, jobs: int | None, timeout: float | None
+) -> str:
+    """Refuse a bad argument before the store is touched; returns the backend's name."""
     backend = backend or backends.default_backend()
     backends.check_name(backend)
     if n_trials is not None:
@@ -299,16 +336,34 @@ def run_study(
         check_count(jobs, key="--jobs", most=MAX_JOBS)
     if timeout is not None and not timeout > 0:
         raise TunerError(f"--timeout must be > 0, or none for no limit (got {timeout:g}s)")
+    return backend
+
+
+def _open_for_run(name: str, storage: str | None, *, backend: str) -> OpenStudy:
+    """Open the study to run, refusing what would fail every trial alike; then fail the trials a
+    killed run left RUNNING, before this run counts what is done."""
     opened = open_study(name, storage, heartbeat=True)
     study, space = opened.study, opened.space
     deletion.check_not_marked(name, study.user_attrs)
     tracking.check_installed(space)
     if backend == "local":
         _check_paths_here(name, space)
-    max_retries = space.resources.max_retries
-    orphans = recovery.fail_orphans(study, max_retries=max_retries)
+    orphans = recovery.fail_orphans(study, max_retries=space.resources.max_retries)
     if orphans:
         logger.warning("failed %d trials left RUNNING by a run that was killed", orphans)
+    return opened
+
+
+def _run_size(
+    study: optuna.Study,
+    space: Space,
+    *,
+    backend: str,
+    n_trials: int | None,
+    timeout: float | None,
+    jobs: int | None,
+) -> tuple[int | None, float | None, int | None]:
+    """This run's trials, timeout and jobs: those asked for, else what the budget leaves."""
     if n_trials is None and space.budget.n_trials is not None:
         done = _done(study)
         n_trials = max(0, space.budget.n_trials - done)
@@ -320,55 +375,48 @@ def run_study(
         jobs = jobs or 1
     if n_trials is not None and jobs is not None:
         jobs = max(1, min(jobs, n_trials))  # a worker with nothing to do only costs start-up
-    # The run's id and seed offset: runs of the study at once draw apart (tuner/store/_runs.py).
-    with start_run(opened.url, name) as run:
-        plan = backends.RunPlan(
-            name,
-            opened.url,
-            n_trials,
-            timeout,
-            jobs,
-            gpus_per_trial=space.resources.gpus_per_trial,
-            cpus_per_trial=space.resources.cpus_per_trial,
-            max_retries=max_retries,
-            gpu_hours=space.budget.gpu_hours,
-            trial_timeout=space.resources.trial_timeout,
-            lookahead=space.resources.lookahead,
-            placement_timeout=space.resources.placement_timeout,
-            max_identical_failures=space.resources.max_identical_failures,
-            run=run.id,
-            seed_offset=run.seed_offset,
-            **_device_needs(space),
-        )
-        monitor = _Monitor(
-            study, opened.store, target=n_trials, run=run.id, on_progress=on_progress, poll_s=poll_s
-        )
-        started = datetime.now()  # Optuna records trials' times as naive local time
-        monitor.start()
-        stop_reason = None
-        try:
-            if n_trials != 0:
-                with tracking.study_run(study, space):
-                    backends.run_trials(plan, backend=backend, address=address)
-        except StudyDeleted as e:
-            monitor.stop()
-            done = monitor.progress.finished
-            raise StudyDeleted(f"{e}; {done} of its trials had finished") from None
-        except StoreFull as e:
-            e.exit_code = 1  # the run ran: its trials are retried by the next, once there is room
-            raise
-        except RunFailed as e:
-            stop_reason = str(e)  # returned with the summary: the caller reports both
-        finally:
-            monitor.stop()
-    monitor.progress.stop_reason = stop_reason
+    return n_trials, timeout, jobs
+
+
+def _run_watched(
+    plan: backends.RunPlan,
+    monitor: _Monitor,
+    opened: OpenStudy,
+    *,
+    backend: str,
+    address: str | None,
+) -> str | None:
+    """Run the plan's trials while `monitor` reports them; returns why the run stopped early
+    (RunFailed), or None when it ran its course. The monitor is stopped on the way out."""
+    monitor.start()
+    try:
+        if plan.n_trials != 0:
+            with tracking.study_run(opened.study, opened.space):
+                backends.run_trials(plan, backend=backend, address=address)
+    except StudyDeleted as e:
+        monitor.stop()
+        done = monitor.progress.finished
+        raise StudyDeleted(f"{e}; {done} of its trials had finished") from None
+    except StoreFull as e:
+        e.exit_code = 1  # the run ran: its trials are retried by the next, once there is room
+        raise
+    except RunFailed as e:
+        return str(e)  # returned with the summary: the caller reports both
+    finally:
+        monitor.stop()
+    return None
+
+
+def _tidy_after_run(opened: OpenStudy, *, since: datetime) -> None:
+    """What the run leaves to clear once it ended: orphaned trials, and the checkpoints of its
+    trials that failed (since `since`) and that no retry will resume."""
+    resources = opened.space.resources
     # Trials of a killed run whose workers were still winding down when this run started.
-    recovery.fail_orphans(study, max_retries=max_retries)
-    if space.resources.checkpoint_every is not None:
+    recovery.fail_orphans(opened.study, max_retries=resources.max_retries)
+    if resources.checkpoint_every is not None:
         from tuner.store import checkpoints
 
-        checkpoints.drop_unresumable(study, opened.artifact_store(), since=started)
-    return monitor.progress
+        checkpoints.drop_unresumable(opened.study, opened.artifact_store(), since=since)
 
 
 def _device_needs(space: Space) -> dict[str, Any]:
