@@ -15,9 +15,13 @@ TORCH       ?= torch
 TORCH_INDEX ?=
 BIN         := $(VENV)/bin
 JOBS        ?= 2
+# Test processes side by side (pytest-xdist): tests wait on servers, subprocesses and sockets as
+# much as they compute, so more processes than cores pays. Tests that share a costly server are
+# kept in one process by their group (--dist loadgroup).
+TEST_JOBS   ?= 4
 PIP_C       := $(BIN)/pip install --quiet -c constraints.txt
 
-.PHONY: setup demo test lint bench quality constraints clean
+.PHONY: setup demo test test-fast lint bench quality constraints clean
 
 setup: $(VENV)/.installed
 
@@ -38,8 +42,14 @@ demo: setup
 	$(BIN)/tuner study best quickstart
 	$(BIN)/tuner study export quickstart --out demo/best-model --force
 
+# The whole suite, CI's command (inside 15 minutes on 2 cores).
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup
+
+# The inner loop: no server, no Ray, no training (inside 2 minutes). One test:
+#   .venv/bin/pytest tests/test_space.py::test_NAME
+test-fast: setup
+	$(BIN)/pytest -q -n $(TEST_JOBS) -m "not (postgres or ray or training or server or slow)"
 
 lint: setup
 	$(BIN)/ruff check tuner trials tests

@@ -3,17 +3,30 @@
 PostgreSQL is required: without it these fixtures fail, they never skip. Point the tests at a
 server with TUNER_TEST_POSTGRES (a URL to an existing database the tests may create databases
 from); the default is the local server with trust auth.
+
+The suite runs side by side (`make test`: pytest-xdist, `--dist loadgroup`). So:
+- each test process has its own HOME and caches (`pytest_configure`): nothing writes to the
+  machine's ~/.ray, ~/.cache or HOME; pip's download cache is the one thing shared;
+- what is costly is built once per run, behind a file lock, in a folder every process of the
+  run shares (`run_once`): the demo model, DeepSpeed's compiled ops;
+- servers a module cannot disturb are started once per process and shared (S3, MLflow), and a
+  Ray head is shared by the tests of the `ray` group, which xdist runs in one process;
+- a test that restarts PostgreSQL says so (`@pytest.mark.restarts_postgres`) and runs alone:
+  every other test holds the server shared while it uses a database (`pg_url`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +38,108 @@ ADMIN_URL = os.environ.get(
 )
 # The installed console script, as a user runs it.
 TUNER = [str(Path(sys.executable).with_name("tuner"))]
+_REAL_HOME = Path.home()  # read before pytest_configure gives this process its own
+
+
+# ----------------------------------------------------------------------------- the run's places
+
+
+def _run_dir() -> Path:
+    """The folder every process of this run shares, and no other run: made by the first
+    process (xdist's controller, or the one process), whose workers inherit its name."""
+    return Path(os.environ["TUNER_TEST_RUN"])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This process's own HOME and caches, before any test (or library) reads them."""
+    if "TUNER_TEST_RUN" not in os.environ:
+        os.environ["TUNER_TEST_RUN"] = tempfile.mkdtemp(prefix="tuner-tests-")
+        os.environ["TUNER_TEST_RUN_OWNER"] = str(os.getpid())
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    home = _run_dir() / f"home-{worker}"
+    home.mkdir(exist_ok=True)
+    os.environ.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        # pip's download cache, the one thing shared with the machine: the packaging test's
+        # venv takes its wheels from there rather than from the network.
+        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR", str(_REAL_HOME / ".cache" / "pip")),
+        # DeepSpeed JIT-compiles its CPU ops (~50 s): once per run, shared by the processes
+        # (torch's build takes a lock of its own).
+        TORCH_EXTENSIONS_DIR=str(_run_dir() / "torch_extensions"),
+        # A local `ray.init()`'s sessions and sockets; short, as socket paths must be.
+        RAY_TMPDIR=str(Path(tempfile.gettempdir()) / f"rt-{worker}-{os.getpid()}"),
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("RAY_TMPDIR", "/nonexistent"), ignore_errors=True)
+    if os.environ.get("TUNER_TEST_RUN_OWNER") == str(os.getpid()):
+        shutil.rmtree(_run_dir(), ignore_errors=True)
+
+
+# The tiers (`make test-fast` runs the tests with none of these marks), set here from the
+# fixtures a test uses; a module or test that needs one another way says so itself.
+_TIER_OF_FIXTURE = {
+    "pg_url": "postgres",
+    "demo_dir": "training",
+    "s3_endpoint": "server",
+    "mlflow_server": "server",
+}
+
+
+# Tests that share a server costly to start run in one process (`--dist loadgroup`), so that the
+# run starts it once: MLflow's takes ~40 s on 2 busy cores.
+_GROUP_OF_FIXTURE = {"mlflow_server": "mlflow"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, tier in _TIER_OF_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(tier)
+        for fixture, group in _GROUP_OF_FIXTURE.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+        param = getattr(item, "callspec", None)
+        if param is not None and param.params.get("storage_url") == "postgresql":
+            item.add_marker("postgres")
+
+
+@contextlib.contextmanager
+def _flock(path: Path, kind: int) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, kind)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_once(name: str, build: Callable[[Path], object]) -> Path:
+    """`build(folder)` once per run, whichever process asks first; the others wait for it and
+    get the same folder. A build that failed leaves nothing, and the next one tries again."""
+    root = _run_dir()
+    folder, done = root / name, root / f"{name}.done"
+    with _flock(root / f"{name}.lock", fcntl.LOCK_EX):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model and data, built once per session (shorter pre-training than the CLI's)."""
+def demo_dir() -> Path:
+    """The demo model and data, built once per run (shorter pre-training than the CLI's) and
+    shared by every test process: tests read it, never write it."""
     from tuner.core.demo import prepare_demo
 
-    root = tmp_path_factory.mktemp("demo") / "demo"
-    prepare_demo(root, pretrain_steps=200)
-    return root
+    return run_once("demo", lambda root: prepare_demo(root, pretrain_steps=200))
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +180,15 @@ def pg_admin_url() -> str:
 
 
 @pytest.fixture
-def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
+def pg_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards. The test holds the server
+    shared meanwhile; one marked `restarts_postgres` holds it alone."""
+    restarts = request.node.get_closest_marker("restarts_postgres") is not None
+    with _flock(_run_dir() / "postgres.lock", fcntl.LOCK_EX if restarts else fcntl.LOCK_SH):
+        yield from _database(pg_admin_url)
+
+
+def _database(pg_admin_url: str) -> Iterator[str]:
     import sqlalchemy
 
     name = f"tuner_test_{uuid.uuid4().hex[:12]}"
@@ -207,46 +319,21 @@ class S3:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's standalone S3 server on a free localhost port: a real HTTP S3 API, started in its
-    own session and stopped by its process id. Required: without moto the tests fail."""
-    import signal
-    import socket
-    import time
-    import urllib.request
-
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free localhost port, in a thread of this test process: a real
+    HTTP S3 API (tuner's subprocesses reach it as any other). Required: without moto the
+    tests fail."""
     try:
-        import moto.server  # noqa: F401
+        from moto.server import ThreadedMotoServer
     except ImportError as e:
         pytest.fail(f"moto[server] is required for the S3 tests (pip install -e '.[test]'): {e}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"moto's S3 server did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield endpoint
-    process.terminate()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
     try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

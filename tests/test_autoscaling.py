@@ -33,6 +33,9 @@ from tuner.common.errors import BackendError
 from tuner.core.study import create_study, run_study
 from tuner.space import Resources
 
+# One process runs every Ray module: a cluster each, and two at once starve each other.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
 # ------------------------------------------------------------------------------ the driver
 
 

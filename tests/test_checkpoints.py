@@ -22,6 +22,9 @@ from tuner.common.errors import SpaceError
 from tuner.core.study import create_study
 from tuner.space import load_space
 
+# One process runs every Ray module: a cluster each, and two at once starve each other.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
 STEPS, EVERY = 40, 10
 PARAMS = {"learning_rate": 3e-3, "lora_rank": 4, "lora_alpha": 8}
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import run_cli
 
 import tuner
-from tuner.core.study import Progress
+from tuner.core.monitor import Progress
 from tuner.face.cli import _run_failure
 
 ENV = {"TUNER_STORAGE": ""}  # the embedded default: tuner.db in the working directory

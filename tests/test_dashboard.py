@@ -25,6 +25,9 @@ from conftest import TUNER, run_cli, write_space
 
 from tuner.core.study import create_study, run_study
 
+# One process runs the module: its sweep and its browser are made once.
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("dashboard")]
+
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = Path(os.environ.get("TUNER_SCREENSHOTS", ROOT / "build" / "screenshots"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -24,6 +24,9 @@ from tuner.core.study import create_study, run_study
 LOAD_AND_GENERATE = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+# One process runs the module: its trained study is made once.
+pytestmark = [pytest.mark.xdist_group("export")]
 out = sys.argv[1]
 assert "tuner" not in sys.modules
 model = AutoModelForCausalLM.from_pretrained(out)

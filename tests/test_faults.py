@@ -141,6 +141,7 @@ def _training(url: str, name: str, n: int) -> Callable[[], bool]:
     return check
 
 
+@pytest.mark.restarts_postgres
 @pytest.mark.parametrize(
     ("down_s", "grace_s"), [(1, 20), (8, 3)], ids=["shorter-than-grace", "longer-than-grace"]
 )

@@ -13,7 +13,8 @@ import optuna
 import pytest
 from conftest import write_space
 
-from tuner.core.study import Progress, RunningTrial, create_study, run_study
+from tuner.core.monitor import Progress, RunningTrial
+from tuner.core.study import create_study, run_study
 from tuner.face.progress import ProgressBar, duration, running_line
 
 

@@ -21,6 +21,9 @@ from ray_nodes import RAY, RayNode, start_head
 
 from tuner.core.study import create_study, run_study
 
+# One process runs every Ray module: a cluster each, and two at once starve each other.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
 GPUS = 4
 
 

@@ -29,6 +29,9 @@ from conftest import TUNER, as_from_a_terminal, run_cli, write_space
 from optuna.trial import TrialState
 from ray_nodes import free_port, start_head
 
+# One process runs every Ray module: a cluster each, and two at once starve each other.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
 REPO = Path(__file__).resolve().parents[1]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

@@ -204,6 +204,7 @@ def test_a_missing_tracker_package_stops_the_run_with_one_line(tmp_path: Path) -
     assert optuna.load_study(study_name="wb", storage=db).get_trials() == []
 
 
+@pytest.mark.ray
 def test_trial_runs_nest_under_the_study_run_from_ray_workers(
     mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

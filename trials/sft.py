@@ -29,7 +29,7 @@ from trials.evaluate import best_eval_step, final_metrics, last_train_loss
 from trials.generate import score_adapter
 from trials.pruning import PruningCallback
 from trials.reporter import NonFiniteLoss, TrialResult
-from trials.speed import StepTimer
+from trials.speed import Clock, StepTimer
 from trials.tracking import Tracking, tracking_callbacks, trainer_args
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def run(
     # The meters first: the GPU-hours count the whole trial, and the peak memory this trial's
     # alone (a worker runs one trial after another).
     timings = {} if timings is None else timings
-    clock = _Clock(timings)
+    clock = Clock(timings)
     started = _start_usage()
 
     # The tokenizer before the data, which is tokenised with it.
@@ -120,7 +120,7 @@ class _Attempt:
     output_dir: Path
     trial: Any | None  # the Optuna trial to report to; None: a run by hand
     timings: dict[str, float]
-    clock: _Clock
+    clock: Clock
     generation: Any | None  # the generation objective's settings, when it scores answers
     checkpoints: Keeper | None  # where checkpoints are kept, when the trial keeps them
     tracking: Tracking | None  # where the run is reported, besides the Optuna trial
@@ -157,7 +157,7 @@ def _start_usage() -> float:
     return started
 
 
-def _setup_resume(checkpoints: Keeper | None, *, output_dir: Path, clock: _Clock) -> Path | None:
+def _setup_resume(checkpoints: Keeper | None, *, output_dir: Path, clock: Clock) -> Path | None:
     """The checkpoint the keeper has for this trial, fetched; None: it starts at step 0."""
     if checkpoints is None:
         return None
@@ -356,17 +356,6 @@ def _usage(trainer: Any, timings: dict[str, float], started: float) -> dict[str,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if _has_cuda() else None,
         "gpu_hours": (time.perf_counter() - started) * gpus / 3600,
     }
-
-
-class _Clock:
-    def __init__(self, timings: dict[str, float]) -> None:
-        self.timings = timings
-        self.last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = now - self.last
-        self.last = now
 
 
 _TOKENIZERS: dict[str, Any] = {}

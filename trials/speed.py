@@ -1,6 +1,6 @@
-"""Training throughput as a person tuning a GPU means it: tokens per second inside the training
-steps, after the first step (allocator warm-up, kernel selection) and without evaluations. A
-Trainer callback (trials/callbacks.py)."""
+"""What a trial times. Training throughput as a person tuning a GPU means it: tokens per second
+inside the training steps, after the first step (allocator warm-up, kernel selection) and without
+evaluations, a Trainer callback (trials/callbacks.py); and the stages of a trial, lap by lap."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ class StepTimer:
     def tokens_per_s(self) -> float | None:
         """None until two steps have run."""
         return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+class Clock:
+    """The seconds of a trial's stages (load, data, restore, ...), each from the last lap."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now

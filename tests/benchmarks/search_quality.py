@@ -69,7 +69,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from trials import simulated  # noqa: E402
-from tuner import algorithms  # noqa: E402
+from tuner.search import algorithms  # noqa: E402
 from tuner.space import Space, load_space, parse_space, read_yaml  # noqa: E402
 
 # simulated.yaml names no baseline (its tests count its trials); these are the blog-post values.

@@ -115,7 +115,8 @@ class ProgressBar:
 
 
 def running_line(trial: Any) -> str:
-    """`trial 3: step 40/120, val loss 2.31, ETA 1m20s`, from a `tuner.core.study.RunningTrial`."""
+    """`trial 3: step 40/120, val loss 2.31, ETA 1m20s`, from a `tuner.core.monitor.RunningTrial`
+    (what `Progress.running` holds)."""
     if trial.step is None:
         return f"trial {trial.number}: started, no evaluation yet"
     of = f"/{trial.max_steps}" if trial.max_steps else ""
