@@ -21,12 +21,13 @@ from tuner.core import export as export_mod
 from tuner.core.export import ExportError, export_trial
 from tuner.core.study import create_study, run_study
 
+# One process runs the module: its trained study is made once.
+pytestmark = [pytest.mark.xdist_group("export")]
+
 LOAD_AND_GENERATE = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# One process runs the module: its trained study is made once.
-pytestmark = [pytest.mark.xdist_group("export")]
 out = sys.argv[1]
 assert "tuner" not in sys.modules
 model = AutoModelForCausalLM.from_pretrained(out)

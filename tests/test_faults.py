@@ -782,8 +782,13 @@ def test_a_frozen_worker_is_killed_once_its_trial_went_stale_and_the_run_ends(
 ) -> None:
     """`kill -STOP` of a worker (a debugger, a wedged driver call): its heartbeat stopped, its
     trial was failed as stale and retried, and the run waited for the slot forever. Now the
-    slot is killed and the run finishes its count with the retry."""
+    slot is killed and the run finishes its count with the retry.
+
+    The worst moment is made exact: the worker is stopped inside a write, holding SQLite's
+    lock, which every other process waits on, the driver's reads included (CI, 2026-12-07: the
+    run hung on a loaded machine, where writes last long enough to be stopped in)."""
     import signal
+    import sqlite3
 
     monkeypatch.setenv("TUNER_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("TUNER_GRACE_PERIOD", "4")
@@ -792,7 +797,21 @@ def test_a_frozen_worker_is_killed_once_its_trial_went_stale_and_the_run_ends(
     run = _start_run(name, sqlite_url, "--n-trials", "3")
     trials = _wait_for(name, sqlite_url, lambda ts: any(t.intermediate_values for t in ts))
     (frozen,) = [t.user_attrs["worker_pid"] for t in trials if t.state == TrialState.RUNNING]
-    os.kill(frozen, signal.SIGSTOP)
+    db = sqlite_url.removeprefix("sqlite:///")
+    deadline = time.monotonic() + 60
+    while True:  # stop it until it is stopped holding the lock (a report every 0.2 s)
+        assert time.monotonic() < deadline, "the worker was never caught inside a write"
+        os.kill(frozen, signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0.05, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            break  # "database is locked": by the stopped worker
+        finally:
+            probe.close()
+        os.kill(frozen, signal.SIGCONT)
+        time.sleep(0.01)
     try:
         (summary,) = _summaries([run], timeout=180)
     finally:

@@ -5,7 +5,9 @@ Workers are spawned (fresh interpreters: no torch or database state copied by fo
 own process group, so a terminal's Ctrl-C reaches the driver only, which interrupts each worker
 once: its trial ends FAIL "interrupted" and nothing is left RUNNING. A worker whose driver is
 gone, however it went (`kill -9` of the run's process group included), fails its trial, which
-is retried, and exits (tuner.backends.lifeline).
+is retried, and exits (tuner.backends.lifeline). A worker stopped (`kill -STOP`, a debugger) for
+longer than the heartbeat grace period is killed (`StoppedWatch`): stopped inside a write, it
+holds the store's lock, and every other process, the driver included, would wait on it for good.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +30,7 @@ from tuner.backends import lifeline
 from tuner.backends.base import Ended, RunPlan
 from tuner.backends.worker import Worker, WorkerSpec
 from tuner.common.errors import BackendError, StoreFull, StudyDeleted
+from tuner.common.settings import get_settings
 from tuner.common.text import error_line
 from tuner.store import recovery
 
@@ -53,6 +58,7 @@ class LocalBackend:
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.gpus = assign_gpus(jobs, gpus)
         self.log_level = logging.getLogger("tuner").getEffectiveLevel()
+        self.watch = StoppedWatch(get_settings().grace_period).start()
 
     def capacity(self, plan: RunPlan) -> int:
         return plan.jobs or 1
@@ -75,7 +81,9 @@ class LocalBackend:
         )
         process.start()
         theirs.close()  # the worker's end lives in the worker: its exit closes the pipe
-        return LocalSlot(spec.worker, process, ours)
+        slot = LocalSlot(spec.worker, process, ours)
+        self.watch.add(slot)
+        return slot
 
     def wait(self, slots: list[LocalSlot], timeout: float) -> None:
         handles = [h for slot in slots for h in (slot.conn, slot.process.sentinel)]
@@ -85,7 +93,62 @@ class LocalBackend:
         return "worker processes could not start on this machine"  # never: they start placed
 
     def close(self) -> None:
-        pass
+        self.watch.stop()
+
+
+class StoppedWatch:
+    """Kills the workers that stay stopped (state T in /proc: `kill -STOP`, a debugger) for
+    longer than `grace_s`, the heartbeat grace period, by then their trials are stale for
+    everyone. The store cannot be asked (a worker stopped inside a write holds its lock), so
+    this looks at the processes only. Linux's /proc; elsewhere it sees nothing stopped."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.slots: list[LocalSlot] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def start(self) -> StoppedWatch:
+        threading.Thread(target=self._run, name="tuner-stopped-watch", daemon=True).start()
+        return self
+
+    def add(self, slot: LocalSlot) -> None:
+        with self.lock:
+            self.slots = [s for s in self.slots if not s.conn.closed] + [slot]
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def _run(self) -> None:
+        since: dict[int, float] = {}  # pid: when first seen stopped (monotonic)
+        while not self.done.wait(self.INTERVAL_S):
+            with self.lock:
+                slots = list(self.slots)
+            now = time.monotonic()
+            for slot in slots:
+                if slot.conn.closed or slot.killed_as:
+                    continue  # let go: its pid may be another process's by now
+                pid = slot.process.pid
+                if not _stopped(pid):
+                    since.pop(pid, None)
+                    continue
+                if now - since.setdefault(pid, now) > self.grace_s:
+                    slot.killed_as = (
+                        f"worker process was stopped (kill -STOP, a debugger) for longer than "
+                        f"the heartbeat grace period ({self.grace_s:g} s), and killed"
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
+
+def _stopped(pid: int | None) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # gone, or no /proc
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")  # after "(comm)": the state
 
 
 class LocalSlot:
@@ -94,6 +157,7 @@ class LocalSlot:
         self.process = process
         self.conn = conn
         self.busy = False
+        self.killed_as: str | None = None  # why the StoppedWatch killed it
 
     def run(self, params: dict[str, Any] | None) -> None:
         self.conn.send(params)
@@ -114,7 +178,9 @@ class LocalSlot:
             return None
         self.process.join()
         self.busy = False
-        return Ended(died=f"worker process died (exit code {self.process.exitcode})")
+        return Ended(
+            died=self.killed_as or f"worker process died (exit code {self.process.exitcode})"
+        )
 
     def interrupt(self) -> bool:
         if not self.process.is_alive():
