@@ -69,6 +69,11 @@ def pytest_configure(config: pytest.Config) -> None:
         # DeepSpeed JIT-compiles its CPU ops (~50 s): once per run, shared by the processes
         # (torch's build takes a lock of its own).
         TORCH_EXTENSIONS_DIR=str(_run_dir() / "torch_extensions"),
+        # Several test processes share 2 cores, and train tiny models: a second torch thread
+        # only spins waiting for a core another test holds (a trial took 2.5× the CPU).
+        TUNER_TORCH_THREADS="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
         # A local `ray.init()`'s sessions and sockets; short, as socket paths must be.
         RAY_TMPDIR=str(Path(tempfile.gettempdir()) / f"rt-{worker}-{os.getpid()}"),
     )

@@ -92,14 +92,15 @@ def test_slots_wait_for_room_and_the_run_finishes_exactly_its_trials(
 ) -> None:
     """From no room at all to 2 slots, then 3: every trial runs on a placed slot, the waiting
     slots past the trials left are withdrawn, none of that is a death, and exactly 6 trials
-    run. Waiting (4 s) is not running: a trial timeout of 3 s ends no trial."""
+    run. Waiting (7 s) is not running: a trial timeout of 6 s ends no trial (of 1 s, and a few
+    more on a loaded machine)."""
     study = _study(tmp_path, sqlite_url, (), step_seconds=0.5)
     backend = GrowingBackend(room=0)
-    resources = Resources(trial_timeout=3, lookahead=0)
+    resources = Resources(trial_timeout=6, lookahead=0)
     plan = RunPlan(study.study_name, sqlite_url, 6, None, None, resources=resources)
 
     def grow() -> None:  # the second step comes while the first trials still run (1 s each)
-        time.sleep(4)
+        time.sleep(7)
         backend.room = 2
         time.sleep(0.4)
         backend.room = 3

@@ -116,3 +116,28 @@ def test_an_interrupt_outside_a_trial_is_held_until_the_trial_records_it(
     (trial,) = optuna.load_study(study_name=name, storage=sqlite_url).get_trials()
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"] == "interrupted (Ctrl-C or a stop signal)"
+
+
+def test_a_worker_trains_on_its_share_of_the_cpus_or_on_tuner_torch_threads(
+    demo_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's threads in a worker are its share of the cores, unless TUNER_TORCH_THREADS says
+    how many: on a machine shared with other work, threads that wait for a core spin on it (a
+    tiny trial took 2.5× the CPU with 2 threads on 2 busy cores than with 1)."""
+    import torch
+
+    from tuner.space import load_space
+    from tuner.trial.objective import Objective
+
+    space = load_space(write_space(tmp_path / "s.yaml", small_space(demo_files)))
+    objective = Objective(space, artifacts=str(tmp_path / "artifacts"))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("TUNER_TORCH_THREADS", raising=False)
+        objective.warm_up(threads=2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TUNER_TORCH_THREADS", "1")
+        objective.warm_up(threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

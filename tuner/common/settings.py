@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         description="This machine's cache folder (the tokenised data of studies whose artifacts "
         "are in S3); default: $XDG_CACHE_HOME/tuner, else ~/.cache/tuner.",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        gt=0,
+        description="torch's threads in each trial worker; default: the worker's share of the "
+        "CPUs (this machine's cores / --jobs, or the space's cpus_per_trial on Ray). 1 suits a "
+        "machine shared with other work: threads that wait for a core spin on it.",
+    )
     heartbeat_interval: int = Field(
         default=30, gt=0, description="Seconds between a running trial's heartbeats."
     )

@@ -25,7 +25,7 @@ import optuna
 from trials.quiet import quiet_libraries
 from trials.reporter import StudyDeleting
 from tuner.common.errors import StoreFull, caused_by
-from tuner.common.settings import node_cache_dir
+from tuner.common.settings import get_settings, node_cache_dir
 from tuner.common.text import error_line
 from tuner.space import Space
 from tuner.store import (
@@ -97,7 +97,7 @@ class Objective:
 
         from trials import sft
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(get_settings().torch_threads or threads)
         sft.set_deepspeed_accelerator()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
