@@ -9,8 +9,10 @@ The suite runs side by side (`make test`: pytest-xdist, `--dist loadgroup`). So:
   machine's ~/.ray, ~/.cache or HOME; pip's download cache is the one thing shared;
 - what is costly is built once per run, behind a file lock, in a folder every process of the
   run shares (`run_once`): the demo model, DeepSpeed's compiled ops;
-- servers a module cannot disturb are started once per process and shared (S3, MLflow), and a
-  Ray head is shared by the tests of the `ray` group, which xdist runs in one process;
+- servers a module cannot disturb are started once per process and shared (S3, MLflow); each
+  Ray module starts its cluster once, and the four run in two processes (groups `ray` and
+  `ray-nodes`), so that no more than two clusters share the cores;
+- the longest work is handed out first (`_cost_rank`);
 - a test that restarts PostgreSQL says so (`@pytest.mark.restarts_postgres`) and runs alone:
   every other test holds the server shared while it uses a database (`pg_url`).
 """
@@ -113,6 +115,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         param = getattr(item, "callspec", None)
         if param is not None and param.params.get("storage_url") == "postgresql":
             item.add_marker("postgres")
+    # Longest first, so that the run does not end waiting on one process: xdist hands out work
+    # in this order, a group whole. Groups (a chain of tests in one process), then training,
+    # then what is slow for another reason; the order is otherwise the collection's.
+    items.sort(key=_cost_rank)
+
+
+def _cost_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("xdist_group"):
+        return 0
+    if item.get_closest_marker("training"):
+        return 1
+    slow = ("slow", "ray", "postgres", "server")
+    return 2 if any(item.get_closest_marker(mark) for mark in slow) else 3
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ def _cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 600):
         ("space", "ftp://host/x", "bad.yaml: artifacts: ftp:// is not supported"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_location_is_one_line_naming_its_source_and_nothing_is_made(
     how: str, bad: str, named: str, demo_files: Path, tmp_path: Path
 ) -> None:
@@ -86,6 +87,7 @@ def test_a_bad_location_is_one_line_naming_its_source_and_nothing_is_made(
     assert not (tmp_path / "tuner_artifacts").exists()
 
 
+@pytest.mark.slow
 def test_the_location_comes_from_the_flag_then_the_env_then_the_space_then_the_default(
     demo_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -112,6 +114,7 @@ def test_the_location_comes_from_the_flag_then_the_env_then_the_space_then_the_d
     assert stored[attrs.ARTIFACTS] == "s3://flag-bucket"
 
 
+@pytest.mark.slow
 def test_a_study_made_before_the_location_keeps_its_folder(
     demo_files: Path, tmp_path: Path
 ) -> None:

@@ -33,8 +33,10 @@ from tuner.common.errors import BackendError
 from tuner.core.study import create_study, run_study
 from tuner.space import Resources
 
-# One process runs every Ray module: a cluster each, and two at once starve each other.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+# Two processes run the Ray modules, two modules each (`ray`: test_ray and test_submit;
+# `ray-nodes`: test_checkpoints and test_autoscaling): one chain of all four outlasted the
+# rest of the suite, and more clusters at once than two starve each other on 2 cores.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-nodes")]
 
 # ------------------------------------------------------------------------------ the driver
 

@@ -83,6 +83,7 @@ def test_what_the_local_backend_serves_without_a_gpu() -> None:
         check_serves(two, ["0"])
 
 
+@pytest.mark.slow
 def test_an_interrupt_outside_a_trial_is_held_until_the_trial_records_it(
     sqlite_url: str, tmp_path: Path
 ) -> None:

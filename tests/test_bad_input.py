@@ -248,6 +248,7 @@ def _create_elsewhere(
     return [ast.literal_eval(line) for line in done.stdout.strip().splitlines()[-len(spaces) :]]
 
 
+@pytest.mark.slow
 def test_a_hub_model_is_found_in_the_cache_offline_and_refused_in_seconds_when_not(
     tmp_path: Path, demo_files: Path
 ) -> None:
@@ -492,6 +493,7 @@ def test_a_number_out_of_range_in_a_space_is_refused_at_create(
     _assert_refused(code, err, space, expected, db)
 
 
+@pytest.mark.slow
 def test_timeout_none_means_no_limit_over_the_budgets(tmp_path: Path) -> None:
     """`--timeout none` runs every trial asked for, though the space's budget.timeout (1 s)
     stops hand-outs after a second, as the same run without it shows."""
@@ -660,6 +662,7 @@ def test_a_space_file_of_more_than_10_mb_is_refused_unread(
 # Invented: cases a hurried user meets that the issue did not list.
 
 
+@pytest.mark.slow
 def test_a_sampler_seed_near_numpys_limit_does_not_break_the_feed_or_a_worker(
     tmp_path: Path,
 ) -> None:
@@ -816,6 +819,7 @@ def test_a_bad_tuner_setting_is_one_line_naming_the_variable(
     assert _trials_in(sim_study) == 0
 
 
+@pytest.mark.slow
 def test_data_replaced_by_a_fifo_after_create_is_refused_before_any_trial(
     tmp_path: Path, demo_files: Path
 ) -> None:

@@ -184,6 +184,7 @@ def test_multi_turn_truncation_keeps_the_turns_that_fit(tmp_path: Path) -> None:
     assert _trained_turns(tokenizer, labels)[0] == TURNS[0][1] + "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_a_template_that_drops_answers_is_refused_at_create(tmp_path: Path) -> None:
     """A template that writes no assistant text (a prompt-only template, say) would train on
     nothing: create refuses it with one line, and makes no study."""
@@ -358,6 +359,7 @@ def test_bad_llama_factory_entries_are_one_line(
     assert line.startswith(f"error: s.yaml: {expected}"), line
 
 
+@pytest.mark.slow
 def test_a_llama_factory_dataset_trains_through_a_sweep(
     tmp_path: Path, tiny_reasoning_model: Path
 ) -> None:

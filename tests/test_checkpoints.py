@@ -22,8 +22,10 @@ from tuner.common.errors import SpaceError
 from tuner.core.study import create_study
 from tuner.space import load_space
 
-# One process runs every Ray module: a cluster each, and two at once starve each other.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+# Two processes run the Ray modules, two modules each (`ray`: test_ray and test_submit;
+# `ray-nodes`: test_checkpoints and test_autoscaling): one chain of all four outlasted the
+# rest of the suite, and more clusters at once than two starve each other on 2 cores.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-nodes")]
 
 STEPS, EVERY = 40, 10
 PARAMS = {"learning_rate": 3e-3, "lora_rank": 4, "lora_alpha": 8}

@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_quickstart_path(tmp_path: Path) -> None:
     env = {"TUNER_STORAGE": ""}  # the embedded default: tuner.db in the working directory
 
@@ -92,6 +94,7 @@ def test_a_mistyped_command_or_option_is_one_line_and_exit_2(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_run_refuses_a_study_whose_data_is_gone(tmp_path: Path, demo_files: Path) -> None:
     shutil.copytree(demo_files / "model", tmp_path / "model")
     data = tmp_path / "data.jsonl"

@@ -74,6 +74,7 @@ def test_version_and_shell_completion(tmp_path: Path) -> None:
     assert run_cli(cwd=tmp_path, env=words).stdout.split() == ["local", "ray"]
 
 
+@pytest.mark.slow
 def test_reads_make_no_store(tmp_path: Path) -> None:
     listed = run_cli("study", "list", cwd=tmp_path, env=ENV)
     assert listed.returncode == 0, listed.stderr
@@ -95,6 +96,7 @@ def test_reads_make_no_store(tmp_path: Path) -> None:
     assert other.stat().st_size == 0
 
 
+@pytest.mark.slow
 def test_reading_an_empty_database_makes_no_tables(storage_url: str) -> None:
     import sqlalchemy
 
@@ -111,6 +113,7 @@ def test_reading_an_empty_database_makes_no_tables(storage_url: str) -> None:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_missing_study_suggests_the_closest_name(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'tuner.db'}"
     args = ("study", "create", "--space", "simulated.yaml", "--name", "quickstart")
@@ -164,6 +167,7 @@ def test_verbosity_flags_set_the_levels_and_the_workers_environment(
 # ----------------------------------------------------------------------------- study run's end
 
 
+@pytest.mark.slow
 def test_a_run_that_completes_no_trial_fails(tmp_path: Path) -> None:
     (tmp_path / "diverging.yaml").write_text(
         "params: {learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}}\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from conftest import write_space
 from optuna.trial import TrialState
 
@@ -116,6 +117,7 @@ def _study(
 LRS = (1e-3, 2e-3, 3e-3)
 
 
+@pytest.mark.slow
 def test_a_slot_slower_to_start_than_the_trial_timeout_keeps_its_trial(
     sqlite_url: str, tmp_path: Path
 ) -> None:

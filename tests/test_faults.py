@@ -37,6 +37,7 @@ def simulated(**fixed: object) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_hung_trial_is_killed_at_the_trial_timeout_and_the_run_goes_on(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -377,6 +378,7 @@ def test_a_second_run_started_while_the_first_is_still_running_counts_its_own(
     assert rerun["others_finished"] >= 1  # the first run's trials ended while it ran
 
 
+@pytest.mark.slow
 def test_enqueued_trials_are_taken_once_by_two_runs_at_once(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -396,6 +398,7 @@ def test_enqueued_trials_are_taken_once_by_two_runs_at_once(
     assert [p for p in ran if p in queued] == sorted(queued)
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_one_run_stops_its_own_trials_only(sqlite_url: str, tmp_path: Path) -> None:
     """Two terminals run one study and the user presses Ctrl-C in one: its trials end FAIL
     "interrupted"; the other run's trials go on and finish, and its summary counts its own (before,
@@ -478,6 +481,7 @@ def _wait_until(check: Callable[[], bool], *, timeout: float = 120, what: str = 
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_delete_during_a_run_is_refused_and_with_force_stops_the_run_and_leaves_nothing(
     storage_url: str, tmp_path: Path
 ) -> None:
@@ -605,6 +609,7 @@ def test_a_study_deleted_as_its_run_starts_ends_the_run_in_one_line(
     assert _rows(sqlite_url, "trials") == 0
 
 
+@pytest.mark.slow
 def test_two_deletes_of_one_study_at_once_each_end_in_one_line(
     storage_url: str, tmp_path: Path
 ) -> None:
@@ -676,6 +681,7 @@ def _alive(pid: int) -> bool:
     return _alive(pid)
 
 
+@pytest.mark.slow
 def test_a_process_group_kill_takes_the_workers_along_and_a_rerun_ends_at_the_budget(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -723,6 +729,7 @@ def test_a_process_group_kill_takes_the_workers_along_and_a_rerun_ends_at_the_bu
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_sqlite_store_is_one_line_and_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
@@ -777,6 +784,7 @@ def test_a_trial_that_recorded_no_worker_is_failed_and_retried_after_the_grace_p
     assert retry.params == trials[stuck.number].params
 
 
+@pytest.mark.slow
 def test_a_frozen_worker_is_killed_once_its_trial_went_stale_and_the_run_ends(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -825,6 +833,7 @@ def test_a_frozen_worker_is_killed_once_its_trial_went_stale_and_the_run_ends(
     assert summary["complete"] == 3 and len(trials) == 4
 
 
+@pytest.mark.slow
 def test_a_store_deleted_during_a_run_stops_it_in_one_line(sqlite_url: str, tmp_path: Path) -> None:
     """`rm tuner.db*` while a run trains: SQLite wrote on into the unlinked file, and the run
     ended "4 trials finished", exit 0, with every trial gone. Now it stops, exit 1, saying so."""

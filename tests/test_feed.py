@@ -106,6 +106,7 @@ def test_the_drivers_view_is_the_store_and_nothing_it_handed_out_stays_pending(
 
 
 @pytest.mark.parametrize(("lookahead", "fed"), [(None, True), (0, False)])
+@pytest.mark.slow
 def test_a_local_sweep_is_fed_by_its_driver_unless_lookahead_is_0(
     sqlite_url: str, tmp_path: Path, lookahead: int | None, fed: bool
 ) -> None:

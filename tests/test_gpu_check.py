@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 
@@ -17,6 +19,7 @@ import check  # noqa: E402
 import wheels  # noqa: E402
 
 
+@pytest.mark.slow
 def test_the_dry_run_goes_through_every_item_and_reports_each_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import TrialState
 from packaging.requirements import Requirement
@@ -215,17 +216,20 @@ def _ray_versions(node: object) -> Iterator[str]:
 
 
 def _clean_env(venv: Path) -> dict[str, str]:
-    """This machine's environment, less what would point the venv's tuner elsewhere."""
+    """This machine's environment, less what would point the venv's tuner elsewhere (its
+    TUNER_TORCH_THREADS stays: the machine's policy, not a study's)."""
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV") and not k.startswith("TUNER_")
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+        and (not k.startswith("TUNER_") or k == "TUNER_TORCH_THREADS")
     }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
     return env
 
 
+@pytest.mark.slow
 def test_the_sqlite_quickstart_runs_with_the_core_alone(tmp_path: Path) -> None:
     """A fresh venv, `pip install -c constraints.txt torch==2.13.0 -e .` (no extra), then the
     README's quickstart with that venv's `tuner`. Fails, never skips, when the venv cannot be

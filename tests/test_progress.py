@@ -18,6 +18,7 @@ from tuner.core.study import create_study, run_study
 from tuner.face.progress import ProgressBar, duration, running_line
 
 
+@pytest.mark.slow
 def test_the_monitor_reports_a_running_trials_step_value_and_eta(
     sqlite_url: str, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ def _not_tuners(output: str, command: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_quickstart_run_and_its_export_print_only_tuners_lines(tmp_path: Path) -> None:
     """`tuner demo prepare`, `study create`, two trials at once and an export, as a user runs
     them (a short pre-training and 10 steps a trial: the lines are the same)."""
@@ -125,6 +126,7 @@ logger.error("an error of DeepSpeed's")
 
 
 @pytest.mark.parametrize("verbosity", ["0", "1"])
+@pytest.mark.slow
 def test_deepspeeds_lines_go_to_the_log_never_to_stdout(verbosity: str) -> None:
     """DeepSpeed's logger has a handler of its own on stdout, which `--json` keeps for its one
     object; its lines go to the log (stderr) instead: errors always, warnings from -v on."""

@@ -21,7 +21,9 @@ from ray_nodes import RAY, RayNode, start_head
 
 from tuner.core.study import create_study, run_study
 
-# One process runs every Ray module: a cluster each, and two at once starve each other.
+# Two processes run the Ray modules, two modules each (`ray`: test_ray and test_submit;
+# `ray-nodes`: test_checkpoints and test_autoscaling): one chain of all four outlasted the
+# rest of the suite, and more clusters at once than two starve each other on 2 cores.
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 GPUS = 4

@@ -104,7 +104,11 @@ def fresh_clone(tmp_path: Path, demo_dir: Path) -> Path:
 def _env(repo: Path) -> dict[str, str]:
     """A user's shell: no store or artifact location set, no network for the hub; the copy's
     code first on the path (the venv's editable install points at the working tree)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNER_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("TUNER_") or k == "TUNER_TORCH_THREADS"  # the test machine's policy
+    }
     env.pop("VIRTUAL_ENV", None)
     env["PATH"] = os.pathsep.join(
         p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix)

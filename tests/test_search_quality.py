@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 from benchmarks.search_quality import (
     Ran,
     _best,
@@ -60,6 +61,7 @@ def test_the_default_strategy_reaches_random_searchs_best_sooner_and_prunes_step
     assert all(_best(run) < baseline for run in default_runs)  # every sweep beats the defaults
 
 
+@pytest.mark.slow
 def test_at_jobs_4_the_shipped_pruner_still_saves_and_finds(tmp_path) -> None:  # noqa: ANN001
     """Issue 24: 4 trials at a time through `study run`'s own machinery (local workers, the
     driver's feed, the pruner in the workers), simulated.yaml as shipped, beside random search

@@ -83,6 +83,7 @@ def _take_enqueued(url: str, out: str, barrier) -> None:
     Path(out).write_text(" ".join(map(str, taken)))
 
 
+@pytest.mark.slow
 def test_each_enqueued_trial_is_taken_by_one_worker_only(storage_url: str, tmp_path: Path) -> None:
     """Workers that ask at the same moment never run the same enqueued trial twice (SQLite
     included, whose driver would otherwise read outside the transaction that writes)."""

@@ -200,6 +200,7 @@ def test_nan_loss_and_errors_fail_the_trial_and_the_study_goes_on(
     assert "no_such_module" in trials[0].user_attrs["fail_reason"]
 
 
+@pytest.mark.slow
 def test_a_run_whose_trials_keep_failing_the_same_way_stops_and_names_the_error(
     sqlite_url: str, demo_files: Path, tmp_path: Path
 ) -> None:

@@ -29,7 +29,9 @@ from conftest import TUNER, as_from_a_terminal, run_cli, write_space
 from optuna.trial import TrialState
 from ray_nodes import free_port, start_head
 
-# One process runs every Ray module: a cluster each, and two at once starve each other.
+# Two processes run the Ray modules, two modules each (`ray`: test_ray and test_submit;
+# `ray-nodes`: test_checkpoints and test_autoscaling): one chain of all four outlasted the
+# rest of the suite, and more clusters at once than two starve each other on 2 cores.
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -129,6 +129,7 @@ def test_overlapping_sweeps_on_postgresql_drive_one_study(pg_url: str, tmp_path:
     assert len(trials_of(pg_url, "nightly-2026-11-05")) == 6
 
 
+@pytest.mark.slow
 def test_the_budget_stops_a_sweep(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     gpu = write_space(
@@ -153,6 +154,7 @@ def test_the_budget_stops_a_sweep(tmp_path: Path) -> None:
     assert len(trials_of(url, "timed-2026-11-10")) < 100
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_the_next_time(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     path = write_space(tmp_path / "nightly.yaml", simulated(n_trials=8, step_seconds=0.3))
@@ -179,6 +181,7 @@ def test_a_killed_sweep_resumes_the_next_time(tmp_path: Path) -> None:
     assert optuna.get_all_study_names(url) == ["nightly-2026-11-20"]
 
 
+@pytest.mark.slow
 def test_the_cron_wrapper_run_twice_at_once_runs_one_sweep(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     path = write_space(tmp_path / "nightly.yaml", simulated(n_trials=5, step_seconds=0.2))
@@ -256,6 +259,7 @@ def test_a_sweep_prunes_only_its_own_older_exports(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_sweep_refuses_an_export_place_before_it_runs(tmp_path: Path) -> None:
     """The champion's export goes to OUT/SERIES-DATE under tuner.core.destination's rules: inside
     the study's artifacts is refused before any trial runs, not after the night's work; an

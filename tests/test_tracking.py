@@ -160,6 +160,7 @@ def _simulated(name: str, **fixed: object) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_is_down_is_one_warning_and_the_trials_train(
     tmp_path: Path,
 ) -> None:
@@ -185,6 +186,7 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_the_trials_train(
     assert "Traceback" not in ran.stderr and SECRET not in ran.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_tracker_package_stops_the_run_with_one_line(tmp_path: Path) -> None:
     """W&B is reached through HF's WandbCallback; where wandb is not installed, the run says
     so at once rather than failing every trial on it."""

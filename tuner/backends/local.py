@@ -50,6 +50,7 @@ class LocalBackend:
     def __init__(self, address: str | None = None) -> None:
         # This machine is the place: there is no cluster address to use.
         self.ctx = mp.get_context("spawn")
+        self.watch: StoppedWatch | None = None  # from `open`
 
     def open(self, plan: RunPlan) -> None:
         jobs = self.capacity(plan)
@@ -93,7 +94,8 @@ class LocalBackend:
         return "worker processes could not start on this machine"  # never: they start placed
 
     def close(self) -> None:
-        self.watch.stop()
+        if self.watch is not None:
+            self.watch.stop()
 
 
 class StoppedWatch:
