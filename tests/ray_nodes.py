@@ -39,6 +39,12 @@ class RayNode:
         cwd: Path | None = None,
     ) -> None:
         self.log = log
+        # Ports Ray gives every node the same by default: two clusters of the suite at once (the
+        # `ray` and `ray-nodes` groups) met on the dashboard agent's 52365, and the job agent of
+        # test_submit's head never came up. Free ones instead, unless the caller chose.
+        for option in ("--dashboard-agent-listen-port", "--metrics-export-port"):
+            if not any(arg.startswith(option) for arg in args):
+                args = (*args, f"{option}={free_port()}")
         self.process = subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats", *args],
             env=env,
