@@ -137,6 +137,26 @@ def test_no_room_within_the_placement_timeout_fails_the_run(
     assert backend.withdrawn == 3  # the waiting slots are withdrawn with the run
 
 
+def test_a_long_sweep_keeps_max_waiting_slots_waiting_not_one_per_trial(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10,000-trial sweep on a place with room for 2: 2 slots run and MAX_WAITING more wait
+    (what asks an autoscaler for nodes), not a slot per trial: 10,000 placement groups, which
+    the driver took minutes to even ask for. (MAX_WAITING made 4 here: each slot of this test
+    opens the study in this process.)"""
+    monkeypatch.setattr(driver, "MAX_WAITING", 4)
+    study = _study(tmp_path, sqlite_url, (), step_seconds=0.2)
+    backend = GrowingBackend(room=2)
+    plan = RunPlan(
+        study.study_name, sqlite_url, 10_000, 5.0, None, resources=Resources(lookahead=0)
+    )
+    driver.Driver(backend, plan).run()
+    assert backend.started == 2 + 4
+    assert backend.withdrawn == 4  # with the run, past its timeout
+    assert backend.handed_unplaced == 0 and backend.peak == 2
+    assert study.get_trials(states=(TrialState.COMPLETE,))
+
+
 # ------------------------------------------------------------------------------ on Ray
 
 

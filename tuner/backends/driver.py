@@ -10,8 +10,8 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
   start, a retry) is never skipped;
 - how many slots run: the place's capacity, never more than the trials left. On an elastic
   place (a Ray cluster) slots start beyond the room and wait for it, as many as the run can use
-  (the trials left, `--jobs` if given): their waiting is what asks the autoscaler for nodes, and
-  the waiting ones past the trials left are withdrawn. A trial is handed only to a placed slot,
+  (the trials left, `--jobs` if given, at most MAX_WAITING waiting): their waiting is what asks
+  the autoscaler for nodes, and the waiting ones past the trials left are withdrawn. A trial is handed only to a placed slot,
   so waiting costs no trial, no retry and no death. If no slot is placed for
   `placement_timeout`, the run fails with one line saying what a trial asks for and the most any
   node offered: a sweep never ends "0 trials" for want of GPUs;
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 MAX_DEATHS_PER_SLOT = 3  # beyond this the cause is not one unlucky worker: stop, say why
 INTERRUPT_GRACE_S = 60.0  # how long an interrupted trial may take to end before its slot is killed
 POLL_S = 1.0  # the longest the driver waits without looking at timeouts and stale trials
+# Slots waiting for room at once on an elastic place: enough to ask an autoscaler for a
+# cluster's worth of nodes in one go, not a placement group per trial of a 10,000-trial sweep.
+MAX_WAITING = 32
 
 
 @dataclass
@@ -178,11 +181,13 @@ class Driver:
         if self.remaining is not None:
             left = self.remaining + len(self._busy())
             wanted = left if wanted is None else min(wanted, left)
+        placed = sum(seat.placed for seat in self.seats)
         if wanted is None:
             # No end to the trials: the room there is, and one slot more that waits, asking for
             # the next node until the cluster's maximum.
-            placed = sum(seat.placed for seat in self.seats)
             wanted = max(self.backend.capacity(self.plan), placed) + 1
+        if self.backend.elastic:
+            wanted = min(wanted, placed + MAX_WAITING)
         return wanted
 
     def _fill(self) -> None:
