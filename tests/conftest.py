@@ -162,6 +162,48 @@ def demo_dir() -> Path:
     return run_once("demo", lambda root: prepare_demo(root, pretrain_steps=200))
 
 
+@dataclass(frozen=True)
+class Quickstart:
+    """The README's quickstart as a user runs it in a folder of its own (the embedded store,
+    default verbosity), once per test run: what each command printed, and the folder."""
+
+    folder: Path
+    printed: dict[str, dict]  # command: {"args", "returncode", "stdout", "stderr"}
+
+
+QUICKSTART = {  # as the README has it; the base barely pre-trained (the path, not the model)
+    "demo": ["demo", "prepare", "--pretrain-steps", "10"],
+    "create": ["study", "create", "--space", "quickstart.yaml"],
+    "run": ["study", "run", "quickstart", "--n-trials", "3", "--jobs", "2"],
+}
+QUICKSTART_ENV = {"TUNER_STORAGE": "", "TUNER_VERBOSITY": "0"}
+
+
+@pytest.fixture(scope="session")
+def quickstart() -> Quickstart:
+    """Built once per run and shared by every test process (test_cli, test_quiet,
+    test_readme): tests read its study and outputs, never change them (an export writes
+    elsewhere; the study's stored paths are this folder's)."""
+    import json
+
+    def build(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        printed = {}
+        for command, args in QUICKSTART.items():
+            done = run_cli(*args, cwd=folder, env=QUICKSTART_ENV)
+            printed[command] = {
+                "args": args,
+                "returncode": done.returncode,
+                "stdout": done.stdout,
+                "stderr": done.stderr,
+            }
+            assert done.returncode == 0, f"tuner {' '.join(args)}:\n{done.stderr[-3000:]}"
+        (folder / "printed.json").write_text(json.dumps(printed))
+
+    folder = run_once("quickstart", build)
+    return Quickstart(folder, json.loads((folder / "printed.json").read_text()))
+
+
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's files without its pre-training: the data, and a model folder holding only the

@@ -6,42 +6,35 @@ import json
 import shutil
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import run_cli
+from conftest import QUICKSTART_ENV, Quickstart, run_cli
 
 
 @pytest.mark.slow
-def test_quickstart_path(tmp_path: Path) -> None:
-    env = {"TUNER_STORAGE": ""}  # the embedded default: tuner.db in the working directory
+def test_quickstart_path(quickstart: Quickstart, tmp_path: Path) -> None:
+    """The commands as a newcomer types them (tests/conftest.py `QUICKSTART`, run once per test
+    run), then what they look at next, in the quickstart's folder."""
+    folder, printed, env = quickstart.folder, quickstart.printed, QUICKSTART_ENV
 
-    # The path, not the model: a few pre-training steps, so that a loaded machine is no problem.
-    first = run_cli("demo", "prepare", "--pretrain-steps", "10", cwd=tmp_path, env=env)
-    assert first.returncode == 0, first.stderr
-    assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
-    again = run_cli("demo", "prepare", cwd=tmp_path, env=env)
+    assert (folder / "demo" / "model" / "model.safetensors").exists()
+    again = run_cli("demo", "prepare", cwd=folder, env=env)
     assert again.returncode == 0 and "already prepared" in again.stderr
 
     spaces = run_cli("spaces", cwd=tmp_path, env=env)
     assert "quickstart.yaml" in spaces.stdout and "lora_sft.yaml" in spaces.stdout
 
-    # A bare name finds the packaged space from any directory; its paths resolve here.
-    created = run_cli("study", "create", "--space", "quickstart.yaml", cwd=tmp_path, env=env)
-    assert created.returncode == 0, created.stderr
-    assert created.stdout.strip() == "quickstart"
-    assert (tmp_path / "tuner.db").exists()
+    # A bare name found the packaged space from the folder; its paths resolved there.
+    assert printed["create"]["stdout"].strip() == "quickstart"
+    assert (folder / "tuner.db").exists()
 
-    ran = run_cli(
-        "study", "run", "quickstart", "--n-trials", "3", "--jobs", "2", cwd=tmp_path, env=env
-    )
-    assert ran.returncode == 0, ran.stderr
-    assert "3 trials finished" in ran.stdout
-    assert "best eval_loss" in ran.stdout
-    assert "watch:   tuner dashboard" in ran.stdout  # where to look next
-    assert "export:  tuner study export quickstart" in ran.stdout
-    assert "trial 0 complete" in ran.stderr  # one line per finished trial in the log
+    ran = printed["run"]
+    assert "3 trials finished" in ran["stdout"]
+    assert "best eval_loss" in ran["stdout"]
+    assert "watch:   tuner dashboard" in ran["stdout"]  # where to look next
+    assert "export:  tuner study export quickstart" in ran["stdout"]
+    assert "trial 0 complete" in ran["stderr"]  # one line per finished trial in the log
 
-    best = run_cli("study", "best", "quickstart", "--json", cwd=tmp_path, env=env)
+    best = run_cli("study", "best", "quickstart", "--json", cwd=folder, env=env)
     report = json.loads(best.stdout)
     assert report["study"] == "quickstart" and report["direction"] == "minimize"
     assert set(report["params"]) == {
@@ -55,19 +48,14 @@ def test_quickstart_path(tmp_path: Path) -> None:
     assert report["params"]["lora_alpha"] % report["params"]["lora_rank"] == 0
     assert report["baseline"]["trial"] == 0
 
-    shown = run_cli("study", "show", "quickstart", cwd=tmp_path, env=env)
+    shown = run_cli("study", "show", "quickstart", cwd=folder, env=env)
     assert shown.returncode == 0 and "baseline" in shown.stdout and "lora_alpha=32" in shown.stdout
-    with_facts = run_cli("study", "show", "quickstart", "--facts", cwd=tmp_path, env=env)
+    with_facts = run_cli("study", "show", "quickstart", "--facts", cwd=folder, env=env)
     assert with_facts.returncode == 0 and "tokens_per_s" in with_facts.stdout
-    listed = run_cli("study", "list", cwd=tmp_path, env=env)
+    listed = run_cli("study", "list", cwd=folder, env=env)
     assert "quickstart" in listed.stdout
-
-    artifacts = tmp_path / "tuner_artifacts"
-    assert any(artifacts.iterdir())
-    deleted = run_cli("study", "delete", "quickstart", "--yes", cwd=tmp_path, env=env)
-    assert deleted.returncode == 0, deleted.stderr
-    assert not any(artifacts.iterdir())
-    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'tuner.db'}") == []
+    assert any((folder / "tuner_artifacts").iterdir())  # the adapters, beside the store
+    # `study delete` (what it removes, artifacts included): tests/test_faults.py.
 
 
 def test_help_and_unknown_study(tmp_path: Path) -> None:

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import run_cli
-
-from tuner.space import packaged_spaces
+from conftest import QUICKSTART_ENV, Quickstart, run_cli
 
 # A log line of tuner's own (`LEVEL name: message`, with the date and time the CLI adds; a worker
 # names its process too) and the lines the CLI itself writes; anything else is a library's.
@@ -42,28 +39,21 @@ def _not_tuners(output: str, command: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_quickstart_run_and_its_export_print_only_tuners_lines(tmp_path: Path) -> None:
-    """`tuner demo prepare`, `study create`, two trials at once and an export, as a user runs
-    them (a short pre-training and 10 steps a trial: the lines are the same)."""
-    env = {"TUNER_STORAGE": "", "TUNER_VERBOSITY": "0"}
-    space = yaml.safe_load(packaged_spaces()["quickstart.yaml"].read_text())
-    space["fixed"].update(max_steps=10, eval_steps=5, logging_steps=5)
-    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
-
-    steps = {
-        "demo": ["demo", "prepare", "--pretrain-steps", "5"],
-        "create": ["study", "create", "--space", "quickstart.yaml"],
-        "run": ["study", "run", "quickstart", "--n-trials", "2", "--jobs", "2"],
-        "export": ["study", "export", "quickstart", "--out", "best"],
+def test_a_quickstart_run_and_its_export_print_only_tuners_lines(
+    quickstart: Quickstart, tmp_path: Path
+) -> None:
+    """`tuner demo prepare`, `study create`, two trials at once (tests/conftest.py
+    `QUICKSTART`, at the default verbosity) and an export, as a user runs them."""
+    printed = {
+        command: done["stdout"] + done["stderr"] for command, done in quickstart.printed.items()
     }
-    printed = {}
-    for command, args in steps.items():
-        result = run_cli(*args, cwd=tmp_path, env=env)
-        assert result.returncode == 0, result.stderr
-        printed[command] = result.stdout + result.stderr
-        assert _not_tuners(printed[command], command) == [], (
-            f"`tuner {' '.join(args)}` printed:\n{printed[command]}"
-        )
+    store = f"sqlite:///{quickstart.folder / 'tuner.db'}"
+    export = ["study", "export", "quickstart", "--out", "best", "--storage", store]
+    result = run_cli(*export, cwd=tmp_path, env=QUICKSTART_ENV)
+    assert result.returncode == 0, result.stderr
+    printed["export"] = result.stdout + result.stderr
+    for command, output in printed.items():
+        assert _not_tuners(output, command) == [], f"`tuner {command}` printed:\n{output}"
     assert "trial 1 complete" in printed["run"] and "exported trial" in printed["export"]
 
 

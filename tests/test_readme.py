@@ -4,16 +4,18 @@ Every shell block after the quickstart's `make demo` carries a marker saying wha
 with it: `<!-- readme-test: run -->` runs it as one bash script, `<!-- readme-test: serves URL
 -->` starts it, waits for URL to answer and stops it, `<!-- readme-test: skip (why) -->` leaves
 it out; only blocks that need GPUs or a cluster may be skipped, and the marker says which.
-The study they look at is the quickstart's, made small: the demo files, then `study create` and
-`study run --n-trials 2` (not the whole 16-trial demo).
+The study they look at is the quickstart's, made small: the demo files, `study create` and
+`study run --n-trials 3` (tests/conftest.py `QUICKSTART`, not the whole 16-trial demo).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import Quickstart
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -67,9 +70,10 @@ def test_every_block_after_the_quickstart_says_how_it_is_tested():
 
 
 @pytest.fixture
-def fresh_clone(tmp_path: Path, demo_dir: Path) -> Path:
+def fresh_clone(tmp_path: Path, quickstart: Quickstart) -> Path:
     """The repository's files (as git would clone them, with this change's new files), the venv
-    that runs the tests where `make setup` puts it, and a small quickstart study."""
+    that runs the tests where `make setup` puts it, and the quickstart's study (its store and
+    demo files; tests/conftest.py `QUICKSTART`: 3 trials, not `make demo`'s 16)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -83,21 +87,14 @@ def fresh_clone(tmp_path: Path, demo_dir: Path) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, repo / name)
     (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
-    # `tuner demo prepare`'s output, built once per session by the fixture.
-    shutil.copytree(demo_dir, repo / "demo")
-    for args in (
-        ["study", "create", "--space", "quickstart.yaml"],
-        ["study", "run", "quickstart", "--n-trials", "2"],
+    # What `make demo` leaves beside the README. The study's stored paths (base model, data,
+    # adapters) stay the shared folder's, which the README's commands only read.
+    shutil.copytree(quickstart.folder / "demo", repo / "demo")
+    with (
+        contextlib.closing(sqlite3.connect(quickstart.folder / "tuner.db")) as source,
+        contextlib.closing(sqlite3.connect(repo / "tuner.db")) as copy,
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "tuner", *args],
-            cwd=repo,
-            env=_env(repo),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        source.backup(copy)  # whole, whatever other tests read from it meanwhile
     return repo
 
 
