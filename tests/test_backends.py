@@ -3,6 +3,7 @@ reaches a worker only where its trial can record it."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -142,3 +143,69 @@ def test_a_worker_trains_on_its_share_of_the_cpus_or_on_tuner_torch_threads(
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_workers_of_a_training_run_fork_from_the_stack_and_others_spawn() -> None:
+    """Where the fork server saves 6-7 s of imports a worker (training, no GPU, Linux), and
+    where workers spawn: a GPU (CUDA does not survive the fork) or nothing heavy to import."""
+    import importlib.util
+
+    from tuner.backends.local import STACK, worker_context
+
+    training = RunPlan("s", "sqlite://", 1, None, 1)
+    simulated = RunPlan("s", "sqlite://", 1, None, 1, workload="simulated")
+    assert worker_context(training, []).get_start_method() == "forkserver"
+    assert worker_context(training, ["0"]).get_start_method() == "spawn"
+    assert worker_context(simulated, []).get_start_method() == "spawn"
+    # The server ignores a preload that does not import: a renamed module would cost silently.
+    assert importlib.util.find_spec(STACK) is not None
+
+
+DRIVER = """
+import multiprocessing as mp, os, sys, time
+from pathlib import Path
+from tuner.backends import lifeline
+
+def worker(driver, folder):
+    lifeline.watch(driver, (Path(folder) / "gone").touch)
+    (Path(folder) / "watching").touch()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    process = mp.get_context(sys.argv[1]).Process(target=worker, args=(os.getpid(), sys.argv[2]))
+    process.start()
+    print(process.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_worker_sees_its_driver_killed_however_it_started(method: str, tmp_path: Path) -> None:
+    """`kill -9` of the driver alone: a spawned worker is re-parented; a forked one keeps its
+    parent, the fork server, which the worker itself keeps alive. Both see the driver gone."""
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen(
+        [sys.executable, str(script), method, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(driver.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "watching").exists():
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.1)
+        assert not (tmp_path / "gone").exists()
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "gone").exists():
+            assert time.monotonic() < deadline, "the worker never saw its driver gone"
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

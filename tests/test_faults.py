@@ -870,7 +870,9 @@ def test_a_worker_that_starts_after_its_store_was_deleted_stops_in_one_line(tmp_
     code = (
         "from tuner.backends.local import _serve; "
         "from tuner.backends.worker import WorkerSpec; "
-        f"_serve(None, WorkerSpec('d', 'sqlite:///{empty}', 'local-0', 0, 1), None)"
+        "import os; "
+        f"_serve(None, WorkerSpec('d', 'sqlite:///{empty}', 'local-0', 0, 1), None, "
+        "os.getppid(), dict(os.environ))"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path

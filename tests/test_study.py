@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -263,13 +264,16 @@ def _wait_for_training(study: optuna.Study, timeout: float = 120) -> optuna.tria
 
 
 def _worker_pids(driver_pid: int) -> list[int]:
+    """The run's workers: the processes under it that lead a process group of their own (a
+    worker's first act), whether spawned by the driver or forked by its fork server."""
     import psutil
 
-    return [
-        child.pid
-        for child in psutil.Process(driver_pid).children()
-        if "resource_tracker" not in " ".join(child.cmdline())
-    ]
+    workers = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(process.pid) == process.pid:
+                workers.append(process.pid)
+    return workers
 
 
 def test_ctrl_c_leaves_no_trial_running_and_a_rerun_continues(

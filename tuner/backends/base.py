@@ -35,6 +35,7 @@ class RunPlan:
     # What a trial needs of the machine it trains on (the local backend checks them at start):
     # the space's `fixed`, not its resources.
     bf16: bool = False
+    workload: str = "sft"  # the space's `fixed.workload`: how a local worker starts depends on it
     deepspeed: str | None = None  # the trial's DeepSpeed config, which needs deepspeed there
     # Which run this is, among the study's runs at once (tuner/store/_runs.py): recorded on each of
     # its trials, and added to every seed of its samplers.

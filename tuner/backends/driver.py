@@ -11,10 +11,10 @@ the feed sampled ahead (tuner/backends/feed.py). It alone decides:
 - how many slots run: the place's capacity, never more than the trials left. On an elastic
   place (a Ray cluster) slots start beyond the room and wait for it, as many as the run can use
   (the trials left, `--jobs` if given, at most MAX_WAITING waiting): their waiting is what asks
-  the autoscaler for nodes, and the waiting ones past the trials left are withdrawn. A trial is handed only to a placed slot,
-  so waiting costs no trial, no retry and no death. If no slot is placed for
-  `placement_timeout`, the run fails with one line saying what a trial asks for and the most any
-  node offered: a sweep never ends "0 trials" for want of GPUs;
+  the autoscaler for nodes, and the waiting ones past the trials left are withdrawn. A trial is
+  handed only to a placed slot, so waiting costs no trial, no retry and no death. If no slot is
+  placed for `placement_timeout`, the run fails with one line saying what a trial asks for and
+  the most any node offered: a sweep never ends "0 trials" for want of GPUs;
 - when a trial has run too long (`trial_timeout`, counted from when the trial began, not from
   when its slot was asked: a slot may spend minutes loading a base model first): its slot is
   killed and the trial fails, not retried;

@@ -273,6 +273,7 @@ def run_study(
             budget=space.budget,
             run=run.id,
             seed_offset=run.seed_offset,
+            workload=space.fixed.get("workload", "sft"),
             **_device_needs(space),
         )
         monitor = Monitor(

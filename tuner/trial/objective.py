@@ -22,7 +22,6 @@ from typing import Any
 
 import optuna
 
-from trials.quiet import quiet_libraries
 from trials.reporter import StudyDeleting
 from tuner.common.errors import StoreFull, caused_by
 from tuner.common.settings import get_settings, node_cache_dir
@@ -89,11 +88,10 @@ class Objective:
             from trials import simulated  # noqa: F401
 
             return
-        quiet_libraries()  # before the imports: DeepSpeed warns as it is imported
-        import peft  # noqa: F401
+        from tuner.trial import stack
+
+        stack.load()  # loaded already where the worker was forked from a server that had it
         import torch
-        import transformers  # noqa: F401
-        import trl  # noqa: F401
 
         from trials import sft
 
