@@ -447,9 +447,10 @@ def test_a_two_rank_trial_keeps_checkpoints_of_every_rank_through_ray(
 def test_a_node_that_joins_mid_sweep_gets_trials(
     ray_cluster: Cluster, sqlite_url: str, tmp_path: Path
 ) -> None:
-    """A node that joins while the sweep fills the cluster runs trials beside the first four.
-    The sweep has more trials than it will run, so a node that starts slowly on a busy machine
-    still finds work; the test ends it with ctrl-c once six trials run at once."""
+    """Six trials at once on a cluster with room for four: two wait, and a node that joins
+    mid-sweep runs them beside the first four. The sweep has more trials than it will run, so a
+    node that starts slowly on a busy machine still finds work; the test ends it with ctrl-c
+    once six trials run at once."""
     space = {
         "params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
         "fixed": {"workload": "simulated", "steps": 10, "step_seconds": 0.5},
@@ -459,7 +460,7 @@ def test_a_node_that_joins_mid_sweep_gets_trials(
     study = optuna.load_study(study_name=name, storage=sqlite_url)
     run = subprocess.Popen(
         [*TUNER, "study", "run", name, "--backend", "ray", "--address", ray_cluster.address,
-         "--n-trials", "10000", "--storage", sqlite_url],
+         "--n-trials", "10000", "--jobs", str(GPUS + 2), "--storage", sqlite_url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -474,7 +475,7 @@ def test_a_node_that_joins_mid_sweep_gets_trials(
         _wait_for_running(study, GPUS + 2, run)
     finally:
         run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=120)
+        _, stderr = run.communicate(timeout=300)
     assert run.returncode == 130, stderr
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert _max_concurrent(study) <= GPUS + 2  # never more trials than GPUs

@@ -343,8 +343,17 @@ def test_heartbeats_fail_the_trials_of_a_crashed_run(
     _assert_nothing_lost(study)
 
 
-def test_concurrent_creates_of_one_name(pg_url: str, demo_files: Path, tmp_path: Path) -> None:
-    space = small_space(demo_files, name="race", baseline={"lora_rank": 4, "lora_alpha": 8})
+def test_concurrent_creates_of_one_name(pg_url: str, tmp_path: Path) -> None:
+    """Four `study create` of one name at once: one creates it (its baseline enqueued once), the
+    others say it exists. The simulated workload: the race is the store's, and a space with a
+    model and data spent 7 s of CPU a process checking them first."""
+    lr = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
+    space = {
+        "name": "race",
+        "params": {"learning_rate": lr},
+        "fixed": {"workload": "simulated"},
+        "baseline": {"learning_rate": 1e-3},
+    }
     path = write_space(tmp_path / "race.yaml", space)
 
     def create_many(*extra: str) -> list[subprocess.CompletedProcess]:
@@ -372,7 +381,8 @@ def test_concurrent_creates_of_one_name(pg_url: str, demo_files: Path, tmp_path:
     assert optuna.get_all_study_names(pg_url) == ["race"]
     assert len(study.get_trials()) == 1  # the baseline, enqueued once
 
-    changed = write_space(tmp_path / "race.yaml", small_space(demo_files, name="race"))
+    narrower = {"learning_rate": {**lr, "high": 1e-2}}
+    changed = write_space(tmp_path / "race.yaml", {**space, "params": narrower})
     result = run_cli(
         "study", "create", "--space", str(changed), "--storage", pg_url, "--load-if-exists"
     )

@@ -46,7 +46,7 @@ def test_a_series_warm_starts_and_promotes_only_a_better_model(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     out = tmp_path / "sweeps"
-    space = small_space(demo_dir, name="nightly", budget={"n_trials": 3})
+    space = small_space(demo_dir, name="nightly", budget={"n_trials": 2})
     space["sweep"] = {"warm_start": 2, "margin": 0.0}
     path = write_space(tmp_path / "nightly.yaml", space)
 
