@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/tuner study best quickstart
 	$(BIN)/tuner study export quickstart --out demo/best-model --force
 
-# The whole suite, CI's command (28 minutes on 2 cores at the last measure; the goal is 15).
+# The whole suite, CI's command (22 minutes on 2 cores at the last measure; the goal is 15).
 test: setup
 	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup
 
