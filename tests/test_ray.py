@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TUNER, run_cli, small_space, write_space
+from conftest import TUNER, as_from_a_terminal, run_cli, small_space, write_space
 from optuna.trial import TrialState
 from ray_nodes import RAY, RayNode, start_head
 
@@ -464,7 +464,7 @@ def test_a_node_that_joins_mid_sweep_gets_trials(
     run = subprocess.Popen(
         [*TUNER, "study", "run", name, "--backend", "ray", "--address", ray_cluster.address,
          "--n-trials", "10000", "--jobs", str(GPUS + 2), "--storage", sqlite_url],
-        stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=as_from_a_terminal,
     )  # fmt: skip
     try:
         _wait_for_running(study, GPUS, run)
@@ -475,7 +475,13 @@ def test_a_node_that_joins_mid_sweep_gets_trials(
                 log=ray_cluster.logs / "joined.log",
             )
         )  # fmt: skip
-        _wait_for_running(study, GPUS + 2, run)
+        # Six at once, read from the trials' start and end: at any one instant a slot may be
+        # between two trials, the more so on a loaded machine.
+        deadline = time.monotonic() + 180
+        while _max_concurrent(study) < GPUS + 2:
+            assert run.poll() is None, "the sweep ended before six trials ran at once"
+            assert time.monotonic() < deadline, "six trials never ran at once"
+            time.sleep(0.5)
     finally:
         run.send_signal(signal.SIGINT)
         run.wait(timeout=300)
