@@ -115,6 +115,7 @@ def _env(repo: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # the quickstart's training, an export and the dashboard
 def test_readme_commands_run_as_written(fresh_clone: Path):
     # Not a command before the README activates the venv: the first-hour failure it fixes.
     assert shutil.which("tuner", path=_env(fresh_clone)["PATH"]) is None
